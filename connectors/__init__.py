@@ -1,0 +1,1 @@
+"""Engine connectors (vLLM, HF transformers, SGLang). Built by the connectors issue; empty until then."""

@@ -1,0 +1,311 @@
+"""Store configuration: dataclasses plus loaders from dicts, YAML/JSON files and KVSTORE_* env vars.
+
+Precedence (lowest first): defaults, config file, environment, explicit overrides (CLI flags).
+Every unknown key is an error that names the key and the closest known one, because a typo in a
+cache config silently falls back to a default that may be 100x too small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from kvstore.errors import ConfigError
+
+TIER_KINDS = ("device", "cpu", "disk", "redis")
+"""Tier kinds from fastest to slowest; a store always consults tiers in this order."""
+
+_MEMORY_KINDS = frozenset({"device", "cpu"})
+# Options each tier kind accepts; anything else is reported as a config error.
+_TIER_OPTIONS: dict[str, frozenset[str]] = {
+    "device": frozenset({"capacity", "device", "pin_fraction"}),
+    "cpu": frozenset({"capacity", "pin_fraction", "write"}),
+    "disk": frozenset({"capacity", "path", "codec", "fsync", "pin_fraction", "write", "queue_size"}),
+    "redis": frozenset({"url", "codec", "ttl_s", "write", "queue_size", "timeout_s", "key_prefix"}),
+}
+WRITE_POLICIES = ("through", "demote")
+QUEUE_FULL_POLICIES = ("block", "drop")
+RESERVED_ENV = ("KVSTORE_CONFIG", "KVSTORE_LOG_LEVEL")
+RESERVED_ENV_PREFIXES = ("KVSTORE_SERVE_",)  # the daemon's own settings
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(value: int | float | str, what: str = "size") -> int:
+    """Bytes from ``4GiB``, ``512MB``, ``1.5G`` (bare K/M/G mean binary units) or a number."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a byte size, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{what}: must not be negative, got {value}")
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"{what}: cannot parse byte size {value!r} (examples: 4GiB, 512MB, 1073741824)")
+    number, unit, binary, _b = m.groups()
+    decimal_si = unit and not binary and _b  # "MB" is SI, "M"/"MiB" are binary
+    base = 1000 if decimal_si else 1024
+    return int(float(number) * base ** _POWERS[unit.lower()])
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvstore")
+
+
+@dataclass
+class TierConfig:
+    """One tier. ``kind`` fixes its place in the hierarchy; unused fields stay at defaults."""
+
+    kind: str
+    capacity: int | None = None  # bytes; required for device/cpu/disk, Redis uses its own maxmemory
+    codec: str = "raw"
+    write: str = "through"  # through: every put is copied down here; demote: only evictions land
+    path: str | None = None
+    fsync: bool = False
+    url: str | None = None
+    ttl_s: float | None = None
+    timeout_s: float = 2.0
+    key_prefix: str = "kvstore:"
+    device: str | None = None
+    pin_fraction: float = 0.5
+    queue_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in TIER_KINDS:
+            raise ConfigError(f"unknown tier kind {self.kind!r}{_suggest(self.kind, TIER_KINDS)}; "
+                              f"known: {', '.join(TIER_KINDS)}")
+        if self.capacity is not None:
+            self.capacity = parse_size(self.capacity, f"tiers.{self.kind}.capacity")
+        if self.kind in ("device", "cpu", "disk") and not self.capacity:
+            raise ConfigError(f"tiers.{self.kind}.capacity is required and must be > 0")
+        if self.kind == "disk" and not self.path:
+            self.path = default_cache_dir()
+        if self.kind == "redis" and not self.url:
+            raise ConfigError("tiers.redis.url is required (for example redis://127.0.0.1:6379/0)")
+        if self.write not in WRITE_POLICIES:
+            raise ConfigError(f"tiers.{self.kind}.write must be one of {WRITE_POLICIES}, got {self.write!r}")
+        if not 0.0 <= float(self.pin_fraction) <= 1.0:
+            raise ConfigError(f"tiers.{self.kind}.pin_fraction must be in [0, 1], got {self.pin_fraction}")
+        if self.queue_size < 1:
+            raise ConfigError(f"tiers.{self.kind}.queue_size must be >= 1, got {self.queue_size}")
+        if self.ttl_s is not None and self.ttl_s <= 0:
+            raise ConfigError(f"tiers.{self.kind}.ttl_s must be positive, got {self.ttl_s}")
+
+    @property
+    def is_memory(self) -> bool:
+        return self.kind in _MEMORY_KINDS
+
+
+def _default_tiers() -> dict[str, TierConfig]:
+    return {
+        "cpu": TierConfig("cpu", capacity=parse_size("4GiB")),
+        "disk": TierConfig("disk", capacity=parse_size("20GiB"), path=default_cache_dir()),
+    }
+
+
+@dataclass
+class StoreConfig:
+    """Everything a KVStore needs besides the model's KVSpec."""
+
+    chunk_size: int = 256
+    tenant: str = "default"
+    salt: str = ""
+    tiers: dict[str, TierConfig] = field(default_factory=_default_tiers)
+    save_partial: bool = True
+    promote: bool = True
+    queue_full: str = "block"  # block (back-pressure, up to put_timeout_s) or drop (counted)
+    put_timeout_s: float = 0.5
+    pin_sweep_s: float = 1.0
+    max_pin_ttl_s: float = 7 * 86400.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+            raise ConfigError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.queue_full not in QUEUE_FULL_POLICIES:
+            raise ConfigError(f"queue_full must be one of {QUEUE_FULL_POLICIES}, got {self.queue_full!r}")
+        if not self.tiers:
+            raise ConfigError("at least one tier must be configured")
+        for name, tier in self.tiers.items():
+            if name != tier.kind:
+                raise ConfigError(f"tier {name!r} has kind {tier.kind!r}; the key must equal the kind")
+        # Keep the hierarchy order regardless of how the user listed them.
+        self.tiers = {k: self.tiers[k] for k in TIER_KINDS if k in self.tiers}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tiers"] = {k: {f: v for f, v in t.items() if f != "kind"} for k, t in out["tiers"].items()}
+        return out
+
+    # ---- loaders -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StoreConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"unknown config key {key!r}{_suggest(key, known)}")
+        kwargs = {k: v for k, v in data.items() if k != "tiers"}
+        if "tiers" in data:
+            kwargs["tiers"] = _tiers_from(data["tiers"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> "StoreConfig":
+        return cls.from_dict(_read_file(path))
+
+
+def _tiers_from(raw: Any) -> dict[str, TierConfig]:
+    """Tiers as a mapping ``{kind: {options}}`` (``None``/``{}`` options mean defaults)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("tiers must be a mapping of tier kind to options, e.g. {cpu: {capacity: 4GiB}}")
+    defaults = _default_tiers()
+    tiers: dict[str, TierConfig] = {}
+    for kind, opts in raw.items():
+        if isinstance(opts, TierConfig):
+            tiers[kind] = opts
+            continue
+        if kind not in TIER_KINDS:
+            raise ConfigError(f"unknown tier {kind!r}{_suggest(kind, TIER_KINDS)}; known: {', '.join(TIER_KINDS)}")
+        opts = dict(opts or {})
+        for key in opts:
+            if key not in _TIER_OPTIONS[kind]:
+                raise ConfigError(f"unknown option {key!r} for tier {kind!r}"
+                                  f"{_suggest(key, _TIER_OPTIONS[kind])}; allowed: {sorted(_TIER_OPTIONS[kind])}")
+        if kind in defaults:
+            base = dataclasses.asdict(defaults[kind])
+            base.update(opts)
+            opts = base
+        else:
+            opts["kind"] = kind
+        tiers[kind] = TierConfig(**opts)
+    return tiers
+
+
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ValueError as exc:  # json and yaml errors both derive from ValueError
+        raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from exc
+    return data or {}
+
+
+def _env_value(raw: str) -> Any:
+    low = raw.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null", ""):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``KVSTORE_CHUNK_SIZE=512``, ``KVSTORE_TIERS=cpu,disk``, ``KVSTORE_DISK_PATH=/x``,
+    ``KVSTORE_CPU_CAPACITY=8GiB``, ``KVSTORE_REDIS_URL=redis://...`` (setting a tier's option
+    enables that tier)."""
+    out: dict[str, Any] = {}
+    tiers: dict[str, dict[str, Any]] = {}
+    top = {f.name for f in dataclasses.fields(StoreConfig)} - {"tiers"}
+    for name, raw in env.items():
+        if not name.startswith("KVSTORE_") or name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+            continue
+        key = name[len("KVSTORE_"):].lower()
+        if key == "tiers":
+            for kind in (k.strip() for k in raw.split(",") if k.strip()):
+                tiers.setdefault(kind, {})
+            continue
+        kind, _, opt = key.partition("_")
+        if kind in TIER_KINDS and opt:
+            tiers.setdefault(kind, {})[opt] = _env_value(raw)
+        elif key in top:
+            out[key] = raw if key in ("tenant", "salt") else _env_value(raw)
+        else:
+            raise ConfigError(f"unknown environment variable {name}"
+                              f"{_suggest(key, top | {f'{k}_...' for k in TIER_KINDS})}")
+    if "KVSTORE_TIERS" in env:
+        listed = {k.strip() for k in env["KVSTORE_TIERS"].split(",") if k.strip()}
+        out["tiers"] = {k: v for k, v in tiers.items() if k in listed or v}
+        out["_tiers_exclusive"] = True
+    elif tiers:
+        out["tiers"] = tiers
+    return out
+
+
+def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge config dicts; tiers merge per kind and option. ``_tiers_exclusive`` replaces the set."""
+    result = dict(base)
+    for key, value in over.items():
+        if key == "_tiers_exclusive":
+            continue
+        if key == "tiers" and isinstance(value, Mapping):
+            old = dict(result.get("tiers") or {})
+            new = {} if over.get("_tiers_exclusive") else old
+            for kind, opts in value.items():
+                merged = dict(old.get(kind) or {})
+                merged.update(opts or {})
+                new[kind] = merged
+            result["tiers"] = new
+        else:
+            result[key] = value
+    return result
+
+
+def load_config(source: "StoreConfig | Mapping[str, Any] | str | os.PathLike[str] | None" = None, *,
+                env: Mapping[str, str] | None = None, use_env: bool | None = None,
+                overrides: Mapping[str, Any] | None = None) -> StoreConfig:
+    """Build a StoreConfig from any accepted source.
+
+    ``source=None`` reads ``$KVSTORE_CONFIG`` (if set) and then the ``KVSTORE_*`` variables. An
+    explicit dict or file ignores the environment unless ``use_env=True`` (the CLI sets it), so
+    that library users get exactly what they passed.
+    """
+    if isinstance(source, StoreConfig) and not overrides and not use_env:
+        return source
+    env = os.environ if env is None else env
+    if use_env is None:
+        use_env = source is None
+    data: dict[str, Any] = {}
+    if isinstance(source, StoreConfig):
+        data = source.to_dict()
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    elif source is not None:
+        data = _read_file(source)
+    elif env.get("KVSTORE_CONFIG"):
+        data = _read_file(env["KVSTORE_CONFIG"])
+    if use_env:
+        data = merge(data, env_overrides(env))
+    if overrides:
+        data = merge(data, overrides)
+    return StoreConfig.from_dict(data)
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,115 @@
+"""The self-describing stored object: what disk, Redis and the daemon keep for every chunk.
+
+Layout: ``preamble | header | payload``
+  preamble  struct ``<4sHIQ``: magic ``KVSO``, format version, header length, xxh3_64(header)
+  header    msgpack map: codec, dtype, shape, fingerprint, key, token count, partial flag,
+            payload length, xxh3_64(payload)
+  payload   the codec's bytes
+
+A reader verifies everything (magic, version, both checksums, lengths, and that key, fingerprint
+and shape are the ones it asked for) before the payload reaches a decoder. Memory tiers skip this
+byte form: they hold the tensor and an :class:`ObjectMeta`, and an object gets its checksum when
+it leaves process memory.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import msgpack
+import torch
+import xxhash
+
+from kvstore.codecs import CodecError, get_codec
+from kvstore.errors import CorruptObjectError, MismatchedObjectError
+from kvstore.spec import dtype_from_name, dtype_name
+
+MAGIC = b"KVSO"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct("<4sHIQ")
+MAX_HEADER_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """What a chunk object says about itself."""
+
+    key: bytes
+    fingerprint: bytes
+    shape: tuple[int, ...]
+    dtype: str
+    num_tokens: int
+    partial: bool
+    codec: str = "raw"
+
+
+def encode_object(meta: ObjectMeta, kv: torch.Tensor, codec: str | None = None) -> list[bytes | memoryview]:
+    """Serialise a chunk; returns parts (header, payload) so writers can avoid one big copy."""
+    codec_name = codec or meta.codec
+    payload = get_codec(codec_name).encode(kv)
+    view = memoryview(payload).cast("B")
+    header = msgpack.packb({
+        "codec": codec_name, "dtype": meta.dtype, "shape": list(meta.shape), "fp": meta.fingerprint,
+        "key": meta.key, "ntok": meta.num_tokens, "partial": meta.partial, "plen": view.nbytes,
+        "psum": xxhash.xxh3_64_intdigest(view),
+    }, use_bin_type=True)
+    pre = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header), xxhash.xxh3_64_intdigest(header))
+    return [pre + header, view]
+
+
+def join_parts(parts: list[bytes | memoryview]) -> bytes:
+    return b"".join(parts)
+
+
+def read_meta(blob: bytes | bytearray | memoryview) -> tuple[ObjectMeta, memoryview]:
+    """Parse and verify an object; returns its meta and a zero-copy view of the payload."""
+    view = memoryview(blob).cast("B")
+    if view.nbytes < _PREAMBLE.size:
+        raise CorruptObjectError(f"object truncated: {view.nbytes} bytes, preamble needs {_PREAMBLE.size}")
+    magic, version, hlen, hsum = _PREAMBLE.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise CorruptObjectError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise CorruptObjectError(f"unsupported object format version {version} (this build reads {FORMAT_VERSION})")
+    if hlen > MAX_HEADER_BYTES or _PREAMBLE.size + hlen > view.nbytes:
+        raise CorruptObjectError(f"header length {hlen} exceeds the object ({view.nbytes} bytes)")
+    hbytes = view[_PREAMBLE.size:_PREAMBLE.size + hlen]
+    if xxhash.xxh3_64_intdigest(hbytes) != hsum:
+        raise CorruptObjectError("header checksum mismatch")
+    try:
+        h = msgpack.unpackb(hbytes, raw=False)
+        payload = view[_PREAMBLE.size + hlen:]
+        if payload.nbytes != h["plen"]:
+            raise CorruptObjectError(f"payload is {payload.nbytes} bytes, header says {h['plen']} (torn write?)")
+        meta = ObjectMeta(key=bytes(h["key"]), fingerprint=bytes(h["fp"]), shape=tuple(h["shape"]),
+                          dtype=h["dtype"], num_tokens=int(h["ntok"]), partial=bool(h["partial"]),
+                          codec=h["codec"])
+        psum = h["psum"]
+    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
+        raise CorruptObjectError(f"malformed object header: {exc}") from exc
+    if xxhash.xxh3_64_intdigest(payload) != psum:
+        raise CorruptObjectError("payload checksum mismatch")
+    return meta, payload
+
+
+def decode_object(blob: bytes | bytearray | memoryview, expect: ObjectMeta) -> torch.Tensor:
+    """Verify ``blob`` is exactly the object ``expect`` describes and decode its tensor.
+
+    The key, fingerprint, shape, dtype and token count must all match: a well-formed object for
+    another chunk or model is as wrong as a corrupt one.
+    """
+    meta, payload = read_meta(blob)
+    for name in ("key", "fingerprint", "shape", "dtype", "num_tokens"):
+        got, want = getattr(meta, name), getattr(expect, name)
+        if got != want:
+            raise MismatchedObjectError(f"object {name} {got!r} does not match the requested {want!r}")
+    try:
+        return get_codec(meta.codec).decode(payload, meta.shape, dtype_from_name(meta.dtype))
+    except CodecError as exc:
+        raise CorruptObjectError(f"codec {meta.codec!r} failed: {exc}") from exc
+
+
+def meta_for(key: bytes, fingerprint: bytes, kv: torch.Tensor, partial: bool, codec: str = "raw") -> ObjectMeta:
+    return ObjectMeta(key=key, fingerprint=fingerprint, shape=tuple(kv.shape), dtype=dtype_name(kv.dtype),
+                      num_tokens=int(kv.shape[2]), partial=partial, codec=codec)

@@ -1,0 +1,47 @@
+"""Thread-safe counters, one set per tier plus store-wide ones.
+
+Counter names are fixed here so that ``stats()``, the daemon's Prometheus export and the docs
+all agree on one vocabulary.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+TIER_COUNTERS = (
+    "hits",            # chunks served from this tier
+    "hit_tokens",
+    "misses",          # chunks looked for here and not found (only counted on get)
+    "puts",            # chunks written into this tier
+    "put_bytes",
+    "evictions",       # chunks removed to make room
+    "demotions",       # evicted chunks copied to a slower tier that lacked them
+    "promotions",      # chunks copied up into this tier after a hit below
+    "corrupt",         # objects that failed verification (a miss, and removed)
+    "dropped_writes",  # async writes dropped because the queue was full
+    "write_errors",    # writes that failed (I/O error, Redis down)
+    "rejected",        # puts refused because everything left is pinned or in use
+    "unavailable",     # operations skipped while the backend was down (Redis)
+)
+STORE_COUNTERS = ("lookups", "lookup_tokens", "lookup_hit_tokens", "gets", "get_hit_tokens",
+                  "puts", "put_tokens", "put_new_chunks")
+
+
+class Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tier: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TIER_COUNTERS, 0))
+        self._store = dict.fromkeys(STORE_COUNTERS, 0)
+
+    def tier(self, tier: str, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._tier[tier][name] += amount
+
+    def store(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._store[name] += amount
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        with self._lock:
+            return dict(self._store), {k: dict(v) for k, v in self._tier.items()}

@@ -1,0 +1,397 @@
+"""KVStore: the engine-facing contract (lookup, get, put, pin) over the configured tiers.
+
+Reads consult tiers fastest first and return the longest chunk-aligned prefix that verifies;
+writes land in the fastest tier synchronously and flow down through per-tier writer threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Sequence
+
+import torch
+
+from kvstore.config import StoreConfig, load_config
+from kvstore.errors import CorruptObjectError, InvalidInputError, PinLimitError
+from kvstore.hashing import ChunkHasher, ChunkRef
+from kvstore.objects import ObjectMeta, decode_object, encode_object, read_meta
+from kvstore.pins import PinRegistry
+from kvstore.spec import KVSpec, dtype_name
+from kvstore.stats import Counters
+from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier
+from kvstore.tiers.factory import build_tier
+from kvstore.writer import PendingWrite, TierWriter
+
+log = logging.getLogger(__name__)
+
+
+class KVStore:
+    """A tiered KV-cache store for one model (``spec``) and one tenant (``config.tenant``)."""
+
+    def __init__(self, spec: KVSpec, config: Any = None) -> None:
+        self.spec = spec
+        self.config: StoreConfig = load_config(config)
+        self.chunk_size = self.config.chunk_size
+        self.hasher = ChunkHasher(spec.fingerprint, self.config.tenant, self.chunk_size, self.config.salt)
+        self.counters = Counters()
+        self.pins = PinRegistry()
+        self._dtype_name = dtype_name(spec.dtype)
+        self.tiers: list[Tier] = []
+        self._writers: dict[str, TierWriter] = {}
+        self._closed = False
+        try:
+            for tc in self.config.tiers.values():
+                self.tiers.append(build_tier(tc, spec=spec, chunk_size=self.chunk_size, counters=self.counters,
+                                             pins=self.pins, namespace=self.hasher.root, on_evict=self._on_evict))
+            for tier in self.tiers[1:]:
+                if isinstance(tier, BlobTier):
+                    self._writers[tier.name] = TierWriter(
+                        tier, self.counters, tier.config.queue_size, self.config.queue_full == "block",
+                        self.config.put_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="kvstore-pin-sweeper", daemon=True)
+        self._sweeper.start()
+
+    # ---- context manager -----------------------------------------------------------------
+
+    def __enter__(self) -> "KVStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- keys ----------------------------------------------------------------------------
+
+    def chunks(self, tokens: object, include_partial: bool = True) -> list[ChunkRef]:
+        """The chunk keys of ``tokens`` (what lookup/get/put/pin all operate on)."""
+        return self.hasher.chunks(tokens, include_partial=include_partial)
+
+    def _meta(self, ref: ChunkRef) -> ObjectMeta:
+        return ObjectMeta(key=ref.key, fingerprint=self.spec.fingerprint, shape=self.spec.chunk_shape(ref.num_tokens),
+                          dtype=self._dtype_name, num_tokens=ref.num_tokens,
+                          partial=ref.num_tokens < self.chunk_size)
+
+    def _locate(self, refs: Sequence[ChunkRef]) -> list[Tier | None]:
+        """For each chunk, the fastest tier that has it, checked per tier in one batched call."""
+        where: list[Tier | None] = [None] * len(refs)
+        todo = list(range(len(refs)))
+        for tier in self.tiers:
+            if not todo:
+                break
+            found = tier.contains([refs[i].key for i in todo])
+            for i, hit in zip(todo, found):
+                if hit:
+                    where[i] = tier
+            todo = [i for i in todo if where[i] is None]
+        return where
+
+    @staticmethod
+    def _prefix_len(where: Sequence[Tier | None]) -> int:
+        for i, tier in enumerate(where):
+            if tier is None:
+                return i
+        return len(where)
+
+    # ---- lookup / get --------------------------------------------------------------------
+
+    def lookup(self, tokens: object) -> int:
+        """Tokens of the longest stored prefix (chunk-aligned; a stored partial tail counts)."""
+        refs = self.chunks(tokens)
+        n = self._prefix_len(self._locate(refs))
+        hit = refs[n - 1].end if n else 0
+        self.counters.store("lookups")
+        self.counters.store("lookup_tokens", refs[-1].end if refs else 0)
+        self.counters.store("lookup_hit_tokens", hit)
+        return hit
+
+    def get(self, tokens: object, out: torch.Tensor | None = None,
+            device: torch.device | str | None = None) -> tuple[int, torch.Tensor]:
+        """Load the longest stored prefix. Returns ``(hit_tokens, kv[:, :, :hit_tokens])``.
+
+        With ``out`` (shaped like the prompt's KV or longer) the KV is written into it and the
+        returned tensor is a view of ``out``. Chunks that fail verification end the hit there.
+        """
+        refs = self.chunks(tokens)
+        where = self._locate(refs)
+        n = self._prefix_len(where)
+        hit_upper = refs[n - 1].end if n else 0
+        if out is None:
+            out = torch.empty(self.spec.chunk_shape(hit_upper), dtype=self.spec.dtype, device=device or "cpu")
+        else:
+            self._check_out(out, hit_upper)
+        loaded = self._load(refs[:n], where[:n], out)
+        hit = refs[loaded - 1].end if loaded else 0
+        self.counters.store("gets")
+        self.counters.store("get_hit_tokens", hit)
+        if loaded < len(refs):
+            tier = where[loaded]
+            self.counters.tier(tier.name if tier is not None else self.tiers[-1].name, "misses")
+        return hit, out[:, :, :hit]
+
+    def _check_out(self, out: torch.Tensor, needed: int) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise InvalidInputError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != self.spec.dtype:
+            raise InvalidInputError(f"out dtype {out.dtype} does not match the spec's {self.spec.dtype}")
+        want = self.spec.chunk_shape(max(needed, out.shape[2] if out.dim() > 2 else 0))
+        if out.dim() != len(want) or tuple(out.shape[:2]) != want[:2] or tuple(out.shape[3:]) != want[3:]:
+            raise InvalidInputError(f"out shape {tuple(out.shape)} does not match the spec layout {want}")
+        if out.shape[2] < needed:
+            raise InvalidInputError(f"out holds {out.shape[2]} tokens, the hit needs {needed}")
+
+    def _load(self, refs: Sequence[ChunkRef], where: Sequence[Tier | None], out: torch.Tensor) -> int:
+        """Copy located chunks into ``out``; returns how many leading chunks loaded and verified."""
+        failed = len(refs)
+        by_tier: dict[str, list[int]] = {}
+        for i, tier in enumerate(where):
+            by_tier.setdefault(tier.name, []).append(i)  # type: ignore[union-attr]
+        for tier in self.tiers:
+            idx = [i for i in by_tier.get(tier.name, ()) if i < failed]
+            if not idx:
+                continue
+            if isinstance(tier, MemoryTierBase):
+                bad = self._load_memory(tier, [refs[i] for i in idx], out)
+            else:
+                bad = self._load_blobs(tier, [refs[i] for i in idx], out)
+            if bad is not None:
+                failed = min(failed, idx[bad])
+        return failed
+
+    def _load_memory(self, tier: MemoryTierBase, refs: list[ChunkRef], out: torch.Tensor) -> int | None:
+        for j, ref in enumerate(refs):
+            got = tier.acquire(ref.key)
+            if got is None:  # evicted since we located it
+                return j
+            view, meta = got
+            try:
+                if meta.shape != self.spec.chunk_shape(ref.num_tokens):
+                    self.counters.tier(tier.name, "corrupt")
+                    return j
+                out[:, :, ref.start:ref.end].copy_(view, non_blocking=view.is_cuda or out.is_cuda)
+            finally:
+                if view.is_cuda or out.is_cuda:
+                    torch.cuda.synchronize()
+                tier.release(ref.key)
+            self.counters.tier(tier.name, "hits")
+            self.counters.tier(tier.name, "hit_tokens", ref.num_tokens)
+        return None
+
+    def _load_blobs(self, tier: Tier, refs: list[ChunkRef], out: torch.Tensor) -> int | None:
+        assert isinstance(tier, BlobTier)
+        blobs = tier.get_blobs([r.key for r in refs])
+        for j, (ref, blob) in enumerate(zip(refs, blobs)):
+            if blob is None:
+                return j
+            meta = self._meta(ref)
+            try:
+                kv = decode_object(blob, meta)
+            except CorruptObjectError as exc:
+                log.warning("tier %s: chunk %s rejected: %s", tier.name, ref.key.hex(), exc)
+                self.counters.tier(tier.name, "corrupt")
+                tier.delete([ref.key])
+                return j
+            out[:, :, ref.start:ref.end].copy_(kv)
+            self.counters.tier(tier.name, "hits")
+            self.counters.tier(tier.name, "hit_tokens", ref.num_tokens)
+            if self.config.promote:
+                self._promote(tier, meta, kv, blob)
+        return None
+
+    def _promote(self, source: Tier, meta: ObjectMeta, kv: torch.Tensor, blob: Any) -> None:
+        """Copy a chunk found in a slower tier into every faster one."""
+        for tier in self.tiers:
+            if tier is source:
+                break
+            if isinstance(tier, MemoryTierBase):
+                if tier.put(meta, kv) is not None:
+                    self.counters.tier(tier.name, "promotions")
+            elif tier.name in self._writers and not tier.contains([meta.key])[0]:
+                # The decoded tensor views the blob, which nobody mutates: safe to write async.
+                parts = [blob] if tier.config.codec == read_meta(blob)[0].codec else None
+                if self._writers[tier.name].submit(PendingWrite(meta, kv, blob=parts)):
+                    self.counters.tier(tier.name, "promotions")
+
+    # ---- put -----------------------------------------------------------------------------
+
+    def put(self, tokens: object, kv: torch.Tensor) -> int:
+        """Store the chunks of ``tokens`` not already stored locally; returns how many were new.
+
+        ``kv`` is ``[num_layers, 2, len(tokens), num_kv_heads, head_size]`` (MLA: 4-D). Returns
+        once the fastest tier holds the chunks; slower tiers are written asynchronously.
+        """
+        refs = self.chunks(tokens, include_partial=self.config.save_partial)
+        self.spec.check_kv(kv, num_tokens=_num_tokens(tokens))
+        new = self._missing_locally(refs)
+        for ref in new:
+            self._put_chunk(self._meta(ref), kv[:, :, ref.start:ref.end])
+        self.counters.store("puts")
+        self.counters.store("put_tokens", _num_tokens(tokens))
+        self.counters.store("put_new_chunks", len(new))
+        return len(new)
+
+    def _missing_locally(self, refs: Sequence[ChunkRef]) -> list[ChunkRef]:
+        """Chunks no in-process or on-disk tier holds (remote tiers dedupe in their writer)."""
+        present = [False] * len(refs)
+        keys = [r.key for r in refs]
+        for tier in self.tiers:
+            if tier.is_remote:
+                continue
+            for i, hit in enumerate(tier.contains(keys)):
+                present[i] = present[i] or hit
+        return [r for r, there in zip(refs, present) if not there]
+
+    def _put_chunk(self, meta: ObjectMeta, src: torch.Tensor) -> None:
+        first = self.tiers[0]
+        through = [t for t in self.tiers[1:] if t.config.write == "through"]
+        slow = [t for t in through if t.name in self._writers]
+        fast = [t for t in through if isinstance(t, MemoryTierBase)]
+        if isinstance(first, MemoryTierBase):
+            stored = first.put(meta, src, hold=len(slow))
+            if stored is None and first.contains([meta.key])[0]:
+                return  # a concurrent put of the same chunk won the race
+        else:
+            stored = None
+        for tier in fast:
+            tier.put(meta, src)
+        if stored is not None:
+            # Async writers read the leased slot; each releases its lease when written.
+            for tier in slow:
+                self._writers[tier.name].submit(
+                    PendingWrite(meta, stored, release=lambda k=meta.key: first.release(k)))
+            return
+        # No memory tier took it: writers get a private copy (the caller may reuse ``src``).
+        owned = src.detach().to("cpu", copy=True).contiguous()
+        if isinstance(first, BlobTier):
+            first.put_blobs([(meta, encode_object(meta, owned, first.config.codec))])
+        for tier in slow:
+            self._writers[tier.name].submit(PendingWrite(meta, owned))
+
+    # ---- eviction / demotion ---------------------------------------------------------------
+
+    def _on_evict(self, tier: Tier, key: bytes, fetch: Any) -> None:
+        """Demote an evicted chunk to the first slower tier, unless a slower tier already has it."""
+        pos = self.tiers.index(tier)
+        for lower in self.tiers[pos + 1:]:
+            if lower.contains([key])[0]:
+                return
+            if isinstance(lower, MemoryTierBase):
+                view, meta = fetch()
+                if lower.put(meta, view) is not None:
+                    self.counters.tier(tier.name, "demotions")
+                return
+            writer = self._writers.get(lower.name)
+            if writer is None:
+                return
+            data = fetch()
+            if data is None:
+                return
+            if isinstance(data, tuple):
+                view, meta = data
+                item = PendingWrite(meta, view.detach().to("cpu", copy=True))
+            else:
+                try:
+                    meta, _payload = read_meta(data)
+                except CorruptObjectError:
+                    self.counters.tier(tier.name, "corrupt")
+                    return
+                if lower.config.codec == meta.codec:
+                    item = PendingWrite(meta, torch.empty(0), blob=[data])
+                else:
+                    try:
+                        item = PendingWrite(meta, decode_object(data, meta))
+                    except CorruptObjectError:
+                        self.counters.tier(tier.name, "corrupt")
+                        return
+            if writer.submit(item):
+                self.counters.tier(tier.name, "demotions")
+            return
+
+    # ---- pins ------------------------------------------------------------------------------
+
+    def pin(self, tokens: object, ttl_s: float) -> int:
+        """Keep the stored prefix of ``tokens`` from eviction for ``ttl_s`` seconds.
+
+        Returns the pinned token count (the stored prefix; nothing beyond it can be pinned).
+        Raises PinLimitError, pinning nothing, if any tier's pinned-bytes cap would be exceeded.
+        """
+        if not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool) or not 0 < ttl_s <= self.config.max_pin_ttl_s:
+            raise InvalidInputError(f"ttl_s must be a number in (0, {self.config.max_pin_ttl_s}], got {ttl_s!r}")
+        refs = self.chunks(tokens)
+        n = self._prefix_len(self._locate(refs))
+        keys = [r.key for r in refs[:n]]
+        active = set(self.pins.active())
+        fresh = [k for k in keys if k not in active]
+        for tier in self.tiers:
+            cap = tier.pin_capacity
+            if cap is None or tier.is_remote:
+                continue
+            now = tier.pinned_bytes_of(list(active))
+            extra = tier.pinned_bytes_of(fresh)
+            if now + extra > cap:
+                raise PinLimitError(
+                    f"pinning {len(fresh)} more chunks needs {extra} bytes in tier {tier.name!r}, which already "
+                    f"has {now} pinned bytes of its {cap}-byte pin cap (pin_fraction={tier.config.pin_fraction})")
+        self.pins.pin(keys, ttl_s)
+        for tier in self.tiers:
+            if isinstance(tier, BlobTier):
+                tier.expire(keys, ttl_s)
+        return refs[n - 1].end if n else 0
+
+    def unpin(self, tokens: object) -> int:
+        """Release pins on the chunks of ``tokens``; returns how many tokens were pinned."""
+        refs = self.chunks(tokens)
+        released = self.pins.unpin(r.key for r in refs)
+        return sum(r.num_tokens for r in refs[:released])
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.config.pin_sweep_s):
+            self.pins.sweep()
+
+    # ---- housekeeping --------------------------------------------------------------------
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued write has reached its tier."""
+        return all(w.flush(timeout_s) for w in self._writers.values())
+
+    def stats(self) -> dict[str, Any]:
+        store, per_tier = self.counters.snapshot()
+        tiers: dict[str, Any] = {}
+        for tier in self.tiers:
+            st = tier.stats()
+            entry = dict(per_tier.get(tier.name, {}))
+            entry.update(objects=st.objects, bytes=st.bytes, capacity=st.capacity,
+                         pinned_bytes=st.pinned_bytes, available=st.available)
+            if tier.name in self._writers:
+                entry["queued_writes"] = self._writers[tier.name].pending
+            tiers[tier.name] = entry
+        return {**store, "pinned_chunks": len(self.pins.active()), "tiers": tiers}
+
+    def clear(self) -> None:
+        """Remove everything this store holds in every tier (pins included)."""
+        self.flush()
+        self.pins.unpin(self.pins.active())
+        for tier in self.tiers:
+            tier.clear()
+
+    def close(self) -> None:
+        """Flush queued writes and release every tier. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        for writer in self._writers.values():
+            writer.close()
+        for tier in self.tiers:
+            tier.close()
+
+
+def _num_tokens(tokens: object) -> int:
+    if isinstance(tokens, torch.Tensor):
+        return int(tokens.numel())
+    return len(tokens)  # type: ignore[arg-type]

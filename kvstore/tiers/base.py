@@ -1,0 +1,104 @@
+"""The tier roles.
+
+Every tier answers ``contains`` in one batched call and owns its own locking. Memory tiers keep
+tensors (a memcpy is the whole cost of a hit); blob tiers keep the verified byte format of
+:mod:`kvstore.objects`, so the same bytes move between disk, Redis and the daemon unchanged.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from kvstore.config import TierConfig
+from kvstore.objects import ObjectMeta
+from kvstore.stats import Counters
+
+
+@dataclass(frozen=True)
+class TierStats:
+    objects: int
+    bytes: int
+    capacity: int | None
+    pinned_bytes: int
+    available: bool = True
+
+
+class Tier(ABC):
+    """What the store needs from every tier."""
+
+    is_memory: bool = False
+    is_remote: bool = False  # shared across processes/machines; a round-trip per call
+
+    def __init__(self, config: TierConfig, counters: Counters) -> None:
+        self.config = config
+        self.name = config.kind
+        self.counters = counters
+
+    @abstractmethod
+    def contains(self, keys: Sequence[bytes]) -> list[bool]: ...
+
+    @abstractmethod
+    def delete(self, keys: Sequence[bytes]) -> int: ...
+
+    @abstractmethod
+    def stats(self) -> TierStats: ...
+
+    def pinned_bytes_of(self, keys: Sequence[bytes]) -> int:
+        """Bytes these keys occupy here (0 for keys not stored); used to enforce pin caps."""
+        return 0
+
+    @property
+    def pin_capacity(self) -> int | None:
+        cap = self.config.capacity
+        return None if cap is None else int(cap * self.config.pin_fraction)
+
+    def clear(self) -> None:
+        """Remove every object this tier holds for this store."""
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryTierBase(Tier):
+    """A tier of tensors in process memory (engine device or host)."""
+
+    is_memory = True
+
+    @abstractmethod
+    def put(self, meta: ObjectMeta, src: torch.Tensor, hold: int = 0) -> torch.Tensor | None:
+        """Copy ``src`` in; returns the stored view, or None if the key was already there or no
+        room could be made. ``hold`` leases the entry that many times (async writers still reading
+        the returned view), so it is not evicted or overwritten until each lease is released."""
+
+    @abstractmethod
+    def acquire(self, key: bytes) -> tuple[torch.Tensor, ObjectMeta] | None:
+        """A view of the stored chunk, leased until :meth:`release`; None on a miss."""
+
+    @abstractmethod
+    def release(self, key: bytes) -> None: ...
+
+
+class BlobTier(Tier):
+    """A tier of serialized objects (disk, Redis, the daemon): SGLang-HiCache-style batch API."""
+
+    @abstractmethod
+    def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | bytearray | memoryview | None]: ...
+
+    @abstractmethod
+    def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
+        """Store objects given as byte parts; returns how many were written (existing keys are
+        skipped). Never raises on backend failure: failures are counted."""
+
+    def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:
+        """Keep keys for at least ``ttl_s`` (backends with their own expiry, e.g. Redis)."""
+
+
+EvictHandler = Callable[[Tier, bytes, Callable[[], object]], None]
+"""Called with (tier, key, fetch) just before a tier drops an object to make room.
+
+``fetch()`` returns the object's data (a tensor view for memory tiers, bytes for blob tiers) and
+is only valid during the call: the handler copies what it needs to demote."""

@@ -1,0 +1,26 @@
+"""Builds a tier from its config (the one place that maps a kind to a class)."""
+
+from __future__ import annotations
+
+from kvstore.config import TierConfig
+from kvstore.pins import PinRegistry
+from kvstore.spec import KVSpec
+from kvstore.stats import Counters
+from kvstore.tiers.base import EvictHandler, Tier
+
+
+def build_tier(config: TierConfig, *, spec: KVSpec, chunk_size: int, counters: Counters,
+               pins: PinRegistry, namespace: bytes, on_evict: EvictHandler | None) -> Tier:
+    if config.is_memory:
+        from kvstore.tiers.memory import MemoryTier
+
+        return MemoryTier(config, counters, spec, chunk_size, pins, on_evict)
+    if config.kind == "disk":
+        from kvstore.tiers.disk import DiskTier
+
+        return DiskTier(config, counters, pins, on_evict)
+    if config.kind == "redis":
+        from kvstore.tiers.redis import RedisTier
+
+        return RedisTier(config, counters, namespace)
+    raise AssertionError(f"no tier class for kind {config.kind!r}")  # config validates kinds

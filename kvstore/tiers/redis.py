@@ -1,0 +1,136 @@
+"""Redis/Valkey as a shared tier: pipelined batch ops, TTL via EXPIRE, degrade-to-miss when down.
+
+Redis owns its memory budget (``maxmemory`` + its eviction policy), so this tier has no capacity
+of its own. When Redis is unreachable every call returns a miss (or skips the write) at once for
+a back-off period that doubles up to 30 s; redis-py reconnects on the first call after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence, TypeVar
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
+
+from kvstore.config import TierConfig
+from kvstore.objects import ObjectMeta
+from kvstore.stats import Counters
+from kvstore.tiers.base import BlobTier, TierStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_MAX_BACKOFF_S = 30.0
+
+
+class RedisTier(BlobTier):
+    is_remote = True
+
+    def __init__(self, config: TierConfig, counters: Counters, namespace: bytes) -> None:
+        super().__init__(config, counters)
+        self.client = redis.Redis.from_url(
+            str(config.url), socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s,
+            health_check_interval=30)
+        # The namespace (root key) scopes clear() and stats to this model and tenant.
+        self._prefix = config.key_prefix.encode() + namespace.hex()[:8].encode() + b":"
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._backoff = 0.5
+        self.ttl = None if config.ttl_s is None else max(1, int(round(config.ttl_s)))
+
+    def _rkey(self, key: bytes) -> bytes:
+        return self._prefix + key.hex().encode()
+
+    def _call(self, fn: Callable[[], T], default: T) -> T:
+        if time.monotonic() < self._down_until:
+            self.counters.tier(self.name, "unavailable")
+            return default
+        try:
+            result = fn()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            with self._lock:
+                self._down_until = time.monotonic() + self._backoff
+                log.warning("redis tier %s unreachable (%s); serving misses for %.1fs",
+                            self.config.url, exc, self._backoff)
+                self._backoff = min(self._backoff * 2, _MAX_BACKOFF_S)
+            self.counters.tier(self.name, "unavailable")
+            return default
+        except RedisError as exc:
+            log.warning("redis tier %s error: %s", self.config.url, exc)
+            self.counters.tier(self.name, "write_errors")
+            return default
+        if self._backoff != 0.5:
+            with self._lock:
+                self._backoff = 0.5
+            log.info("redis tier %s reachable again", self.config.url)
+        return result
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _pipeline(self, op: Callable[[Any], None], n: int) -> list[Any] | None:
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            op(pipe)
+            return pipe.execute()
+        return self._call(run, None) if n else []
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        res = self._pipeline(lambda p: [p.exists(self._rkey(k)) for k in keys], len(keys))
+        return [False] * len(keys) if res is None else [bool(r) for r in res]
+
+    def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        res = self._call(lambda: self.client.mget([self._rkey(k) for k in keys]), None) if keys else []
+        return [None] * len(keys) if res is None else list(res)
+
+    def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
+        if not items:
+            return 0
+        present = self.contains([m.key for m, _ in items])
+        todo = [(m, parts) for (m, parts), there in zip(items, present) if not there]
+        if not todo or not self.available:
+            return 0
+
+        def op(pipe: Any) -> None:
+            for meta, parts in todo:
+                pipe.set(self._rkey(meta.key), b"".join(parts), ex=self.ttl)
+        res = self._pipeline(op, len(todo))
+        if res is None:
+            self.counters.tier(self.name, "write_errors", len(todo))
+            return 0
+        size = sum(sum(memoryview(p).nbytes for p in parts) for _m, parts in todo)
+        self.counters.tier(self.name, "puts", len(todo))
+        self.counters.tier(self.name, "put_bytes", size)
+        return len(todo)
+
+    def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:
+        """Extend expiry to at least ``ttl_s`` (``GT``: never shortens; keys without a TTL keep none)."""
+        ttl = max(1, int(round(ttl_s)))
+        self._pipeline(lambda p: [p.expire(self._rkey(k), ttl, gt=True) for k in keys], len(keys))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        if not keys:
+            return 0
+        return int(self._call(lambda: self.client.delete(*[self._rkey(k) for k in keys]), 0))
+
+    def clear(self) -> None:
+        def run() -> None:
+            batch = []
+            for k in self.client.scan_iter(match=self._prefix + b"*", count=1000):
+                batch.append(k)
+                if len(batch) >= 1000:
+                    self.client.delete(*batch)
+                    batch.clear()
+            if batch:
+                self.client.delete(*batch)
+        self._call(run, None)
+
+    def stats(self) -> TierStats:
+        return TierStats(objects=-1, bytes=-1, capacity=None, pinned_bytes=0, available=self.available)
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,121 @@
+"""Asynchronous write-down to one slower tier through a bounded queue.
+
+The engine's put returns after the fastest tier has the chunk; encoding and disk/network writes
+happen here. When the queue is full the policy decides: ``block`` waits up to the put budget
+(back-pressure) and then drops, ``drop`` drops at once; every drop is counted, never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kvstore.objects import ObjectMeta, encode_object
+from kvstore.stats import Counters
+from kvstore.tiers.base import BlobTier
+
+log = logging.getLogger(__name__)
+_BATCH = 16
+
+
+@dataclass
+class PendingWrite:
+    """A chunk waiting to be written. ``tensor`` stays valid until ``release`` is called (it is a
+    leased memory-tier slot or a tensor nobody else writes to)."""
+
+    meta: ObjectMeta
+    tensor: torch.Tensor
+    release: Callable[[], None] | None = None
+    blob: list[bytes | memoryview] | None = None  # already-encoded object, passed through as is
+
+    def done(self) -> None:
+        if self.release is not None:
+            self.release()
+            self.release = None
+
+
+class TierWriter:
+    def __init__(self, tier: BlobTier, counters: Counters, queue_size: int, block: bool,
+                 timeout_s: float) -> None:
+        self.tier = tier
+        self.counters = counters
+        self.block = block
+        self.timeout_s = timeout_s
+        self._q: queue.Queue[PendingWrite | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name=f"kvstore-writer-{tier.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: PendingWrite) -> bool:
+        try:
+            if self.block:
+                self._q.put(item, timeout=self.timeout_s)
+            else:
+                self._q.put_nowait(item)
+            return True
+        except queue.Full:
+            item.done()
+            self.counters.tier(self.tier.name, "dropped_writes")
+            return False
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            batch = [item]
+            while item is not None and len(batch) < _BATCH:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(nxt)
+            stop = any(b is None for b in batch)
+            work = [b for b in batch if b is not None]
+            try:
+                self._write(work)
+            finally:
+                for _ in batch:
+                    self._q.task_done()
+            if stop:
+                return
+
+    def _write(self, work: list[PendingWrite]) -> None:
+        if not work:
+            return
+        codec = self.tier.config.codec
+        try:
+            encoded = []
+            for w in work:
+                parts = w.blob if w.blob is not None else encode_object(w.meta, w.tensor, codec)
+                encoded.append((w.meta, parts))
+            self.tier.put_blobs(encoded)
+        except Exception:  # never let one bad write kill the writer thread
+            log.exception("writer for tier %s failed on a batch of %d", self.tier.name, len(work))
+            self.counters.tier(self.tier.name, "write_errors", len(work))
+        finally:
+            for w in work:
+                w.done()
+
+    @property
+    def pending(self) -> int:
+        return self._q.unfinished_tasks
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything queued so far is written."""
+        if timeout_s is None:
+            self._q.join()
+            return True
+        deadline = time.monotonic() + timeout_s
+        while self._q.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()

@@ -1,0 +1,1 @@
+"""The kvstore daemon and its client. Built by the service issue; empty until then."""
