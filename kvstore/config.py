@@ -141,7 +141,7 @@ class StoreConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["tiers"] = {k: {f: v for f, v in t.items() if f != "kind"} for k, t in out["tiers"].items()}
+        out["tiers"] = {k: {f: v for f, v in t.items() if f in _TIER_OPTIONS[k]} for k, t in out["tiers"].items()}
         return out
 
     # ---- loaders -------------------------------------------------------------------------
@@ -299,6 +299,9 @@ def load_config(source: "StoreConfig | Mapping[str, Any] | str | os.PathLike[str
         data = _read_file(source)
     elif env.get("KVSTORE_CONFIG"):
         data = _read_file(env["KVSTORE_CONFIG"])
+    if (use_env or overrides) and "tiers" not in data:
+        # Env vars and flags adjust the effective tiers, which are the defaults unless given.
+        data["tiers"] = StoreConfig().to_dict()["tiers"]
     if use_env:
         data = merge(data, env_overrides(env))
     if overrides:

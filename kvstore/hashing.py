@@ -75,6 +75,16 @@ def token_bytes(tokens: object) -> bytes:
     return arr.tobytes()
 
 
+def num_tokens(tokens: object) -> int:
+    if isinstance(tokens, torch.Tensor):
+        return int(tokens.numel())
+    try:
+        return len(tokens)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidInputError(
+            f"tokens must be a sequence of ints or a 1-D tensor, got {type(tokens).__name__}") from None
+
+
 def root_key(fingerprint: bytes, tenant: str) -> bytes:
     """``h_{-1}``: separates models and tenants before the first token is hashed."""
     return xxhash.xxh3_128_digest(_ROOT_TAG + fingerprint + tenant.encode("utf-8"))

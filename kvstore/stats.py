@@ -23,6 +23,8 @@ TIER_COUNTERS = (
     "write_errors",    # writes that failed (I/O error, Redis down)
     "rejected",        # puts refused because everything left is pinned or in use
     "unavailable",     # operations skipped while the backend was down (Redis)
+    "load_seconds",    # wall time spent fetching, verifying and copying hits out of this tier
+    "write_seconds",   # wall time spent writing into this tier (sync for the first, async below)
 )
 STORE_COUNTERS = ("lookups", "lookup_tokens", "lookup_hit_tokens", "gets", "get_hit_tokens",
                   "puts", "put_tokens", "put_new_chunks")
@@ -31,10 +33,10 @@ STORE_COUNTERS = ("lookups", "lookup_tokens", "lookup_hit_tokens", "gets", "get_
 class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tier: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TIER_COUNTERS, 0))
+        self._tier: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(TIER_COUNTERS, 0))
         self._store = dict.fromkeys(STORE_COUNTERS, 0)
 
-    def tier(self, tier: str, name: str, amount: int = 1) -> None:
+    def tier(self, tier: str, name: str, amount: float = 1) -> None:
         with self._lock:
             self._tier[tier][name] += amount
 
@@ -42,6 +44,6 @@ class Counters:
         with self._lock:
             self._store[name] += amount
 
-    def snapshot(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    def snapshot(self) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
         with self._lock:
             return dict(self._store), {k: dict(v) for k, v in self._tier.items()}

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import CorruptObjectError, InvalidInputError, PinLimitError
-from kvstore.hashing import ChunkHasher, ChunkRef
+from kvstore.hashing import ChunkHasher, ChunkRef, num_tokens
 from kvstore.objects import ObjectMeta, decode_object, encode_object, read_meta
 from kvstore.pins import PinRegistry
 from kvstore.spec import KVSpec, dtype_name
@@ -22,6 +23,9 @@ from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier
 from kvstore.tiers.factory import build_tier
 from kvstore.writer import PendingWrite, TierWriter
+
+if TYPE_CHECKING:
+    from kvstore.layerwise import LayerwiseGet, LayerwisePut
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +157,12 @@ class KVStore:
             idx = [i for i in by_tier.get(tier.name, ()) if i < failed]
             if not idx:
                 continue
+            t0 = time.perf_counter()
             if isinstance(tier, MemoryTierBase):
                 bad = self._load_memory(tier, [refs[i] for i in idx], out)
             else:
                 bad = self._load_blobs(tier, [refs[i] for i in idx], out)
+            self.counters.tier(tier.name, "load_seconds", time.perf_counter() - t0)
             if bad is not None:
                 failed = min(failed, idx[bad])
         return failed
@@ -182,7 +188,7 @@ class KVStore:
 
     def _load_blobs(self, tier: Tier, refs: list[ChunkRef], out: torch.Tensor) -> int | None:
         assert isinstance(tier, BlobTier)
-        blobs = tier.get_blobs([r.key for r in refs])
+        blobs = tier.iter_blobs([r.key for r in refs])
         for j, (ref, blob) in enumerate(zip(refs, blobs)):
             if blob is None:
                 return j
@@ -210,10 +216,27 @@ class KVStore:
                 if tier.put(meta, kv) is not None:
                     self.counters.tier(tier.name, "promotions")
             elif tier.name in self._writers and not tier.contains([meta.key])[0]:
-                # The decoded tensor views the blob, which nobody mutates: safe to write async.
-                parts = [blob] if tier.config.codec == read_meta(blob)[0].codec else None
-                if self._writers[tier.name].submit(PendingWrite(meta, kv, blob=parts)):
+                # The blob buffer is reused by the next read: the async writer gets its own copy.
+                if tier.config.codec == read_meta(blob)[0].codec:
+                    item = PendingWrite(meta, torch.empty(0), blob=[bytes(blob)])
+                else:
+                    item = PendingWrite(meta, kv.clone())
+                if self._writers[tier.name].submit(item):
                     self.counters.tier(tier.name, "promotions")
+
+    def get_layers(self, tokens: object, out: torch.Tensor | None = None,
+                   device: torch.device | str | None = None) -> "LayerwiseGet":
+        """Start a layer-wise load; ``handle.hit_tokens`` is exact at once, ``handle.wait(i)``
+        returns layer ``i`` as soon as it is copied (overlap it with computing layer ``i-1``)."""
+        from kvstore.layerwise import LayerwiseGet
+
+        return LayerwiseGet(self, tokens, out, device)
+
+    def begin_put(self, tokens: object) -> "LayerwisePut":
+        """Store a prompt's KV as the engine computes it: ``put_layer(i, kv_i)`` for each layer."""
+        from kvstore.layerwise import LayerwisePut
+
+        return LayerwisePut(self, tokens)
 
     # ---- put -----------------------------------------------------------------------------
 
@@ -224,12 +247,12 @@ class KVStore:
         once the fastest tier holds the chunks; slower tiers are written asynchronously.
         """
         refs = self.chunks(tokens, include_partial=self.config.save_partial)
-        self.spec.check_kv(kv, num_tokens=_num_tokens(tokens))
+        self.spec.check_kv(kv, num_tokens=num_tokens(tokens))
         new = self._missing_locally(refs)
         for ref in new:
             self._put_chunk(self._meta(ref), kv[:, :, ref.start:ref.end])
         self.counters.store("puts")
-        self.counters.store("put_tokens", _num_tokens(tokens))
+        self.counters.store("put_tokens", num_tokens(tokens))
         self.counters.store("put_new_chunks", len(new))
         return len(new)
 
@@ -250,7 +273,9 @@ class KVStore:
         slow = [t for t in through if t.name in self._writers]
         fast = [t for t in through if isinstance(t, MemoryTierBase)]
         if isinstance(first, MemoryTierBase):
+            t0 = time.perf_counter()
             stored = first.put(meta, src, hold=len(slow))
+            self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
             if stored is None and first.contains([meta.key])[0]:
                 return  # a concurrent put of the same chunk won the race
         else:
@@ -389,9 +414,3 @@ class KVStore:
             writer.close()
         for tier in self.tiers:
             tier.close()
-
-
-def _num_tokens(tokens: object) -> int:
-    if isinstance(tokens, torch.Tensor):
-        return int(tokens.numel())
-    return len(tokens)  # type: ignore[arg-type]

@@ -87,12 +87,14 @@ class TierWriter:
         if not work:
             return
         codec = self.tier.config.codec
+        t0 = time.perf_counter()
         try:
             encoded = []
             for w in work:
                 parts = w.blob if w.blob is not None else encode_object(w.meta, w.tensor, codec)
                 encoded.append((w.meta, parts))
             self.tier.put_blobs(encoded)
+            self.counters.tier(self.tier.name, "write_seconds", time.perf_counter() - t0)
         except Exception:  # never let one bad write kill the writer thread
             log.exception("writer for tier %s failed on a batch of %d", self.tier.name, len(work))
             self.counters.tier(self.tier.name, "write_errors", len(work))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -86,7 +86,15 @@ class BlobTier(Tier):
     """A tier of serialized objects (disk, Redis, the daemon): SGLang-HiCache-style batch API."""
 
     @abstractmethod
-    def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | bytearray | memoryview | None]: ...
+    def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | bytearray | memoryview | None]:
+        """Objects (or None on a miss) in buffers the caller owns."""
+
+    def iter_blobs(self, keys: Sequence[bytes]) -> Iterator[bytes | bytearray | memoryview | None]:
+        """Like get_blobs, but each yielded buffer is only valid until the next one is requested.
+
+        The hot get path uses this so a tier can reuse one read buffer: fresh 32 MiB buffers
+        cost more in page faults than the read itself."""
+        yield from self.get_blobs(keys)
 
     @abstractmethod
     def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:

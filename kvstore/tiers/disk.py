@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -28,10 +28,12 @@ _LAYOUT = "v1"  # directory layout version, bumped if file naming ever changes
 
 
 class DiskTier(BlobTier):
-    def __init__(self, config: TierConfig, counters: Counters, pins: PinRegistry,
+    def __init__(self, config: TierConfig, counters: Counters, pins: PinRegistry, namespace: bytes,
                  on_evict: EvictHandler | None = None) -> None:
         super().__init__(config, counters)
-        self.root = os.path.join(os.path.expanduser(str(config.path)), _LAYOUT)
+        # One directory per model+tenant namespace: stores of different models can share a cache
+        # dir, and clear() removes only this namespace. The capacity applies per namespace.
+        self.root = os.path.join(os.path.expanduser(str(config.path)), _LAYOUT, namespace.hex()[:16])
         self.capacity = int(config.capacity or 0)
         self._pins = pins
         self._on_evict = on_evict
@@ -39,6 +41,7 @@ class DiskTier(BlobTier):
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, LRU first
         self._used = 0
         self._reserved = 0
+        self._local = threading.local()
         os.makedirs(self.root, exist_ok=True)
         self._rebuild_index()
 
@@ -86,23 +89,28 @@ class DiskTier(BlobTier):
         return [k in index for k in keys]
 
     def get_blobs(self, keys: Sequence[bytes]) -> list[memoryview | None]:
-        out: list[memoryview | None] = []
-        for key in keys:
-            blob = self._read(key)
-            if blob is not None:
-                with self._lock:
-                    if key in self._index:
-                        self._index.move_to_end(key)
-            out.append(blob)
-        return out
+        return [self._read(key, None) for key in keys]
 
-    def _read(self, key: bytes) -> memoryview | None:
+    def iter_blobs(self, keys: Sequence[bytes]) -> Iterator[memoryview | None]:
+        scratch = self._scratch
+        for key in keys:
+            yield self._read(key, scratch)
+
+    @property
+    def _scratch(self) -> "_Scratch":
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = _Scratch()
+        return scratch
+
+    def _read(self, key: bytes, scratch: "_Scratch | None") -> memoryview | None:
         try:
             with open(self.path_of(key), "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
-                # np.empty skips the zero-fill a bytearray would do: 32 MiB chunks make it count.
-                buf = np.empty(size, dtype=np.uint8)
-                view = memoryview(buf)
+                # np.empty skips the zero-fill a bytearray would do; the scratch buffer also skips
+                # the page faults of a fresh allocation, which cost more than reading the file.
+                buf = scratch.get(size) if scratch is not None else np.empty(size, dtype=np.uint8)
+                view = memoryview(buf)[:size]
                 got = 0
                 while got < size:
                     n = f.readinto(view[got:])
@@ -118,6 +126,9 @@ class DiskTier(BlobTier):
         except OSError as exc:
             log.warning("disk tier: cannot read %s: %s", self.path_of(key), exc)
             return None
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
         return view[:got]
 
     # ---- writes --------------------------------------------------------------------------
@@ -221,6 +232,18 @@ class DiskTier(BlobTier):
     def pinned_bytes_of(self, keys: Sequence[bytes]) -> int:
         index = self._index
         return sum(index.get(k, 0) for k in keys)
+
+
+class _Scratch:
+    """A per-thread read buffer that only grows."""
+
+    def __init__(self) -> None:
+        self._buf = np.empty(0, dtype=np.uint8)
+
+    def get(self, size: int) -> np.ndarray:
+        if self._buf.size < size:
+            self._buf = np.empty(size, dtype=np.uint8)
+        return self._buf
 
 
 def _read_path(path: str) -> bytes | None:

@@ -18,7 +18,7 @@ def build_tier(config: TierConfig, *, spec: KVSpec, chunk_size: int, counters: C
     if config.kind == "disk":
         from kvstore.tiers.disk import DiskTier
 
-        return DiskTier(config, counters, pins, on_evict)
+        return DiskTier(config, counters, pins, namespace, on_evict)
     if config.kind == "redis":
         from kvstore.tiers.redis import RedisTier
 

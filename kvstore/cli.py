@@ -1,0 +1,135 @@
+"""The ``kvstore`` command. Every subcommand has ``--help``; config comes from ``--config``,
+``KVSTORE_*`` env vars and flags, in that order of precedence (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import runpy
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from kvstore import __version__
+from kvstore.config import StoreConfig, load_config
+from kvstore.errors import KVStoreError
+
+
+def add_store_options(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every subcommand that opens a store."""
+    g = p.add_argument_group("store configuration (override --config and KVSTORE_* env vars)")
+    g.add_argument("--config", metavar="FILE", help="YAML or JSON config file (default: $KVSTORE_CONFIG)")
+    g.add_argument("--chunk-size", type=int, help="tokens per chunk (default 256)")
+    g.add_argument("--tenant", help="tenant/namespace mixed into every key")
+    g.add_argument("--cpu-capacity", metavar="SIZE", help="host memory tier budget, e.g. 4GiB")
+    g.add_argument("--disk-path", metavar="DIR", help="disk tier directory (default ~/.cache/kvstore)")
+    g.add_argument("--disk-capacity", metavar="SIZE", help="disk tier budget, e.g. 20GiB")
+    g.add_argument("--disk-codec", metavar="NAME", help="codec for the disk tier (raw, lz4, ...)")
+    g.add_argument("--redis-url", metavar="URL", help="enable the Redis tier, e.g. redis://127.0.0.1:6379/0")
+    g.add_argument("--no-disk", action="store_true", help="disable the disk tier")
+
+
+def config_from_args(args: argparse.Namespace) -> StoreConfig:
+    over: dict[str, Any] = {}
+    tiers: dict[str, dict[str, Any]] = {}
+    for flag, key in (("chunk_size", "chunk_size"), ("tenant", "tenant")):
+        if getattr(args, flag, None) is not None:
+            over[key] = getattr(args, flag)
+    for flag, tier, opt in (("cpu_capacity", "cpu", "capacity"), ("disk_path", "disk", "path"),
+                            ("disk_capacity", "disk", "capacity"), ("disk_codec", "disk", "codec"),
+                            ("redis_url", "redis", "url")):
+        if getattr(args, flag, None) is not None:
+            tiers.setdefault(tier, {})[opt] = getattr(args, flag)
+    if tiers:
+        over["tiers"] = tiers
+    cfg = load_config(getattr(args, "config", None), use_env=True, overrides=over)
+    if getattr(args, "no_disk", False):
+        cfg.tiers.pop("disk", None)
+        if not cfg.tiers:
+            raise KVStoreError("--no-disk leaves no tier configured")
+    return cfg
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    print(yaml.safe_dump(config_from_args(args).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvstore.demo import run_demo
+
+    return run_demo(config_from_args(args), users=args.users, turns=args.turns, quick=args.quick,
+                    keep=args.keep)
+
+
+def _repo_root() -> Path | None:
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "bench").is_dir() else None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    root = _repo_root()
+    if root is None:
+        print("kvstore bench needs a source checkout (the bench/ folder is not installed)", file=sys.stderr)
+        return 2
+    scripts = sorted(p.stem for p in (root / "bench").glob("*.py") if not p.name.startswith("_"))
+    if not args.name or args.name not in scripts:
+        print("available benchmarks: " + ", ".join(scripts))
+        return 0 if not args.name else 2
+    sys.argv = [str(root / "bench" / f"{args.name}.py"), *args.args]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstore", description="KV-cache storage and transfer for LLM inference.",
+        epilog="Config precedence: defaults < --config file < KVSTORE_* env vars < flags.")
+    parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("KVSTORE_LOG_LEVEL", "WARNING"),
+                        help="logging level (default WARNING, env KVSTORE_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="multi-turn chat workload with Llama-3-8B-shaped KV, then a restart",
+                          description="Stores and fetches Llama-3-8B-shaped KV (32 layers, 8 KV heads, head 128, "
+                                      "fp16) for a multi-turn chat workload on the configured tiers, verifies every "
+                                      "hit, restarts the store and serves the same prompts from disk.")
+    demo.add_argument("--users", type=int, default=4, help="concurrent conversations (default 4)")
+    demo.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
+    demo.add_argument("--quick", action="store_true", help="small model shape and workload (seconds)")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's cached objects afterwards")
+    add_store_options(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    cfg = sub.add_parser("config", help="print the resolved configuration as YAML",
+                         description="Resolve --config, KVSTORE_* env vars and flags and print the result.")
+    add_store_options(cfg)
+    cfg.set_defaults(func=_cmd_config)
+
+    bench = sub.add_parser("bench", help="run a benchmark script from bench/ (source checkout)",
+                           description="Run bench/NAME.py with the remaining arguments; without NAME, list them.")
+    bench.add_argument("name", nargs="?", help="benchmark name, e.g. tiers or trace_replay")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KVStoreError as exc:
+        print(f"kvstore: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

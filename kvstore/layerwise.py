@@ -1,0 +1,164 @@
+"""Layer-wise transfer so an engine can overlap loading layer i+1 with computing layer i.
+
+``get_layers`` fixes the hit first (memory chunks are leased, blob chunks fetched and verified),
+so ``hit_tokens`` is exact before any layer is consumed; a worker thread then copies layer by
+layer into the output and signals each layer as it lands. ``begin_put`` collects the layers of a
+forward pass for the chunks the store lacks and stores them when the last layer arrives.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from kvstore.errors import CorruptObjectError, InvalidInputError
+from kvstore.hashing import ChunkRef, num_tokens
+from kvstore.objects import decode_object
+from kvstore.tiers.base import BlobTier, MemoryTierBase
+
+if TYPE_CHECKING:
+    from kvstore.store import KVStore
+
+
+class LayerwiseGet:
+    """Handle of a layer-wise load. ``wait(i)`` returns ``out[i, :, :hit_tokens]`` once loaded."""
+
+    def __init__(self, store: "KVStore", tokens: object, out: torch.Tensor | None,
+                 device: torch.device | str | None) -> None:
+        self._store = store
+        refs = store.chunks(tokens)
+        where = store._locate(refs)
+        n = store._prefix_len(where)
+        # Pin down the sources now: lease memory chunks, fetch and verify blob chunks.
+        self._sources: list[tuple[ChunkRef, torch.Tensor, MemoryTierBase | None]] = []
+        for ref, tier in zip(refs[:n], where[:n]):
+            src = self._source(ref, tier)
+            if src is None:
+                break
+            self._sources.append((ref, src, tier if isinstance(tier, MemoryTierBase) else None))
+        self.hit_tokens = self._sources[-1][0].end if self._sources else 0
+        if out is None:
+            out = torch.empty(store.spec.chunk_shape(self.hit_tokens), dtype=store.spec.dtype,
+                              device=device or "cpu")
+        else:
+            store._check_out(out, self.hit_tokens)
+        self.out = out
+        self.num_layers = store.spec.num_layers
+        self._ready = [threading.Event() for _ in range(self.num_layers)]
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvstore-layerwise-get", daemon=True)
+        self._thread.start()
+        store.counters.store("gets")
+        store.counters.store("get_hit_tokens", self.hit_tokens)
+
+    def _source(self, ref: ChunkRef, tier: object) -> torch.Tensor | None:
+        store = self._store
+        if isinstance(tier, MemoryTierBase):
+            got = tier.acquire(ref.key)
+            if got is None:
+                return None
+            store.counters.tier(tier.name, "hits")
+            store.counters.tier(tier.name, "hit_tokens", ref.num_tokens)
+            return got[0]
+        assert isinstance(tier, BlobTier)
+        blob = tier.get_blobs([ref.key])[0]
+        if blob is None:
+            return None
+        try:
+            kv = decode_object(blob, store._meta(ref))
+        except CorruptObjectError:
+            store.counters.tier(tier.name, "corrupt")
+            tier.delete([ref.key])
+            return None
+        store.counters.tier(tier.name, "hits")
+        store.counters.tier(tier.name, "hit_tokens", ref.num_tokens)
+        return kv
+
+    def _run(self) -> None:
+        try:
+            for layer in range(self.num_layers):
+                for ref, src, _tier in self._sources:
+                    self.out[layer, :, ref.start:ref.end].copy_(src[layer], non_blocking=self.out.is_cuda)
+                if self.out.is_cuda:
+                    torch.cuda.current_stream(self.out.device).synchronize()
+                self._ready[layer].set()
+        except BaseException as exc:  # surfaced to the engine thread by wait()
+            self._error = exc
+            for ev in self._ready:
+                ev.set()
+        finally:
+            for ref, _src, tier in self._sources:
+                if tier is not None:
+                    tier.release(ref.key)
+
+    def wait(self, layer: int, timeout_s: float | None = None) -> torch.Tensor:
+        if not 0 <= layer < self.num_layers:
+            raise InvalidInputError(f"layer {layer} out of range [0, {self.num_layers})")
+        if not self._ready[layer].wait(timeout_s):
+            raise TimeoutError(f"layer {layer} not loaded within {timeout_s}s")
+        if self._error is not None:
+            raise self._error
+        return self.out[layer, :, :self.hit_tokens]
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for layer in range(self.num_layers):
+            yield layer, self.wait(layer)
+
+    def result(self) -> tuple[int, torch.Tensor]:
+        """Wait for every layer; same return as ``KVStore.get``."""
+        self.wait(self.num_layers - 1)
+        self._thread.join()
+        return self.hit_tokens, self.out[:, :, :self.hit_tokens]
+
+
+class LayerwisePut:
+    """Collects one forward pass layer by layer; stores the new chunks when every layer is in."""
+
+    def __init__(self, store: "KVStore", tokens: object) -> None:
+        self._store = store
+        refs = store.chunks(tokens, include_partial=store.config.save_partial)
+        self.num_tokens = num_tokens(tokens)
+        self._new = store._missing_locally(refs)
+        self.new_chunks = len(self._new)
+        self._lo = self._new[0].start if self._new else 0
+        hi = self._new[-1].end if self._new else 0
+        spec = store.spec
+        self._staging = torch.empty(spec.chunk_shape(hi - self._lo), dtype=spec.dtype) if self._new else None
+        self._seen = [False] * spec.num_layers
+        self.committed = False
+
+    def put_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
+        """``kv_layer`` is ``kv[layer]`` of the whole prompt: ``[2, num_tokens, heads, head_size]``."""
+        spec = self._store.spec
+        if not 0 <= layer < spec.num_layers:
+            raise InvalidInputError(f"layer {layer} out of range [0, {spec.num_layers})")
+        want = spec.chunk_shape(self.num_tokens)[1:]
+        if tuple(kv_layer.shape) != want or kv_layer.dtype != spec.dtype:
+            raise InvalidInputError(f"layer KV is {tuple(kv_layer.shape)} {kv_layer.dtype}, expected {want} {spec.dtype}")
+        if self.committed:
+            raise InvalidInputError("put_layer after commit")
+        if self._staging is not None:
+            self._staging[layer].copy_(kv_layer[:, self._lo:self._lo + self._staging.shape[2]])
+        self._seen[layer] = True
+        if all(self._seen):
+            self.commit()
+
+    def commit(self) -> int:
+        """Store the new chunks; every layer must have been given. Returns chunks stored."""
+        if self.committed:
+            return self.new_chunks
+        missing = [i for i, seen in enumerate(self._seen) if not seen]
+        if missing:
+            raise InvalidInputError(f"cannot commit: layers {missing[:8]}{'...' if len(missing) > 8 else ''} not given")
+        store = self._store
+        for ref in self._new:
+            src = self._staging[:, :, ref.start - self._lo:ref.end - self._lo]  # type: ignore[index]
+            store._put_chunk(store._meta(ref), src)
+        store.counters.store("puts")
+        store.counters.store("put_tokens", self.num_tokens)
+        store.counters.store("put_new_chunks", self.new_chunks)
+        self.committed = True
+        self._staging = None
+        return self.new_chunks
