@@ -106,6 +106,10 @@ class ChunkHasher:
         self.salt = salt_digest(salt)
 
     def chunks(self, tokens: object, include_partial: bool = True) -> list[ChunkRef]:
+        return self.split(tokens, include_partial)[1]
+
+    def split(self, tokens: object, include_partial: bool = True) -> tuple[bytes, list[ChunkRef]]:
+        """Token bytes and chunk refs (the bytes are kept for :meth:`tail_keys`)."""
         data = token_bytes(tokens)
         n = len(data) // 4
         out: list[ChunkRef] = []
@@ -117,6 +121,23 @@ class ChunkHasher:
             stop = min(start + self.chunk_size, end)
             prev = digest(prev + salt + data[start * 4:stop * 4])
             out.append(ChunkRef(prev, i, start, stop))
+        return data, out
+
+    def tail_keys(self, data: bytes, refs: list[ChunkRef], index: int) -> list[ChunkRef]:
+        """Keys of every shorter partial chunk at ``index`` (longest first).
+
+        A stored partial tail (the end of an earlier, shorter prompt) is a valid prefix of a longer
+        prompt's chunk at the same place; these are the keys it could have been stored under.
+        Streaming xxh3 makes all of them cost about one chunk hash."""
+        ref = refs[index]
+        prev = refs[index - 1].key if index else self.root
+        h = xxhash.xxh3_128()
+        h.update(prev + self.salt)
+        out = []
+        for stop in range(ref.start + 1, ref.end):
+            h.update(data[(stop - 1) * 4:stop * 4])
+            out.append(ChunkRef(h.digest(), index, ref.start, stop))
+        out.reverse()
         return out
 
     def content_key(self, tokens: object) -> bytes:

@@ -28,9 +28,7 @@ class LayerwiseGet:
     def __init__(self, store: "KVStore", tokens: object, out: torch.Tensor | None,
                  device: torch.device | str | None) -> None:
         self._store = store
-        refs = store.chunks(tokens)
-        where = store._locate(refs)
-        n = store._prefix_len(where)
+        refs, where, n = store._resolve(tokens)
         # Pin down the sources now: lease memory chunks, fetch and verify blob chunks.
         self._sources: list[tuple[ChunkRef, torch.Tensor, MemoryTierBase | None]] = []
         for ref, tier in zip(refs[:n], where[:n]):

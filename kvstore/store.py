@@ -100,15 +100,38 @@ class KVStore:
                 return i
         return len(where)
 
+    def _resolve(self, tokens: object) -> tuple[list[ChunkRef], list[Tier | None], int]:
+        """Chunks of ``tokens``, where each is stored, and how many leading chunks hit.
+
+        When the chain breaks at chunk n, a partial tail stored by an earlier, shorter prompt
+        (e.g. the previous chat turn) may still cover the start of chunk n: the longest such tail
+        in a local tier extends the hit, and replaces ``refs[n]``.
+        """
+        data, refs = self.hasher.split(tokens)
+        where = self._locate(refs)
+        n = self._prefix_len(where)
+        if n < len(refs) and self.config.save_partial and refs[n].num_tokens > 1:
+            tails = self.hasher.tail_keys(data, refs, n)
+            for tier in self.tiers:
+                if tier.is_remote:
+                    continue
+                found = tier.contains([t.key for t in tails])
+                if any(found):
+                    best = found.index(True)  # tails are longest first
+                    refs[n] = tails[best]
+                    where[n] = tier
+                    n += 1
+                    break
+        return refs, where, n
+
     # ---- lookup / get --------------------------------------------------------------------
 
     def lookup(self, tokens: object) -> int:
         """Tokens of the longest stored prefix (chunk-aligned; a stored partial tail counts)."""
-        refs = self.chunks(tokens)
-        n = self._prefix_len(self._locate(refs))
+        refs, _where, n = self._resolve(tokens)
         hit = refs[n - 1].end if n else 0
         self.counters.store("lookups")
-        self.counters.store("lookup_tokens", refs[-1].end if refs else 0)
+        self.counters.store("lookup_tokens", num_tokens(tokens))
         self.counters.store("lookup_hit_tokens", hit)
         return hit
 
@@ -119,9 +142,7 @@ class KVStore:
         With ``out`` (shaped like the prompt's KV or longer) the KV is written into it and the
         returned tensor is a view of ``out``. Chunks that fail verification end the hit there.
         """
-        refs = self.chunks(tokens)
-        where = self._locate(refs)
-        n = self._prefix_len(where)
+        refs, where, n = self._resolve(tokens)
         hit_upper = refs[n - 1].end if n else 0
         if out is None:
             out = torch.empty(self.spec.chunk_shape(hit_upper), dtype=self.spec.dtype, device=device or "cpu")
@@ -345,8 +366,7 @@ class KVStore:
         """
         if not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool) or not 0 < ttl_s <= self.config.max_pin_ttl_s:
             raise InvalidInputError(f"ttl_s must be a number in (0, {self.config.max_pin_ttl_s}], got {ttl_s!r}")
-        refs = self.chunks(tokens)
-        n = self._prefix_len(self._locate(refs))
+        refs, _where, n = self._resolve(tokens)
         keys = [r.key for r in refs[:n]]
         active = set(self.pins.active())
         fresh = [k for k in keys if k not in active]
@@ -368,8 +388,8 @@ class KVStore:
 
     def unpin(self, tokens: object) -> int:
         """Release pins on the chunks of ``tokens``; returns how many tokens were pinned."""
-        refs = self.chunks(tokens)
-        released = self.pins.unpin(r.key for r in refs)
+        refs, _where, n = self._resolve(tokens)
+        released = self.pins.unpin(r.key for r in refs[:n])
         return sum(r.num_tokens for r in refs[:released])
 
     def _sweep_loop(self) -> None:

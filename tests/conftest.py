@@ -1,0 +1,113 @@
+"""Shared fixtures: a real redis-server on a free loopback port, small specs, causal test KV."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis
+import torch
+
+from kvstore import KVSpec
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server subprocess; restartable on the same port (for outage tests)."""
+
+    def __init__(self, workdir: Path) -> None:
+        exe = shutil.which("redis-server") or shutil.which("valkey-server")
+        if exe is None:
+            msg = "redis-server not found (bash scripts/test.sh installs it)"
+            if IN_CI:
+                pytest.fail(msg)
+            pytest.skip(msg)
+        self.exe = exe
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    if redis_server.proc is None:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def spec() -> KVSpec:
+    return KVSpec(model_id="test/tiny", num_layers=2, num_kv_heads=2, head_size=8, dtype=torch.float16)
+
+
+def causal_kv(spec: KVSpec, tokens: list[int]) -> torch.Tensor:
+    """KV where position p depends on tokens[0..p] (like a real model), so shared prefixes
+    share KV and any mix-up between sequences shows up as a value mismatch."""
+    t = torch.tensor(tokens, dtype=torch.int64)
+    h = torch.cumsum((t * 2654435761) % 1000003, 0) % 65521
+    base = torch.arange(1, 1 + torch.Size(spec.chunk_shape(1)).numel(), dtype=torch.float32).view(spec.chunk_shape(1))
+    shape = [1] * base.dim()
+    shape[2] = -1
+    return ((base / base.numel()) * (h.to(torch.float32).view(shape) / 65521 + 0.25)).to(spec.dtype)
+
+
+def mem_config(chunk: int = 16, cpu: str | int = "1MiB", **extra: object) -> dict:
+    return {"chunk_size": chunk, "tiers": {"cpu": {"capacity": cpu}}, **extra}
+
+
+def disk_config(path: Path, chunk: int = 16, cpu: str | int | None = "1MiB", disk: str | int = "8MiB",
+                **extra: object) -> dict:
+    tiers: dict = {"disk": {"path": str(path), "capacity": disk}}
+    if cpu is not None:
+        tiers["cpu"] = {"capacity": cpu}
+    return {"chunk_size": chunk, "tiers": tiers, **extra}

@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "kvstore.cli", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["config"], ["bench"]])
+def test_help_everywhere(cmd):
+    r = run(*cmd, "--help")
+    assert r.returncode == 0 and "usage: kvstore" in r.stdout
+
+
+def test_config_resolves_flags_over_env(tmp_path):
+    import os
+    env = {**os.environ, "KVSTORE_CHUNK_SIZE": "128", "KVSTORE_CPU_CAPACITY": "2GiB"}
+    r = run("config", "--cpu-capacity", "1GiB", "--disk-path", str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "chunk_size: 128" in r.stdout and "capacity: 1073741824" in r.stdout and str(tmp_path) in r.stdout
+
+
+def test_config_error_is_clear(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("tiers:\n  cpu: {capacity: 1GiB, colour: red}\n")
+    r = run("config", "--config", str(bad))
+    assert r.returncode == 2 and "unknown option 'colour' for tier 'cpu'" in r.stderr
+
+
+def test_quick_demo_runs_and_verifies(tmp_path):
+    r = run("demo", "--quick", "--users", "2", "--turns", "3", "--disk-path", str(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "every hit verified" in r.stdout and "phase 2" in r.stdout
+    assert "disk" in r.stdout

@@ -1,0 +1,156 @@
+"""Eviction, demotion, promotion and pins across cpu and disk tiers."""
+
+import time
+
+import pytest
+import torch
+
+from conftest import causal_kv, disk_config, mem_config
+from kvstore import KVStore, PinLimitError
+
+CHUNK_BYTES = 2 * 2 * 16 * 2 * 8 * 2  # the tiny spec's 16-token chunk
+
+
+def seqs(n, length=16, base=0):
+    return [[base + i * 1000 + j for j in range(length)] for i in range(n)]
+
+
+def test_cpu_lru_eviction(spec):
+    with KVStore(spec, mem_config(cpu=4 * CHUNK_BYTES)) as store:
+        s = seqs(6)
+        for t in s[:4]:
+            store.put(t, causal_kv(spec, t))
+        store.lookup(s[0])
+        store.get(s[0])  # s[0] becomes most recently used
+        store.put(s[4], causal_kv(spec, s[4]))
+        assert [store.lookup(t) for t in s[:5]] == [16, 0, 16, 16, 16]
+        assert store.stats()["tiers"]["cpu"]["evictions"] == 1
+
+
+def test_eviction_demotes_to_disk_and_hit_promotes(spec, tmp_path):
+    cfg = disk_config(tmp_path, cpu=2 * CHUNK_BYTES)
+    cfg["tiers"]["disk"]["write"] = "demote"  # disk only receives what cpu evicts
+    with KVStore(spec, cfg) as store:
+        s = seqs(3)
+        for t in s:
+            store.put(t, causal_kv(spec, t))
+        store.flush()
+        st = store.stats()["tiers"]
+        assert st["cpu"]["demotions"] == 1 and st["disk"]["objects"] == 1
+        assert store.lookup(s[0]) == 16  # found on disk
+        hit, kv = store.get(s[0])
+        assert hit == 16 and torch.equal(kv, causal_kv(spec, s[0]))
+        st = store.stats()["tiers"]
+        assert st["disk"]["hits"] == 1 and st["cpu"]["promotions"] == 1
+        assert store.get(s[0])[0] == 16 and store.stats()["tiers"]["cpu"]["hits"] == 1
+
+
+def test_write_through_reaches_disk(spec, tmp_path):
+    with KVStore(spec, disk_config(tmp_path)) as store:
+        t = list(range(50))
+        store.put(t, causal_kv(spec, t))
+        store.flush()
+        assert store.stats()["tiers"]["disk"]["objects"] == 4
+
+
+def test_pinned_chunks_are_not_evicted(spec):
+    with KVStore(spec, mem_config(cpu=4 * CHUNK_BYTES)) as store:
+        s = seqs(8)
+        store.put(s[0], causal_kv(spec, s[0]))
+        assert store.pin(s[0], ttl_s=60) == 16
+        for t in s[1:]:
+            store.put(t, causal_kv(spec, t))
+        assert store.lookup(s[0]) == 16
+        assert store.stats()["tiers"]["cpu"]["pinned_bytes"] == CHUNK_BYTES
+        assert store.unpin(s[0]) == 16
+        for t in s[1:5]:
+            store.put(t, causal_kv(spec, t))
+        assert store.lookup(s[0]) == 0
+
+
+def test_pin_expires(spec):
+    with KVStore(spec, mem_config(cpu=2 * CHUNK_BYTES, pin_sweep_s=0.05)) as store:
+        s = seqs(3)
+        store.put(s[0], causal_kv(spec, s[0]))
+        store.pin(s[0], ttl_s=0.2)
+        store.put(s[1], causal_kv(spec, s[1]))
+        store.put(s[2], causal_kv(spec, s[2]))  # evicts s[1], s[0] is pinned
+        assert store.lookup(s[0]) == 16 and store.lookup(s[1]) == 0
+        time.sleep(0.3)
+        assert store.stats()["pinned_chunks"] == 0
+        store.put(s[1], causal_kv(spec, s[1]))  # now s[0] is the LRU and unpinned
+        assert store.lookup(s[0]) == 0
+
+
+def test_pin_cap_is_enforced(spec):
+    with KVStore(spec, mem_config(cpu=4 * CHUNK_BYTES)) as store:  # pin cap = 2 chunks
+        t = list(range(48))
+        store.put(t, causal_kv(spec, t))
+        with pytest.raises(PinLimitError, match="tier 'cpu'"):
+            store.pin(t, ttl_s=10)
+        assert store.stats()["pinned_chunks"] == 0  # all or nothing
+        assert store.pin(t[:32], ttl_s=10) == 32
+        with pytest.raises(PinLimitError):
+            store.pin(t, ttl_s=10)
+        assert store.pin(t[:32], ttl_s=20) == 32  # re-pinning what is pinned needs no room
+
+
+def test_put_when_everything_is_pinned_goes_down_a_tier(spec, tmp_path):
+    cfg = disk_config(tmp_path, cpu=2 * CHUNK_BYTES)
+    cfg["tiers"]["cpu"]["pin_fraction"] = 1.0
+    with KVStore(spec, cfg) as store:
+        s = seqs(3)
+        for t in s[:2]:
+            store.put(t, causal_kv(spec, t))
+        store.pin(s[0], 60)
+        store.pin(s[1], 60)
+        store.put(s[2], causal_kv(spec, s[2]))
+        store.flush()
+        st = store.stats()["tiers"]
+        assert st["cpu"]["rejected"] >= 1 and st["cpu"]["objects"] == 2
+        hit, kv = store.get(s[2])
+        assert hit == 16 and torch.equal(kv, causal_kv(spec, s[2]))
+
+
+def test_disk_capacity_evicts_lru_files(spec, tmp_path):
+    with KVStore(spec, disk_config(tmp_path, cpu=None, disk=3 * (CHUNK_BYTES + 300))) as store:
+        s = seqs(5)
+        for t in s:
+            store.put(t, causal_kv(spec, t))
+        st = store.stats()["tiers"]["disk"]
+        assert st["objects"] == 3 and st["evictions"] == 2 and st["bytes"] <= st["capacity"]
+        assert [store.lookup(t) for t in s] == [0, 0, 16, 16, 16]
+        files = list(tmp_path.rglob("*.kvo"))
+        assert len(files) == 3
+
+
+def test_queue_full_drops_are_counted(spec, tmp_path):
+    cfg = disk_config(tmp_path, queue_full="drop")
+    cfg["tiers"]["disk"]["queue_size"] = 1
+    with KVStore(spec, cfg) as store:
+        disk = store.tiers[1]
+        with disk._lock:  # the writer blocks on its first item: the queue (size 1) fills up
+            for t in seqs(6):
+                store.put(t, causal_kv(spec, t))
+            _store, counters = store.counters.snapshot()
+        store.flush()
+        st = store.stats()["tiers"]
+        dropped = counters["disk"]["dropped_writes"]
+        assert dropped >= 3 and st["disk"]["objects"] == 6 - dropped
+        assert st["disk"]["dropped_writes"] == dropped
+        assert st["cpu"]["objects"] == 6  # the fast tier has everything regardless
+
+
+def test_block_policy_applies_backpressure(spec, tmp_path):
+    cfg = disk_config(tmp_path, queue_full="block", put_timeout_s=0.2)
+    cfg["tiers"]["disk"]["queue_size"] = 1
+    with KVStore(spec, cfg) as store:
+        disk = store.tiers[1]
+        with disk._lock:
+            t0 = time.monotonic()
+            for t in seqs(3):
+                store.put(t, causal_kv(spec, t))
+            waited = time.monotonic() - t0
+        store.flush()
+        assert waited >= 0.2  # put waited for room before giving up on one write
+        assert store.stats()["tiers"]["disk"]["dropped_writes"] >= 1
