@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import array
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,9 +25,9 @@ _ROOT_TAG = b"kvstore-root-v1\0"
 _CONTENT_TAG = b"kvstore-content-v1\0"
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkRef:
-    """One chunk of a token sequence: its key, where it sits, and whether it is a partial tail."""
+class ChunkRef(NamedTuple):
+    """One chunk of a token sequence: its key and where it sits. A NamedTuple, not a dataclass:
+    a 128K-token prompt makes 512 of these per lookup and tuple construction is 3x cheaper."""
 
     key: bytes
     index: int

@@ -62,48 +62,80 @@ def join_parts(parts: list[bytes | memoryview]) -> bytes:
     return b"".join(parts)
 
 
-def read_meta(blob: bytes | bytearray | memoryview) -> tuple[ObjectMeta, memoryview]:
-    """Parse and verify an object; returns its meta and a zero-copy view of the payload."""
-    view = memoryview(blob).cast("B")
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A parsed, header-verified object header; the payload is not checked yet."""
+
+    meta: ObjectMeta
+    payload_offset: int
+    payload_len: int
+    payload_sum: int
+
+
+def parse_header(buf: bytes | bytearray | memoryview, total_len: int) -> Header:
+    """Verify preamble and header checksum from the first bytes of an object of ``total_len``.
+
+    Raises CorruptObjectError; ``NeedMore(n)`` if ``buf`` is shorter than the header."""
+    view = memoryview(buf).cast("B")
     if view.nbytes < _PREAMBLE.size:
-        raise CorruptObjectError(f"object truncated: {view.nbytes} bytes, preamble needs {_PREAMBLE.size}")
+        if total_len < _PREAMBLE.size:
+            raise CorruptObjectError(f"object truncated: {total_len} bytes, preamble needs {_PREAMBLE.size}")
+        raise NeedMore(_PREAMBLE.size)
     magic, version, hlen, hsum = _PREAMBLE.unpack_from(view, 0)
     if magic != MAGIC:
         raise CorruptObjectError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
         raise CorruptObjectError(f"unsupported object format version {version} (this build reads {FORMAT_VERSION})")
-    if hlen > MAX_HEADER_BYTES or _PREAMBLE.size + hlen > view.nbytes:
-        raise CorruptObjectError(f"header length {hlen} exceeds the object ({view.nbytes} bytes)")
-    hbytes = view[_PREAMBLE.size:_PREAMBLE.size + hlen]
+    end = _PREAMBLE.size + hlen
+    if hlen > MAX_HEADER_BYTES or end > total_len:
+        raise CorruptObjectError(f"header length {hlen} exceeds the object ({total_len} bytes)")
+    if view.nbytes < end:
+        raise NeedMore(end)
+    hbytes = view[_PREAMBLE.size:end]
     if xxhash.xxh3_64_intdigest(hbytes) != hsum:
         raise CorruptObjectError("header checksum mismatch")
     try:
         h = msgpack.unpackb(hbytes, raw=False)
-        payload = view[_PREAMBLE.size + hlen:]
-        if payload.nbytes != h["plen"]:
-            raise CorruptObjectError(f"payload is {payload.nbytes} bytes, header says {h['plen']} (torn write?)")
         meta = ObjectMeta(key=bytes(h["key"]), fingerprint=bytes(h["fp"]), shape=tuple(h["shape"]),
                           dtype=h["dtype"], num_tokens=int(h["ntok"]), partial=bool(h["partial"]),
                           codec=h["codec"])
-        psum = h["psum"]
+        plen, psum = int(h["plen"]), int(h["psum"])
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
         raise CorruptObjectError(f"malformed object header: {exc}") from exc
-    if xxhash.xxh3_64_intdigest(payload) != psum:
+    if total_len - end != plen:
+        raise CorruptObjectError(f"payload is {total_len - end} bytes, header says {plen} (torn write?)")
+    return Header(meta, end, plen, psum)
+
+
+class NeedMore(Exception):
+    """parse_header needs the first ``args[0]`` bytes of the object."""
+
+
+def read_meta(blob: bytes | bytearray | memoryview) -> tuple[ObjectMeta, memoryview]:
+    """Parse and verify an object; returns its meta and a zero-copy view of the payload."""
+    view = memoryview(blob).cast("B")
+    try:
+        header = parse_header(view, view.nbytes)
+    except NeedMore as exc:  # cannot happen with the whole object in hand
+        raise CorruptObjectError(f"object truncated at {exc.args[0]} bytes") from None
+    payload = view[header.payload_offset:]
+    if xxhash.xxh3_64_intdigest(payload) != header.payload_sum:
         raise CorruptObjectError("payload checksum mismatch")
-    return meta, payload
+    return header.meta, payload
 
 
-def decode_object(blob: bytes | bytearray | memoryview, expect: ObjectMeta) -> torch.Tensor:
-    """Verify ``blob`` is exactly the object ``expect`` describes and decode its tensor.
-
-    The key, fingerprint, shape, dtype and token count must all match: a well-formed object for
-    another chunk or model is as wrong as a corrupt one.
-    """
-    meta, payload = read_meta(blob)
+def check_meta(meta: ObjectMeta, expect: ObjectMeta) -> None:
+    """A well-formed object for another chunk or model is as wrong as a corrupt one."""
     for name in ("key", "fingerprint", "shape", "dtype", "num_tokens"):
         got, want = getattr(meta, name), getattr(expect, name)
         if got != want:
             raise MismatchedObjectError(f"object {name} {got!r} does not match the requested {want!r}")
+
+
+def decode_object(blob: bytes | bytearray | memoryview, expect: ObjectMeta) -> torch.Tensor:
+    """Verify ``blob`` is exactly the object ``expect`` describes and decode its tensor."""
+    meta, payload = read_meta(blob)
+    check_meta(meta, expect)
     try:
         return get_codec(meta.codec).decode(payload, meta.shape, dtype_from_name(meta.dtype))
     except CodecError as exc:

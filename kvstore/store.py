@@ -21,6 +21,7 @@ from kvstore.pins import PinRegistry
 from kvstore.spec import KVSpec, dtype_name
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier
+from kvstore.tiers.disk import DiskTier, ReadResult
 from kvstore.tiers.factory import build_tier
 from kvstore.writer import PendingWrite, TierWriter
 
@@ -209,6 +210,11 @@ class KVStore:
 
     def _load_blobs(self, tier: Tier, refs: list[ChunkRef], out: torch.Tensor) -> int | None:
         assert isinstance(tier, BlobTier)
+        if isinstance(tier, DiskTier) and out.device.type == "cpu" and out.is_contiguous():
+            return self._load_disk_direct(tier, refs, out)
+        return self._load_blobs_decoded(tier, refs, out)
+
+    def _load_blobs_decoded(self, tier: BlobTier, refs: list[ChunkRef], out: torch.Tensor) -> int | None:
         blobs = tier.iter_blobs([r.key for r in refs])
         for j, (ref, blob) in enumerate(zip(refs, blobs)):
             if blob is None:
@@ -228,6 +234,30 @@ class KVStore:
                 self._promote(tier, meta, kv, blob)
         return None
 
+    def _load_disk_direct(self, tier: DiskTier, refs: list[ChunkRef], out: torch.Tensor) -> int | None:
+        """Disk hits read straight into ``out`` (no read buffer, no copy); see DiskTier.read_into."""
+        for j, ref in enumerate(refs):
+            meta = self._meta(ref)
+            dst = out[:, :, ref.start:ref.end]
+            planes = [dst[layer, plane] for layer in range(dst.shape[0]) for plane in range(dst.shape[1])]
+            status = tier.read_into(ref.key, meta, [memoryview(p.view(torch.uint8).numpy()) for p in planes])
+            if status is ReadResult.FALLBACK:
+                if self._load_blobs_decoded(tier, [ref], out) is not None:
+                    return j
+                continue
+            if status is ReadResult.MISSING:
+                return j
+            if status is ReadResult.CORRUPT:
+                log.warning("tier %s: chunk %s rejected: %s", tier.name, ref.key.hex(), tier.last_error)
+                self.counters.tier(tier.name, "corrupt")
+                tier.delete([ref.key])
+                return j
+            self.counters.tier(tier.name, "hits")
+            self.counters.tier(tier.name, "hit_tokens", ref.num_tokens)
+            if self.config.promote:
+                self._promote(tier, meta, dst, None)
+        return None
+
     def _promote(self, source: Tier, meta: ObjectMeta, kv: torch.Tensor, blob: Any) -> None:
         """Copy a chunk found in a slower tier into every faster one."""
         for tier in self.tiers:
@@ -238,7 +268,7 @@ class KVStore:
                     self.counters.tier(tier.name, "promotions")
             elif tier.name in self._writers and not tier.contains([meta.key])[0]:
                 # The blob buffer is reused by the next read: the async writer gets its own copy.
-                if tier.config.codec == read_meta(blob)[0].codec:
+                if blob is not None and tier.config.codec == read_meta(blob)[0].codec:
                     item = PendingWrite(meta, torch.empty(0), blob=[bytes(blob)])
                 else:
                     item = PendingWrite(meta, kv.clone())
@@ -309,12 +339,15 @@ class KVStore:
                 self._writers[tier.name].submit(
                     PendingWrite(meta, stored, release=lambda k=meta.key: first.release(k)))
             return
-        # No memory tier took it: writers get a private copy (the caller may reuse ``src``).
-        owned = src.detach().to("cpu", copy=True).contiguous()
         if isinstance(first, BlobTier):
-            first.put_blobs([(meta, encode_object(meta, owned, first.config.codec))])
-        for tier in slow:
-            self._writers[tier.name].submit(PendingWrite(meta, owned))
+            t0 = time.perf_counter()
+            first.put_blobs([(meta, encode_object(meta, src, first.config.codec))])
+            self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
+        if slow:
+            # No memory tier holds it: writers get a private copy (the caller may reuse ``src``).
+            owned = src.detach().to("cpu", copy=True).contiguous()
+            for tier in slow:
+                self._writers[tier.name].submit(PendingWrite(meta, owned))
 
     # ---- eviction / demotion ---------------------------------------------------------------
 
