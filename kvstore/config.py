@@ -27,7 +27,7 @@ _TIER_OPTIONS: dict[str, frozenset[str]] = {
     "device": frozenset({"capacity", "device", "pin_fraction"}),
     "cpu": frozenset({"capacity", "pin_fraction", "write"}),
     "disk": frozenset({"capacity", "path", "codec", "fsync", "pin_fraction", "write", "queue_size"}),
-    "redis": frozenset({"url", "codec", "ttl_s", "write", "queue_size", "timeout_s", "key_prefix"}),
+    "redis": frozenset({"url", "codec", "ttl_s", "write", "queue_size", "timeout_s", "key_prefix", "cluster"}),
 }
 WRITE_POLICIES = ("through", "demote")
 QUEUE_FULL_POLICIES = ("block", "drop")
@@ -74,6 +74,7 @@ class TierConfig:
     ttl_s: float | None = None
     timeout_s: float = 2.0
     key_prefix: str = "kvstore:"
+    cluster: bool = False  # Redis Cluster (also implied by a redis+cluster:// URL)
     device: str | None = None
     pin_fraction: float = 0.5
     queue_size: int = 64
@@ -90,6 +91,11 @@ class TierConfig:
             self.path = default_cache_dir()
         if self.kind == "redis" and not self.url:
             raise ConfigError("tiers.redis.url is required (for example redis://127.0.0.1:6379/0)")
+        from kvstore.codecs import available_codecs
+
+        if self.codec not in available_codecs():
+            raise ConfigError(f"tiers.{self.kind}.codec: unknown codec {self.codec!r}"
+                              f"{_suggest(self.codec, available_codecs())}; available: {', '.join(available_codecs())}")
         if self.write not in WRITE_POLICIES:
             raise ConfigError(f"tiers.{self.kind}.write must be one of {WRITE_POLICIES}, got {self.write!r}")
         if not 0.0 <= float(self.pin_fraction) <= 1.0:

@@ -84,8 +84,10 @@ def _tier_table(store: KVStore) -> str:
     rows = [f"{'tier':<6} {'hit chunks':>10} {'hit tokens':>10} {'objects':>8} {'stored MiB':>10} "
             f"{'load s':>7} {'write s':>8} {'evict':>6} {'demote':>6} {'promote':>7} {'corrupt':>7}"]
     for name, t in st["tiers"].items():
-        rows.append(f"{name:<6} {int(t['hits']):>10} {int(t['hit_tokens']):>10} {t['objects']:>8} "
-                    f"{t['bytes'] / 2**20:>10.1f} {t['load_seconds']:>7.2f} {t['write_seconds']:>8.2f} "
+        objects = "-" if t["objects"] is None else str(t["objects"])
+        stored = "-" if t["bytes"] is None else f"{t['bytes'] / 2**20:.1f}"
+        rows.append(f"{name:<6} {int(t['hits']):>10} {int(t['hit_tokens']):>10} {objects:>8} "
+                    f"{stored:>10} {t['load_seconds']:>7.2f} {t['write_seconds']:>8.2f} "
                     f"{int(t['evictions']):>6} {int(t['demotions']):>6} {int(t['promotions']):>7} {int(t['corrupt']):>7}")
     return "\n".join(rows)
 

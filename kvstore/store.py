@@ -200,6 +200,8 @@ class KVStore:
                     self.counters.tier(tier.name, "corrupt")
                     return j
                 out[:, :, ref.start:ref.end].copy_(view, non_blocking=view.is_cuda or out.is_cuda)
+                if self.config.promote and tier is not self.tiers[0]:
+                    self._promote(tier, meta, view, None)  # still leased: the view is stable
             finally:
                 if view.is_cuda or out.is_cuda:
                     torch.cuda.synchronize()

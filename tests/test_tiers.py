@@ -154,3 +154,22 @@ def test_block_policy_applies_backpressure(spec, tmp_path):
         store.flush()
         assert waited >= 0.2  # put waited for room before giving up on one write
         assert store.stats()["tiers"]["disk"]["dropped_writes"] >= 1
+
+
+def test_device_tier_demotes_to_cpu_and_promotes_back(spec):
+    """The device tier is the same code on torch.device("cpu") here and CUDA where present."""
+    cfg = {"chunk_size": 16, "tiers": {"device": {"capacity": 2 * CHUNK_BYTES, "device": "cpu"},
+                                       "cpu": {"capacity": 8 * CHUNK_BYTES, "write": "demote"}}}
+    with KVStore(spec, cfg) as store:
+        assert store.tiers[0].device == torch.device("cpu")
+        s = seqs(4)
+        for t in s:
+            store.put(t, causal_kv(spec, t))
+        st = store.stats()["tiers"]
+        assert st["device"]["objects"] == 2 and st["device"]["demotions"] == 2 and st["cpu"]["objects"] == 2
+        hit, kv = store.get(s[0])
+        assert hit == 16 and torch.equal(kv, causal_kv(spec, s[0]))
+        st = store.stats()["tiers"]
+        assert st["cpu"]["hits"] == 1 and st["device"]["promotions"] == 1
+        for t in s:
+            assert store.get(t)[0] == 16

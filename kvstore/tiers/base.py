@@ -20,8 +20,8 @@ from kvstore.stats import Counters
 
 @dataclass(frozen=True)
 class TierStats:
-    objects: int
-    bytes: int
+    objects: int | None  # None: not known to this process (shared backends)
+    bytes: int | None
     capacity: int | None
     pinned_bytes: int
     available: bool = True

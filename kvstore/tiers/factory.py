@@ -22,5 +22,5 @@ def build_tier(config: TierConfig, *, spec: KVSpec, chunk_size: int, counters: C
     if config.kind == "redis":
         from kvstore.tiers.redis import RedisTier
 
-        return RedisTier(config, counters, namespace)
+        return RedisTier(config, counters, namespace, pins)
     raise AssertionError(f"no tier class for kind {config.kind!r}")  # config validates kinds

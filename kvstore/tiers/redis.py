@@ -18,6 +18,7 @@ from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
+from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier, TierStats
 
@@ -29,11 +30,19 @@ _MAX_BACKOFF_S = 30.0
 class RedisTier(BlobTier):
     is_remote = True
 
-    def __init__(self, config: TierConfig, counters: Counters, namespace: bytes) -> None:
+    def __init__(self, config: TierConfig, counters: Counters, namespace: bytes, pins: PinRegistry) -> None:
         super().__init__(config, counters)
-        self.client = redis.Redis.from_url(
-            str(config.url), socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s,
-            health_check_interval=30)
+        url = str(config.url)
+        self.cluster = config.cluster or "+cluster://" in url
+        opts = dict(socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s)
+        if self.cluster:
+            from redis.cluster import RedisCluster
+
+            # Slot-aware client: pipelines and multi-key reads are split per node for us.
+            self.client: Any = RedisCluster.from_url(url.replace("+cluster://", "://"), **opts)
+        else:
+            self.client = redis.Redis.from_url(url, health_check_interval=30, **opts)
+        self._pins = pins
         # The namespace (root key) scopes clear() and stats to this model and tenant.
         self._prefix = config.key_prefix.encode() + namespace.hex()[:8].encode() + b":"
         self._lock = threading.Lock()
@@ -84,7 +93,8 @@ class RedisTier(BlobTier):
         return [False] * len(keys) if res is None else [bool(r) for r in res]
 
     def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        res = self._call(lambda: self.client.mget([self._rkey(k) for k in keys]), None) if keys else []
+        mget = self.client.mget_nonatomic if self.cluster else self.client.mget
+        res = self._call(lambda: mget([self._rkey(k) for k in keys]), None) if keys else []
         return [None] * len(keys) if res is None else list(res)
 
     def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
@@ -97,7 +107,7 @@ class RedisTier(BlobTier):
 
         def op(pipe: Any) -> None:
             for meta, parts in todo:
-                pipe.set(self._rkey(meta.key), b"".join(parts), ex=self.ttl)
+                pipe.set(self._rkey(meta.key), b"".join(parts), ex=self._ttl_for(meta.key))
         res = self._pipeline(op, len(todo))
         if res is None:
             self.counters.tier(self.name, "write_errors", len(todo))
@@ -106,6 +116,12 @@ class RedisTier(BlobTier):
         self.counters.tier(self.name, "puts", len(todo))
         self.counters.tier(self.name, "put_bytes", size)
         return len(todo)
+
+    def _ttl_for(self, key: bytes) -> int | None:
+        """The default TTL, stretched to cover a pin taken before the async write landed."""
+        if self.ttl is None:
+            return None
+        return max(self.ttl, int(self._pins.remaining(key) + 0.999))
 
     def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:
         """Extend expiry to at least ``ttl_s`` (``GT``: never shortens; keys without a TTL keep none)."""
@@ -130,7 +146,8 @@ class RedisTier(BlobTier):
         self._call(run, None)
 
     def stats(self) -> TierStats:
-        return TierStats(objects=-1, bytes=-1, capacity=None, pinned_bytes=0, available=self.available)
+        # Redis is shared and owns its memory: per-store object counts would need a SCAN.
+        return TierStats(objects=None, bytes=None, capacity=None, pinned_bytes=0, available=self.available)
 
     def close(self) -> None:
         self.client.close()
