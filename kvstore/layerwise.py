@@ -46,8 +46,10 @@ class LayerwiseGet:
         self.num_layers = store.spec.num_layers
         self._ready = [threading.Event() for _ in range(self.num_layers)]
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="kvstore-layerwise-get", daemon=True)
+        # Not a daemon: a copy must never be cut off by interpreter exit (torch aborts the process).
+        self._thread = threading.Thread(target=self._run, name="kvstore-layerwise-get")
         self._thread.start()
+        store._track(self)
         store.counters.store("gets")
         store.counters.store("get_hit_tokens", self.hit_tokens)
 
@@ -103,6 +105,9 @@ class LayerwiseGet:
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         for layer in range(self.num_layers):
             yield layer, self.wait(layer)
+
+    def join(self) -> None:
+        self._thread.join()
 
     def result(self) -> tuple[int, torch.Tensor]:
         """Wait for every layer; same return as ``KVStore.get``."""

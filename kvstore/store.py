@@ -6,9 +6,11 @@ writes land in the fastest tier synchronously and flow down through per-tier wri
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -29,6 +31,14 @@ if TYPE_CHECKING:
     from kvstore.layerwise import LayerwiseGet, LayerwisePut
 
 log = logging.getLogger(__name__)
+_LIVE_STORES: "weakref.WeakSet[KVStore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_stores() -> None:
+    """A store left open at exit still flushes its queued writes (and stops its threads cleanly)."""
+    for store in list(_LIVE_STORES):
+        store.close()
 
 
 class KVStore:
@@ -57,6 +67,8 @@ class KVStore:
         except BaseException:
             self.close()
             raise
+        self._loads: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        _LIVE_STORES.add(self)
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="kvstore-pin-sweeper", daemon=True)
         self._sweeper.start()
@@ -431,6 +443,9 @@ class KVStore:
         while not self._stop.wait(self.config.pin_sweep_s):
             self.pins.sweep()
 
+    def _track(self, load: Any) -> None:
+        self._loads.add(load)
+
     # ---- housekeeping --------------------------------------------------------------------
 
     def flush(self, timeout_s: float | None = None) -> bool:
@@ -465,7 +480,10 @@ class KVStore:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+        for load in list(getattr(self, "_loads", ())):
+            load.join()  # layer-wise loads hold leases on memory slots
         for writer in self._writers.values():
             writer.close()
         for tier in self.tiers:
             tier.close()
+        _LIVE_STORES.discard(self)

@@ -65,17 +65,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
-        client.close()
+        _wait_ping(self.port, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -170,7 +160,7 @@ class RedisCluster:
             proc.wait(10)
 
 
-def _wait_ping(port: int) -> None:
+def _wait_ping(port: int, proc: "subprocess.Popen[bytes] | None" = None) -> None:
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 10
     while True:
@@ -178,7 +168,7 @@ def _wait_ping(port: int) -> None:
             client.ping()
             break
         except redis.exceptions.ConnectionError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
                 raise RuntimeError(f"redis-server on port {port} did not start")
             time.sleep(0.05)
     client.close()
