@@ -63,7 +63,11 @@ def replay(reqs: list[dict], cpu_tokens: int, disk_tokens: int, chunk: int, work
     with KVStore(SPEC, {"chunk_size": chunk, "tiers": tiers, "promote": True}) as store:
         for req in tqdm(reqs, desc=desc, unit="req", leave=False, mininterval=0.5):
             toks = request_tokens(req)
-            hit += store.lookup(toks)
+            # What an engine does: ask, load the hit, prefill the rest, store the prompt.
+            n = store.lookup(toks)
+            got, _ = store.get(toks, out=kv_buf)
+            assert got == n, (got, n)
+            hit += got
             total += len(toks)
             store.put(toks, kv_buf[:, :, :len(toks)])
     return hit / max(total, 1), time.perf_counter() - t0

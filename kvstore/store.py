@@ -162,6 +162,7 @@ class KVStore:
         else:
             self._check_out(out, hit_upper)
         loaded = self._load(refs[:n], where[:n], out)
+        self._touch(refs[:loaded])
         hit = refs[loaded - 1].end if loaded else 0
         self.counters.store("gets")
         self.counters.store("get_hit_tokens", hit)
@@ -316,10 +317,20 @@ class KVStore:
         new = self._missing_locally(refs)
         for ref in new:
             self._put_chunk(self._meta(ref), kv[:, :, ref.start:ref.end])
+        self._touch(refs)
         self.counters.store("puts")
         self.counters.store("put_tokens", num_tokens(tokens))
         self.counters.store("put_new_chunks", len(new))
         return len(new)
+
+    def _touch(self, refs: Sequence[ChunkRef]) -> None:
+        """Refresh a used prefix so its *first* chunk ends up most recent. Plain LRU order would
+        evict a prompt's first chunk first, and a prefix chain without its head is worthless;
+        this way eviction takes tails before the prefixes many prompts share."""
+        keys = [r.key for r in reversed(refs)]
+        for tier in self.tiers:
+            if not tier.is_remote:
+                tier.touch(keys)
 
     def _missing_locally(self, refs: Sequence[ChunkRef]) -> list[ChunkRef]:
         """Chunks no in-process or on-disk tier holds (remote tiers dedupe in their writer)."""

@@ -179,3 +179,22 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
     yield cluster
     cluster.stop()
+
+
+class stall_writes:
+    """Hold a tier's writer thread inside put_blobs until the block exits (deterministic queue tests)."""
+
+    def __init__(self, tier) -> None:
+        import threading
+
+        self.tier, self.gate = tier, threading.Event()
+
+    def __enter__(self) -> "stall_writes":
+        real = self.tier.put_blobs
+        self.tier.put_blobs = lambda items: (self.gate.wait(30), real(items))[1]
+        self._real = real
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()
+        self.tier.put_blobs = self._real

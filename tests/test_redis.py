@@ -5,7 +5,7 @@ import time
 import redis
 import torch
 
-from conftest import causal_kv
+from conftest import causal_kv, stall_writes
 from kvstore import KVStore
 
 
@@ -137,15 +137,10 @@ def test_pin_before_async_write_still_reaches_redis_ttl(spec, redis_url):
     client = redis.Redis.from_url(redis_url)
     toks = list(range(16))
     with KVStore(spec, cfg(redis_url, ttl_s=2)) as store:
-        import threading
-
-        tier, gate = store.tiers[1], threading.Event()
-        real_put = tier.put_blobs
-        tier.put_blobs = lambda items: (gate.wait(10), real_put(items))[1]  # stall the writer thread
-        store.put(toks, causal_kv(spec, toks))
-        store.pin(toks, ttl_s=100)  # before the SET: EXPIRE finds no key
-        assert store._writers["redis"].pending == 1 and not client.keys("kvstore:*")
-        gate.set()
+        with stall_writes(store.tiers[1]):
+            store.put(toks, causal_kv(spec, toks))
+            store.pin(toks, ttl_s=100)  # before the SET: EXPIRE finds no key
+            assert store._writers["redis"].pending == 1 and not client.keys("kvstore:*")
         store.flush()
         (key,) = client.keys("kvstore:*")
         assert client.ttl(key) > 50

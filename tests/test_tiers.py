@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from conftest import causal_kv, disk_config, mem_config
+from conftest import causal_kv, disk_config, mem_config, stall_writes
 from kvstore import KVStore, PinLimitError
 
 CHUNK_BYTES = 2 * 2 * 16 * 2 * 8 * 2  # the tiny spec's 16-token chunk
@@ -128,8 +128,7 @@ def test_queue_full_drops_are_counted(spec, tmp_path):
     cfg = disk_config(tmp_path, queue_full="drop")
     cfg["tiers"]["disk"]["queue_size"] = 1
     with KVStore(spec, cfg) as store:
-        disk = store.tiers[1]
-        with disk._lock:  # the writer blocks on its first item: the queue (size 1) fills up
+        with stall_writes(store.tiers[1]):  # the writer holds its first item: the queue (size 1) fills up
             for t in seqs(6):
                 store.put(t, causal_kv(spec, t))
             _store, counters = store.counters.snapshot()
@@ -145,8 +144,7 @@ def test_block_policy_applies_backpressure(spec, tmp_path):
     cfg = disk_config(tmp_path, queue_full="block", put_timeout_s=0.2)
     cfg["tiers"]["disk"]["queue_size"] = 1
     with KVStore(spec, cfg) as store:
-        disk = store.tiers[1]
-        with disk._lock:
+        with stall_writes(store.tiers[1]):
             t0 = time.monotonic()
             for t in seqs(3):
                 store.put(t, causal_kv(spec, t))
@@ -173,3 +171,15 @@ def test_device_tier_demotes_to_cpu_and_promotes_back(spec):
         assert st["cpu"]["hits"] == 1 and st["device"]["promotions"] == 1
         for t in s:
             assert store.get(t)[0] == 16
+
+
+def test_eviction_takes_tails_before_shared_prefixes(spec):
+    """A prefix without its head is worthless: under pressure the tail chunks go first."""
+    with KVStore(spec, mem_config(cpu=4 * CHUNK_BYTES)) as store:
+        a, b = list(range(48)), list(range(1000, 1032))
+        store.put(a, causal_kv(spec, a))
+        store.put(b, causal_kv(spec, b))  # one of a's chunks must go
+        assert store.lookup(a) == 32 and store.lookup(b) == 32
+        store.get(a)  # using a refreshes its chunks: b's tail is now the oldest
+        store.put(list(range(2000, 2016)), causal_kv(spec, list(range(2000, 2016))))
+        assert store.lookup(a) == 32 and store.lookup(b) == 16

@@ -47,6 +47,9 @@ class Tier(ABC):
     @abstractmethod
     def stats(self) -> TierStats: ...
 
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Mark keys as just used, in the given order (the last one becomes most recent)."""
+
     def pinned_bytes_of(self, keys: Sequence[bytes]) -> int:
         """Bytes these keys occupy here (0 for keys not stored); used to enforce pin caps."""
         return 0

@@ -264,6 +264,13 @@ class DiskTier(BlobTier):
                 self._on_evict(self, key, lambda p=path: _read_path(p))
             _unlink(path)
 
+    def touch(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            entries = self._index
+            for key in keys:
+                if key in entries:
+                    entries.move_to_end(key)
+
     def delete(self, keys: Sequence[bytes]) -> int:
         removed = 0
         for key in keys:

@@ -120,6 +120,13 @@ class MemoryTier(MemoryTierBase):
         self.counters.tier(self.name, "put_bytes", self.slot_bytes)
         return dst
 
+    def touch(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            entries = self._entries
+            for key in keys:
+                if key in entries:
+                    entries.move_to_end(key)
+
     def delete(self, keys: Sequence[bytes]) -> int:
         removed = 0
         with self._lock:
