@@ -27,6 +27,10 @@ class Codec(ABC):
     @abstractmethod
     def encode(self, kv: torch.Tensor) -> bytes | memoryview: ...
 
+    def configured(self, option: str) -> "Codec":
+        """A variant selected by ``name:option``; codecs without options reject any."""
+        raise CodecError(f"codec {self.name!r} takes no options (got {option!r})")
+
     @abstractmethod
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
 
@@ -41,11 +45,22 @@ def register_codec(codec: Codec) -> Codec:
     return codec
 
 
+_CONFIGURED: dict[str, Codec] = {}
+
+
 def get_codec(name: str) -> Codec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise CodecError(f"unknown codec {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+    """A codec by name; ``base:option`` (e.g. ``cachegen:low``) selects a configured variant."""
+    codec = _REGISTRY.get(name) or _CONFIGURED.get(name)
+    if codec is not None:
+        return codec
+    base, sep, option = name.partition(":")
+    if base not in _REGISTRY:
+        raise CodecError(f"unknown codec {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    if not sep or not option:
+        raise CodecError(f"malformed codec name {name!r}")
+    codec = _REGISTRY[base].configured(option)
+    _CONFIGURED[name] = codec
+    return codec
 
 
 def available_codecs() -> list[str]:

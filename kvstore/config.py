@@ -91,11 +91,12 @@ class TierConfig:
             self.path = default_cache_dir()
         if self.kind == "redis" and not self.url:
             raise ConfigError("tiers.redis.url is required (for example redis://127.0.0.1:6379/0)")
-        from kvstore.codecs import available_codecs
+        from kvstore.codecs import CodecError, available_codecs, get_codec
 
-        if self.codec not in available_codecs():
-            raise ConfigError(f"tiers.{self.kind}.codec: unknown codec {self.codec!r}"
-                              f"{_suggest(self.codec, available_codecs())}; available: {', '.join(available_codecs())}")
+        try:
+            get_codec(self.codec)
+        except CodecError as exc:
+            raise ConfigError(f"tiers.{self.kind}.codec: {exc}{_suggest(self.codec, available_codecs())}") from None
         if self.write not in WRITE_POLICIES:
             raise ConfigError(f"tiers.{self.kind}.write must be one of {WRITE_POLICIES}, got {self.write!r}")
         if not 0.0 <= float(self.pin_fraction) <= 1.0:

@@ -1,0 +1,163 @@
+"""Codecs: round trips, error bounds, frames, bad input and fuzzing of every decoder."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvstore import KVSpec, KVStore
+from kvstore.codecs import CodecError, get_codec
+from kvstore.codecs.cachegen import CacheGenCodec, CacheGenOptions
+from kvstore.codecs.quality import attention_error, relative_error, synthetic_kv
+
+KV = synthetic_kv(layers=4, heads=2, head_size=32, tokens=64, seed=3)
+LOSSY = ["int8", "fp8", "cachegen", "cachegen:high", "cachegen:low"]
+
+
+def roundtrip(name, kv=KV):
+    codec = get_codec(name)
+    blob = codec.encode(kv)
+    return blob, codec.decode(memoryview(blob), tuple(kv.shape), kv.dtype)
+
+
+@pytest.mark.parametrize("name", ["raw", "lz4"])
+def test_lossless_codecs_are_exact(name):
+    _blob, out = roundtrip(name)
+    assert torch.equal(out, KV)
+
+
+@pytest.mark.parametrize("name,max_rel,min_ratio", [
+    ("int8", 0.005, 1.8), ("fp8", 0.03, 1.8), ("cachegen:high", 0.01, 1.6), ("cachegen", 0.02, 1.8),
+    ("cachegen:low", 0.05, 2.2),
+])
+def test_lossy_error_and_size(name, max_rel, min_ratio):
+    blob, out = roundtrip(name)
+    assert out.shape == KV.shape and out.dtype == KV.dtype
+    assert relative_error(KV, out) < max_rel
+    assert KV.numel() * 2 / len(blob) > min_ratio
+
+
+def test_cachegen_levels_trade_size_for_error():
+    sizes, errors = [], []
+    for level in ("high", "medium", "low", "tiny"):
+        blob = get_codec("cachegen").encode(KV, level=level)
+        out = get_codec("cachegen").decode(memoryview(blob), tuple(KV.shape), KV.dtype)
+        sizes.append(len(blob))
+        errors.append(attention_error(KV, out))
+    assert sizes == sorted(sizes, reverse=True) and errors == sorted(errors)
+
+
+def test_cachegen_error_is_bounded_by_half_a_step():
+    """No clipping: every value is within step/2 of the original (outlier channels included)."""
+    kv = KV.float().clone()
+    kv[0, 0, :, 0, 3] *= 200  # an extreme outlier channel
+    kv = kv.half()
+    codec = CacheGenCodec(CacheGenOptions(level="low"))
+    out = codec.decode(memoryview(codec.encode(kv)), tuple(kv.shape), kv.dtype)
+    x = kv.float()
+    peak = (x - x.mean(dim=2, keepdim=True)).abs().amax(dim=2, keepdim=True)
+    step = torch.maximum(0.12 * x.std(dim=2, correction=0, keepdim=True), peak / 126.5)
+    err = (out.float() - x).abs()
+    assert (err <= step / 2 * 1.01 + x.abs() * 2**-10 + 1e-4).all()
+    assert err[0, 0, :, 0, 3].max() < 0.02 * peak[0, 0, 0, 0, 3]  # the outlier channel kept its precision
+
+
+def test_cachegen_delta_coding_is_exact_where_chosen():
+    smooth = torch.linspace(0, 1, 64)[None, None, :, None, None].expand(2, 2, 64, 1, 8).half().contiguous()
+    on = CacheGenCodec(CacheGenOptions(delta=True))
+    off = CacheGenCodec(CacheGenOptions(delta=False))
+    b_on, b_off = on.encode(smooth), off.encode(smooth)
+    assert len(b_on) < len(b_off)
+    assert relative_error(smooth, on.decode(memoryview(b_on), tuple(smooth.shape), smooth.dtype)) < 0.01
+
+
+def test_cachegen_frames_decode_independently():
+    codec = CacheGenCodec(CacheGenOptions(frame_layers=1))
+    blob = codec.encode(KV)
+    whole = codec.decode(memoryview(blob), tuple(KV.shape), KV.dtype)
+    lay, frames = codec.frames(memoryview(blob))
+    assert len(frames) == KV.shape[0]
+    for frame in reversed(frames):  # any order: each frame stands alone
+        start, part = codec.decode_frame(lay, frame)
+        assert torch.allclose(part.to(KV.dtype), whole[start:start + 1])
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_mla_and_bfloat16(name):
+    mla = torch.randn(3, 1, 40, 64).to(torch.bfloat16)
+    _blob, out = roundtrip(name, mla)
+    assert out.shape == mla.shape and out.dtype == torch.bfloat16
+    assert relative_error(mla, out) < 0.1
+
+
+@pytest.mark.parametrize("name", LOSSY + ["lz4"])
+def test_truncation_and_flips_raise_codec_error(name):
+    codec = get_codec(name)
+    blob = codec.encode(KV)
+    for n in (0, 3, 20, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(CodecError):
+            codec.decode(memoryview(blob[:n]), tuple(KV.shape), KV.dtype)
+    if name != "lz4":  # lz4 has no checksum of its own; the object header covers it in the store
+        for pos in (0, 10, len(blob) // 3, len(blob) - 9):
+            bad = bytearray(blob)
+            bad[pos] ^= 0x10
+            with pytest.raises(CodecError):
+                codec.decode(memoryview(bytes(bad)), tuple(KV.shape), KV.dtype)
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_foreign_payload_and_shape_mismatch(name):
+    codec = get_codec(name)
+    other = "int8" if name != "int8" else "fp8"
+    with pytest.raises(CodecError, match="magic"):
+        codec.decode(memoryview(get_codec(other).encode(KV)), tuple(KV.shape), KV.dtype)
+    with pytest.raises(CodecError):
+        codec.decode(memoryview(codec.encode(KV)), (4, 2, 65, 2, 32), KV.dtype)
+
+
+def test_bad_codec_names_and_inputs():
+    with pytest.raises(CodecError, match="unknown codec 'zstd'"):
+        get_codec("zstd")
+    with pytest.raises(CodecError, match="unknown cachegen level 'ultra'"):
+        get_codec("cachegen:ultra")
+    with pytest.raises(CodecError, match="takes no options"):
+        get_codec("raw:fast")
+    with pytest.raises(CodecError, match="non-finite"):
+        get_codec("cachegen").encode(torch.full((1, 2, 4, 1, 8), float("nan")).half())
+    with pytest.raises(CodecError, match="float16/bfloat16/float32"):
+        get_codec("int8").encode(torch.zeros(1, 2, 4, 1, 8, dtype=torch.int8))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(LOSSY + ["lz4", "raw"]), data=st.binary(max_size=600), cut=st.integers(0, 400))
+def test_fuzz_decoders_only_raise_codec_error(name, data, cut):
+    codec = get_codec(name)
+    small = KV[:1, :, :8, :1]
+    genuine = codec.encode(small)
+    for candidate in (data, bytes(genuine[:cut]) + data, data + bytes(genuine[cut:])):
+        try:
+            out = codec.decode(memoryview(candidate), tuple(small.shape), small.dtype)
+        except CodecError:
+            continue
+        assert out.shape == small.shape  # anything that decodes has the asked-for shape
+        if name != "raw":
+            assert candidate == bytes(genuine) or name == "lz4"
+
+
+@pytest.mark.parametrize("codec", ["lz4", "int8", "cachegen:high"])
+def test_store_tiers_use_codecs_and_record_them(tmp_path, codec):
+    spec = KVSpec(model_id="test/codec", num_layers=4, num_kv_heads=2, head_size=32)
+    toks = list(range(64))
+    kv = KV
+    cfg = {"chunk_size": 32, "tiers": {"disk": {"path": str(tmp_path), "capacity": "64MiB", "codec": codec}}}
+    with KVStore(spec, cfg) as store:
+        store.put(toks, kv)
+    # A reader configured with another codec still decodes: the header names the codec.
+    cfg["tiers"]["disk"]["codec"] = "raw"
+    with KVStore(spec, cfg) as store:
+        hit, out = store.get(toks)
+    assert hit == 64
+    if codec == "lz4":
+        assert torch.equal(out, kv)
+    else:
+        assert relative_error(kv, out) < 0.02
