@@ -10,8 +10,9 @@ where errors propagate through the most later layers), raised if needed so that 
 exceeds +-127: quantization never clips, the error per value is at most step/2. A channel uses
 delta coding (each token predicted by the previous reconstructed one) where that gives smaller
 symbols; decode is then a cumulative sum. Symbols are entropy coded with one frequency table
-per (layer, plane): the per-channel step already normalises each channel, so channels of one
-layer share a distribution and per-channel tables would cost more bytes than they save.
+per (layer, plane, coding mode): the per-channel step already normalises each channel, so
+channels of one layer share a distribution, and per-channel tables (255 entries for 256 tokens)
+would cost more bytes than they save.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kvstore.codecs import rans
 from kvstore.codecs.base import Codec, CodecError, register_codec
 from kvstore.codecs.layout import ChunkLayout, Reader, seal, tensor_to_bytes, unseal
 
-_MAGIC = b"KCG\x02"
+_MAGIC = b"KCG\x03"
 _FRAME = struct.Struct("<HHHBBI")  # layer_start, layer_count, reserved, qmax, flags, nwords
 _INDEX = struct.Struct("<I")
 QMAX = 127
@@ -94,11 +95,11 @@ class CacheGenCodec(Codec):
             mode = qd.abs().sum(dim=2) < q.abs().sum(dim=2)
             q = torch.where(mode[:, :, None], qd, q)
         sym = (q + QMAX).to(torch.int64).permute(0, 1, 3, 2).reshape(-1, tokens)   # lanes = (l, P, C)
-        ctx = torch.arange((stop - start) * planes).repeat_interleave(channels)
-        counts = torch.zeros((stop - start) * planes, 2 * QMAX + 1, dtype=torch.int64)
-        counts.index_put_((ctx[:, None].expand(-1, tokens).reshape(-1), sym.reshape(-1)),
-                          torch.ones(sym.numel(), dtype=torch.int64), accumulate=True)
-        freqs = rans.quantize_freqs(counts)
+        ctx = _contexts(stop - start, planes, channels, mode.reshape(-1))
+        hist = torch.zeros(2 * (stop - start) * planes, 2 * QMAX + 1, dtype=torch.int64)
+        hist.index_put_((ctx[:, None].expand(-1, tokens).reshape(-1), sym.reshape(-1)),
+                        torch.ones(sym.numel(), dtype=torch.int64), accumulate=True)
+        freqs = rans.quantize_freqs(hist)
         states, counts, words = rans.encode(sym, ctx, freqs)
         head = _FRAME.pack(start, stop - start, 0, QMAX, int(opts.delta), words.numel())
         return b"".join([head, tensor_to_bytes(mu.half()), tensor_to_bytes(step.half()),
@@ -133,14 +134,14 @@ class CacheGenCodec(Codec):
         mu = r.tensor(torch.float16, count * P * C).float()
         step = r.tensor(torch.float16, count * P * C).float()
         mode = _unpack_bits(r.tensor(torch.uint8, (count * P * C + 7) // 8), count * P * C)
-        freqs = r.tensor(torch.int16, count * P, 2 * QMAX + 1).to(torch.int32)
+        freqs = r.tensor(torch.int16, 2 * count * P, 2 * QMAX + 1).to(torch.int32)
         states = r.tensor(torch.int32, count * P * C)
         counts = r.tensor(torch.int16, count * P * C).to(torch.int32) & 0xFFFF
         words = r.tensor(torch.int16, nwords).to(torch.int32) & 0xFFFF
         r.done()
         if not (torch.isfinite(mu).all() and torch.isfinite(step).all()):
             raise CodecError("corrupt frame: non-finite quantization parameters")
-        ctx = torch.arange(count * P).repeat_interleave(C)
+        ctx = _contexts(count, P, C, mode)
         try:
             sym = rans.decode(states, counts, words, ctx, freqs, T)  # [T, lanes]
         except rans.RansError as exc:
@@ -181,6 +182,12 @@ class CacheGenCodec(Codec):
         if covered != lay.layers:
             raise CodecError(f"frames cover {covered} of {lay.layers} layers")
         return out.reshape(shape)
+
+
+def _contexts(layers: int, planes: int, channels: int, mode: torch.Tensor) -> torch.Tensor:
+    """Table index per lane: (layer, plane, coding mode). Delta and direct symbols of one layer
+    have different distributions (deltas are peakier), so they get separate tables."""
+    return torch.arange(layers * planes).repeat_interleave(channels) * 2 + mode.to(torch.int64)
 
 
 def _delta_quantize(x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
