@@ -27,7 +27,7 @@ from kvstore.codecs import rans
 from kvstore.codecs.base import Codec, CodecError, register_codec
 from kvstore.codecs.layout import ChunkLayout, Reader, seal, tensor_to_bytes, unseal
 
-_MAGIC = b"KCG\x03"
+_MAGIC = b"KCG\x04"
 _FRAME = struct.Struct("<HHHBBI")  # layer_start, layer_count, reserved, qmax, flags, nwords
 _INDEX = struct.Struct("<I")
 QMAX = 127
@@ -103,7 +103,7 @@ class CacheGenCodec(Codec):
         states, counts, words = rans.encode(sym, ctx, freqs)
         head = _FRAME.pack(start, stop - start, 0, QMAX, int(opts.delta), words.numel())
         return b"".join([head, tensor_to_bytes(mu.half()), tensor_to_bytes(step.half()),
-                         tensor_to_bytes(_pack_bits(mode.reshape(-1))), tensor_to_bytes(freqs.to(torch.int16)),
+                         tensor_to_bytes(_pack_bits(mode.reshape(-1))), _pack_tables(freqs),
                          tensor_to_bytes(states), tensor_to_bytes(counts.to(torch.int16)),
                          tensor_to_bytes(words.to(torch.int16))])
 
@@ -134,7 +134,7 @@ class CacheGenCodec(Codec):
         mu = r.tensor(torch.float16, count * P * C).float()
         step = r.tensor(torch.float16, count * P * C).float()
         mode = _unpack_bits(r.tensor(torch.uint8, (count * P * C + 7) // 8), count * P * C)
-        freqs = r.tensor(torch.int16, 2 * count * P, 2 * QMAX + 1).to(torch.int32)
+        freqs = _unpack_tables(r, 2 * count * P, 2 * QMAX + 1)
         states = r.tensor(torch.int32, count * P * C)
         counts = r.tensor(torch.int16, count * P * C).to(torch.int32) & 0xFFFF
         words = r.tensor(torch.int16, nwords).to(torch.int32) & 0xFFFF
@@ -182,6 +182,32 @@ class CacheGenCodec(Codec):
         if covered != lay.layers:
             raise CodecError(f"frames cover {covered} of {lay.layers} layers")
         return out.reshape(shape)
+
+
+def _pack_tables(freqs: torch.Tensor) -> bytes:
+    """Each table as (first, last) used symbol and the frequencies between: tables are narrow
+    (most mass within a few dozen symbols of zero), and full 255-entry rows would dominate
+    small chunks."""
+    used = freqs > 0
+    first = used.int().argmax(dim=1)
+    last = freqs.shape[1] - 1 - used.flip(1).int().argmax(dim=1)
+    ranges = torch.stack([first, last], dim=1).to(torch.uint8)
+    body = torch.cat([freqs[i, int(a):int(b) + 1] for i, (a, b) in enumerate(ranges.tolist())])
+    return tensor_to_bytes(ranges) + tensor_to_bytes(body.to(torch.int16))
+
+
+def _unpack_tables(r: Reader, rows: int, alphabet: int) -> torch.Tensor:
+    ranges = r.tensor(torch.uint8, rows, 2).to(torch.int64)
+    widths = ranges[:, 1] - ranges[:, 0] + 1
+    if bool((widths <= 0).any()) or bool((ranges[:, 1] >= alphabet).any()):
+        raise CodecError("corrupt frequency table ranges")
+    body = r.tensor(torch.int16, int(widths.sum())).to(torch.int32)
+    freqs = torch.zeros(rows, alphabet, dtype=torch.int32)
+    offset = 0
+    for i, (a, width) in enumerate(zip(ranges[:, 0].tolist(), widths.tolist())):
+        freqs[i, a:a + width] = body[offset:offset + width]
+        offset += width
+    return freqs
 
 
 def _contexts(layers: int, planes: int, channels: int, mode: torch.Tensor) -> torch.Tensor:
