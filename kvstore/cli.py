@@ -30,7 +30,7 @@ def add_store_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-disk", action="store_true", help="disable the disk tier")
 
 
-def config_from_args(args: argparse.Namespace) -> StoreConfig:
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     over: dict[str, Any] = {}
     tiers: dict[str, dict[str, Any]] = {}
     for flag, key in (("chunk_size", "chunk_size"), ("tenant", "tenant")):
@@ -43,7 +43,11 @@ def config_from_args(args: argparse.Namespace) -> StoreConfig:
             tiers.setdefault(tier, {})[opt] = getattr(args, flag)
     if tiers:
         over["tiers"] = tiers
-    cfg = load_config(getattr(args, "config", None), use_env=True, overrides=over)
+    return over
+
+
+def config_from_args(args: argparse.Namespace) -> StoreConfig:
+    cfg = load_config(getattr(args, "config", None), use_env=True, overrides=_flag_overrides(args))
     if getattr(args, "no_disk", False):
         cfg.tiers.pop("disk", None)
         if not cfg.tiers:
@@ -63,6 +67,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(config_from_args(args), users=args.users, turns=args.turns, quick=args.quick,
                     keep=args.keep)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvstore.config import _read_file, env_overrides, merge
+    from kvstore.service.server import ServeConfig, serve
+
+    raw = _read_file(args.config) if args.config else (
+        _read_file(os.environ["KVSTORE_CONFIG"]) if os.environ.get("KVSTORE_CONFIG") else {})
+    section = dict(raw.pop("serve", None) or {})
+    env = os.environ
+    for field in ("host", "port", "key_file", "max_body_bytes", "max_batch", "request_timeout_s"):
+        value = env.get(f"KVSTORE_SERVE_{field.upper()}")
+        if value is not None:
+            section[field] = value
+        flag = getattr(args, field, None)
+        if flag is not None:
+            section[field] = flag
+    known = set(ServeConfig.__dataclass_fields__) - {"store"}
+    unknown = set(section) - known
+    if unknown:
+        raise KVStoreError(f"unknown serve option(s) {sorted(unknown)}; known: {sorted(known)}")
+    if "tiers" not in raw:
+        raw["tiers"] = StoreConfig().to_dict()["tiers"]
+    data = merge(raw, env_overrides(env))
+    store = load_config(data, overrides=_flag_overrides(args))
+    from kvstore.config import parse_size
+
+    cfg = ServeConfig(host=str(section.get("host", "127.0.0.1")), port=int(section.get("port", 8765)),
+                      key_file=section.get("key_file"),
+                      max_body_bytes=parse_size(section.get("max_body_bytes", 2 * 1024**3), "serve.max_body_bytes"),
+                      max_batch=int(section.get("max_batch", 4096)),
+                      request_timeout_s=float(section.get("request_timeout_s", 120.0)), store=store)
+    serve(cfg)
+    return 0
 
 
 def _repo_root() -> Path | None:
@@ -108,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Resolve --config, KVSTORE_* env vars and flags and print the result.")
     add_store_options(cfg)
     cfg.set_defaults(func=_cmd_config)
+
+    srv = sub.add_parser("serve", help="run the shared cache daemon (HTTP, Prometheus /metrics)",
+                         description="Serve a tiered object store to many engines over HTTP. Options also come "
+                                     "from the config file's 'serve:' section and KVSTORE_SERVE_* env vars.")
+    srv.add_argument("--host", help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (default 8765)")
+    srv.add_argument("--key-file", dest="key_file", help="YAML file mapping API keys to tenants and quotas")
+    srv.add_argument("--max-body-bytes", dest="max_body_bytes", help="largest request body (default 2GiB)")
+    srv.add_argument("--max-batch", dest="max_batch", type=int, help="most keys per request (default 4096)")
+    srv.add_argument("--request-timeout-s", dest="request_timeout_s", type=float, help="per-request limit")
+    add_store_options(srv)
+    srv.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/ (source checkout)",
                            description="Run bench/NAME.py with the remaining arguments; without NAME, list them.")

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from kvstore.errors import ConfigError
 
-TIER_KINDS = ("device", "cpu", "disk", "redis")
+TIER_KINDS = ("device", "cpu", "disk", "redis", "remote")
 """Tier kinds from fastest to slowest; a store always consults tiers in this order."""
 
 _MEMORY_KINDS = frozenset({"device", "cpu"})
@@ -28,6 +28,7 @@ _TIER_OPTIONS: dict[str, frozenset[str]] = {
     "cpu": frozenset({"capacity", "pin_fraction", "write"}),
     "disk": frozenset({"capacity", "path", "codec", "fsync", "pin_fraction", "write", "queue_size"}),
     "redis": frozenset({"url", "codec", "ttl_s", "write", "queue_size", "timeout_s", "key_prefix", "cluster"}),
+    "remote": frozenset({"url", "api_key", "codec", "write", "queue_size", "timeout_s"}),
 }
 WRITE_POLICIES = ("through", "demote")
 QUEUE_FULL_POLICIES = ("block", "drop")
@@ -75,6 +76,7 @@ class TierConfig:
     timeout_s: float = 2.0
     key_prefix: str = "kvstore:"
     cluster: bool = False  # Redis Cluster (also implied by a redis+cluster:// URL)
+    api_key: str | None = None  # for the remote (daemon) tier
     device: str | None = None
     pin_fraction: float = 0.5
     queue_size: int = 64
@@ -91,6 +93,8 @@ class TierConfig:
             self.path = default_cache_dir()
         if self.kind == "redis" and not self.url:
             raise ConfigError("tiers.redis.url is required (for example redis://127.0.0.1:6379/0)")
+        if self.kind == "remote" and not str(self.url or "").startswith(("kvstore://", "http://")):
+            raise ConfigError("tiers.remote.url must be the daemon's address, e.g. kvstore://127.0.0.1:8765")
         from kvstore.codecs import CodecError, available_codecs, get_codec
 
         try:

@@ -198,3 +198,57 @@ class stall_writes:
     def __exit__(self, *exc: object) -> None:
         self.gate.set()
         self.tier.put_blobs = self._real
+
+
+class Daemon:
+    """A real `kvstore serve` subprocess on a free loopback port."""
+
+    def __init__(self, workdir: Path, *extra: str, key_file: Path | None = None) -> None:
+        import sys
+
+        self.port = free_port()
+        self.workdir = workdir
+        self.args = [sys.executable, "-m", "kvstore", "serve", "--port", str(self.port),
+                     "--disk-path", str(workdir / "disk"), "--cpu-capacity", "256MiB", *extra]
+        if key_file is not None:
+            self.args += ["--key-file", str(key_file)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"kvstore://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import urllib.request
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+        self.log = open(self.workdir / "daemon.log", "ab")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start: {(self.workdir / 'daemon.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = 15) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(30)
+        self.proc = None
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    yield d
+    if d.proc is not None:
+        d.stop()

@@ -23,4 +23,8 @@ def build_tier(config: TierConfig, *, spec: KVSpec, chunk_size: int, counters: C
         from kvstore.tiers.redis import RedisTier
 
         return RedisTier(config, counters, namespace, pins)
+    if config.kind == "remote":
+        from kvstore.tiers.remote import RemoteTier
+
+        return RemoteTier(config, counters)
     raise AssertionError(f"no tier class for kind {config.kind!r}")  # config validates kinds

@@ -8,8 +8,6 @@ a back-off period that doubles up to 30 s; redis-py reconnects on the first call
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any, Callable, Sequence, TypeVar
 
 import redis
@@ -20,11 +18,11 @@ from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
 from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
+from kvstore.tiers.backoff import Backoff
 from kvstore.tiers.base import BlobTier, TierStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_MAX_BACKOFF_S = 30.0
 
 
 class RedisTier(BlobTier):
@@ -45,41 +43,32 @@ class RedisTier(BlobTier):
         self._pins = pins
         # The namespace (root key) scopes clear() and stats to this model and tenant.
         self._prefix = config.key_prefix.encode() + namespace.hex()[:8].encode() + b":"
-        self._lock = threading.Lock()
-        self._down_until = 0.0
-        self._backoff = 0.5
+        self._backoff = Backoff(f"redis tier {config.url}")
         self.ttl = None if config.ttl_s is None else max(1, int(round(config.ttl_s)))
 
     def _rkey(self, key: bytes) -> bytes:
         return self._prefix + key.hex().encode()
 
     def _call(self, fn: Callable[[], T], default: T) -> T:
-        if time.monotonic() < self._down_until:
+        if not self._backoff.available:
             self.counters.tier(self.name, "unavailable")
             return default
         try:
             result = fn()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            with self._lock:
-                self._down_until = time.monotonic() + self._backoff
-                log.warning("redis tier %s unreachable (%s); serving misses for %.1fs",
-                            self.config.url, exc, self._backoff)
-                self._backoff = min(self._backoff * 2, _MAX_BACKOFF_S)
+            self._backoff.failed(exc)
             self.counters.tier(self.name, "unavailable")
             return default
         except RedisError as exc:
             log.warning("redis tier %s error: %s", self.config.url, exc)
             self.counters.tier(self.name, "write_errors")
             return default
-        if self._backoff != 0.5:
-            with self._lock:
-                self._backoff = 0.5
-            log.info("redis tier %s reachable again", self.config.url)
+        self._backoff.succeeded()
         return result
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+        return self._backoff.available
 
     def _pipeline(self, op: Callable[[Any], None], n: int) -> list[Any] | None:
         def run() -> list[Any]:

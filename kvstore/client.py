@@ -1,0 +1,154 @@
+"""Synchronous client of the kvstore daemon (``kvstore serve``).
+
+Standard library HTTP (one keep-alive connection per thread) plus the shared wire module, so the
+core package can talk to the daemon without a web framework. Idempotent calls (all of them: a
+put of the same key writes the same bytes) are retried with exponential back-off on connection
+failures; HTTP errors are raised as :class:`ServiceError` with the server's message.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+from kvstore.errors import KVStoreError
+from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, pack_batch, pack_control, unpack_batch,
+                          unpack_control)
+
+
+class ServiceError(KVStoreError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """``kvstore://host:port`` or ``http://host:port`` -> (host, port)."""
+    parts = urlsplit(url if "://" in url else f"kvstore://{url}")
+    if parts.scheme not in ("kvstore", "http") or not parts.hostname:
+        raise KVStoreError(f"daemon URL must look like kvstore://host:port, got {url!r}")
+    return parts.hostname, parts.port or 8765
+
+
+class DaemonClient:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2,
+                 backoff_s: float = 0.1) -> None:
+        self.host, self.port = parse_url(url)
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._local = threading.local()
+
+    # ---- transport -----------------------------------------------------------------------
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def request(self, method: str, path: str, body: bytes | Sequence[bytes | memoryview] | None = None,
+                content_type: str = MSGPACK_CONTENT_TYPE) -> tuple[int, str, bytes]:
+        headers = {"Content-Type": content_type}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        if isinstance(body, (list, tuple)):
+            headers["Content-Length"] = str(sum(memoryview(p).nbytes for p in body))
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                conn = self._conn()
+                if isinstance(body, (list, tuple)):
+                    conn.putrequest(method, path)
+                    for k, v in headers.items():
+                        conn.putheader(k, v)
+                    conn.endheaders()
+                    for part in body:
+                        conn.send(part)
+                else:
+                    conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                return resp.status, resp.getheader("Content-Type", ""), data
+            except (OSError, http.client.HTTPException):
+                self._drop()
+                if attempt == self.retries:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _call(self, path: str, payload: dict[str, Any] | None = None, method: str = "POST") -> Any:
+        status, ctype, data = self.request(method, path, None if payload is None else pack_control(payload))
+        return self._result(status, ctype, data)
+
+    @staticmethod
+    def _result(status: int, ctype: str, data: bytes) -> Any:
+        if status >= 400:
+            try:
+                message = json.loads(data).get("error", data.decode(errors="replace"))
+            except ValueError:
+                message = data.decode(errors="replace")
+            raise ServiceError(status, message)
+        if ctype.startswith(MSGPACK_CONTENT_TYPE):
+            return unpack_control(data)
+        if ctype.startswith("application/json"):
+            return json.loads(data)
+        return data
+
+    # ---- API -----------------------------------------------------------------------------
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        return self._call("/v1/exists", {"keys": list(keys)})["present"]
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are stored."""
+        return int(self._call("/v1/lookup", {"keys": list(keys)})["hits"])
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
+        status, ctype, data = self.request("POST", "/v1/get", pack_control({"keys": list(keys)}))
+        if status >= 400 or ctype != BATCH_CONTENT_TYPE:
+            self._result(status, ctype, data)
+            raise ServiceError(status, f"unexpected content type {ctype!r}")
+        got = dict(unpack_batch(data))
+        return [got.get(k) for k in keys]
+
+    def put(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
+        status, ctype, data = self.request("POST", "/v1/put", pack_batch(items), BATCH_CONTENT_TYPE)
+        return int(self._result(status, ctype, data)["stored"])
+
+    def pin(self, keys: Sequence[bytes], ttl_s: float) -> int:
+        return int(self._call("/v1/pin", {"keys": list(keys), "ttl_s": ttl_s})["pinned"])
+
+    def unpin(self, keys: Sequence[bytes]) -> int:
+        return int(self._call("/v1/unpin", {"keys": list(keys)})["unpinned"])
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        return int(self._call("/v1/delete", {"keys": list(keys)})["deleted"])
+
+    def clear(self) -> None:
+        self._call("/v1/clear", {})
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("/v1/stats", method="GET")
+
+    def healthy(self) -> bool:
+        try:
+            return self.request("GET", "/healthz")[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def close(self) -> None:
+        self._drop()

@@ -1,0 +1,111 @@
+"""Serialized objects in process memory: the daemon's fast tier (it stores bytes, not tensors,
+because it serves many models and never decodes what it holds)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Sequence
+
+from kvstore.config import TierConfig
+from kvstore.objects import ObjectMeta
+from kvstore.pins import PinRegistry
+from kvstore.stats import Counters
+from kvstore.tiers.base import BlobTier, EvictHandler, TierStats
+
+
+class MemoryBlobTier(BlobTier):
+    def __init__(self, config: TierConfig, counters: Counters, pins: PinRegistry,
+                 on_evict: EvictHandler | None = None) -> None:
+        super().__init__(config, counters)
+        self.capacity = int(config.capacity or 0)
+        self._pins = pins
+        self._on_evict = on_evict
+        self._lock = threading.Lock()
+        self._blobs: OrderedDict[bytes, bytes] = OrderedDict()
+        self._used = 0
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        blobs = self._blobs
+        return [k in blobs for k in keys]
+
+    def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        with self._lock:
+            for key in keys:
+                blob = self._blobs.get(key)
+                if blob is not None:
+                    self._blobs.move_to_end(key)
+                out.append(blob)
+        return out
+
+    def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
+        written = 0
+        for meta, parts in items:
+            blob = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+            size = len(blob)
+            with self._lock:
+                if meta.key in self._blobs:
+                    continue
+                if size > self.capacity:
+                    self.counters.tier(self.name, "rejected")
+                    continue
+                victims = []
+                for key in list(self._blobs):
+                    if self._used + size <= self.capacity:
+                        break
+                    if self._pins.is_pinned(key):
+                        continue
+                    old = self._blobs.pop(key)
+                    self._used -= len(old)
+                    victims.append((key, old))
+                if self._used + size > self.capacity:
+                    self.counters.tier(self.name, "rejected")
+                    for key, old in victims:  # could not make room: put them back
+                        self._blobs[key] = old
+                        self._blobs.move_to_end(key, last=False)
+                        self._used += len(old)
+                    continue
+                self._blobs[meta.key] = blob
+                self._used += size
+            for key, old in victims:
+                self.counters.tier(self.name, "evictions")
+                if self._on_evict is not None:
+                    self._on_evict(self, key, lambda b=old: b)
+            written += 1
+            self.counters.tier(self.name, "puts")
+            self.counters.tier(self.name, "put_bytes", size)
+        return written
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                if key in self._blobs:
+                    self._blobs.move_to_end(key)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        removed = 0
+        with self._lock:
+            for key in keys:
+                blob = self._blobs.pop(key, None)
+                if blob is not None:
+                    self._used -= len(blob)
+                    removed += 1
+        return removed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blobs.clear()
+            self._used = 0
+
+    def size_of(self, key: bytes) -> int:
+        blob = self._blobs.get(key)
+        return 0 if blob is None else len(blob)
+
+    def pinned_bytes_of(self, keys: Sequence[bytes]) -> int:
+        return sum(self.size_of(k) for k in keys)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(objects=len(self._blobs), bytes=self._used, capacity=self.capacity,
+                             pinned_bytes=self.pinned_bytes_of(self._pins.active()))

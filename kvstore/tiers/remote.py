@@ -1,0 +1,81 @@
+"""The daemon as a tier: ``kvstore://host:port``. An embedded store sits in front of a shared one
+(prefill engines put, decode engines get). Like Redis, an unreachable daemon means misses and
+skipped writes for a back-off period, never an exception in the engine."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+from typing import Any, Callable, Sequence, TypeVar
+
+from kvstore.client import DaemonClient, ServiceError
+from kvstore.config import TierConfig
+from kvstore.objects import ObjectMeta
+from kvstore.stats import Counters
+from kvstore.tiers.backoff import Backoff
+from kvstore.tiers.base import BlobTier, TierStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RemoteTier(BlobTier):
+    is_remote = True
+
+    def __init__(self, config: TierConfig, counters: Counters) -> None:
+        super().__init__(config, counters)
+        self.client = DaemonClient(str(config.url), api_key=config.api_key, timeout_s=config.timeout_s, retries=0)
+        self._backoff = Backoff(f"daemon tier {config.url}")
+
+    def _call(self, fn: Callable[[], T], default: T) -> T:
+        if not self._backoff.available:
+            self.counters.tier(self.name, "unavailable")
+            return default
+        try:
+            result = fn()
+        except (OSError, http.client.HTTPException) as exc:
+            self._backoff.failed(exc)
+            self.counters.tier(self.name, "unavailable")
+            return default
+        except ServiceError as exc:
+            log.warning("daemon tier %s: %s", self.config.url, exc)
+            self.counters.tier(self.name, "write_errors")
+            return default
+        self._backoff.succeeded()
+        return result
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys:
+            return []
+        return self._call(lambda: self.client.exists(keys), [False] * len(keys))
+
+    def get_blobs(self, keys: Sequence[bytes]) -> list[Any]:
+        if not keys:
+            return []
+        return self._call(lambda: self.client.get(keys), [None] * len(keys))
+
+    def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
+        if not items:
+            return 0
+        batch = [(meta.key, parts[0] if len(parts) == 1 else b"".join(parts)) for meta, parts in items]
+        stored = self._call(lambda: self.client.put(batch), 0)
+        if stored:
+            self.counters.tier(self.name, "puts", stored)
+            self.counters.tier(self.name, "put_bytes", sum(memoryview(b).nbytes for _k, b in batch))
+        return stored
+
+    def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:
+        if keys:
+            self._call(lambda: self.client.pin(keys, ttl_s), 0)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        return self._call(lambda: self.client.delete(keys), 0) if keys else 0
+
+    def clear(self) -> None:
+        """Deletes nothing: the daemon is shared, and only an admin may clear it (kvstore CLI)."""
+
+    def stats(self) -> TierStats:
+        return TierStats(objects=None, bytes=None, capacity=None, pinned_bytes=0, available=self._backoff.available)
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,233 @@
+"""``kvstore serve``: the shared cache daemon (aiohttp).
+
+Data plane: exists/lookup/get/put of self-describing objects in batches (kvstore.wire). Control
+plane: pin/unpin/delete/clear, stats, health, Prometheus metrics, OpenAPI. Every object is
+stored under a tenant-scoped key (service.auth.storage_key), verified on the way in, and
+verified again on the way out; blocking store work runs in a thread pool so one slow disk read
+never stalls other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kvstore.blobstore import BlobStore, QuotaExceededError, StoredObject
+from kvstore.config import StoreConfig
+from kvstore.errors import InvalidInputError, KVStoreError
+from kvstore.service.auth import KeyFile, Principal, storage_key
+from kvstore.service.metrics import Metrics
+from kvstore.service.openapi import openapi
+from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, WireError, batch_header, check_keys,
+                          pack_control, unpack_batch, unpack_control)
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    key_file: str | None = None
+    max_body_bytes: int = 2 * 1024**3
+    max_batch: int = 4096
+    request_timeout_s: float = 120.0
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _msgpack(data: dict[str, Any]) -> web.Response:
+    return web.Response(body=pack_control(data), content_type=MSGPACK_CONTENT_TYPE)
+
+
+class Daemon:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.keys = KeyFile.load(config.key_file)
+        self.store = BlobStore(config.store)
+        self.metrics = Metrics(self.store.stats)
+        self.ready = True
+
+    # ---- middleware ----------------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            if request.path not in _OPEN:
+                principal = self.keys.authenticate(request.headers.get("Authorization"))
+                if principal is None:
+                    status = 401
+                    return _error(401, "missing or invalid API key (Authorization: Bearer KEY)")
+                request["principal"] = principal
+            resp = await asyncio.wait_for(handler(request), self.config.request_timeout_s)
+            status = resp.status
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            if exc.status == 413:
+                return _error(413, f"request body exceeds the limit of {self.config.max_body_bytes} bytes")
+            raise
+        except (WireError, InvalidInputError) as exc:
+            status = 403 if isinstance(exc, QuotaExceededError) else 400
+            return _error(status, str(exc))
+        except asyncio.TimeoutError:
+            status = 503
+            return _error(503, f"request took longer than {self.config.request_timeout_s}s")
+        except KVStoreError as exc:
+            status = 400
+            return _error(400, str(exc))
+        except Exception:  # a bug: log it, answer 500, keep serving
+            log.exception("unhandled error on %s", request.path)
+            return _error(500, "internal error (logged)")
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def _control(self, request: web.Request) -> dict[str, Any]:
+        return unpack_control(await request.read())
+
+    def _keys(self, body: dict[str, Any], principal: Principal) -> tuple[list[bytes], list[bytes]]:
+        keys = check_keys(body.get("keys"), self.config.max_batch)
+        return keys, [storage_key(principal.tenant, k) for k in keys]
+
+    # ---- data plane ----------------------------------------------------------------------
+
+    async def exists(self, request: web.Request) -> web.Response:
+        _keys, skeys = self._keys(await self._control(request), request["principal"])
+        return _msgpack({"present": await self._run(self.store.exists, skeys)})
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        _keys, skeys = self._keys(await self._control(request), request["principal"])
+        present = await self._run(self.store.exists, skeys)
+        hits = next((i for i, p in enumerate(present) if not p), len(present))
+        return _msgpack({"hits": hits})
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        keys, skeys = self._keys(await self._control(request), request["principal"])
+        blobs = await self._run(self.store.get, skeys, keys)
+        sizes = [-1 if b is None else len(b) for b in blobs]
+        resp = web.StreamResponse(headers={"Content-Type": BATCH_CONTENT_TYPE})
+        resp.content_length = len(batch_header(keys, sizes)) + sum(s for s in sizes if s > 0)
+        await resp.prepare(request)
+        await resp.write(batch_header(keys, sizes))
+        for blob in blobs:  # streamed object by object: no response-sized buffer
+            if blob is not None:
+                await resp.write(blob)
+                self.metrics.bytes_out.inc(len(blob))
+        await resp.write_eof()
+        return resp
+
+    async def put(self, request: web.Request) -> web.Response:
+        principal: Principal = request["principal"]
+        body = await request.read()
+        self.metrics.bytes_in.inc(len(body))
+        items = unpack_batch(body, self.config.max_batch)
+        objects = []
+        for key, blob in items:
+            if blob is None:
+                raise WireError(f"put batch has no object for key {key.hex()}")
+            data = bytes(blob)
+            meta = BlobStore.verify(data, key)
+            objects.append(StoredObject(storage_key(principal.tenant, key), meta, data))
+        stored = await self._run(self.store.put, objects, principal.tenant, self.keys.quotas.get(principal.tenant))
+        return _msgpack({"stored": stored})
+
+    # ---- control plane -------------------------------------------------------------------
+
+    async def pin(self, request: web.Request) -> web.Response:
+        body = await self._control(request)
+        _keys, skeys = self._keys(body, request["principal"])
+        ttl = body.get("ttl_s")
+        limit = self.config.store.max_pin_ttl_s
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= limit:
+            raise WireError(f"'ttl_s' must be a number in (0, {limit}]")
+        return _msgpack({"pinned": await self._run(self.store.pin, skeys, float(ttl))})
+
+    async def unpin(self, request: web.Request) -> web.Response:
+        _keys, skeys = self._keys(await self._control(request), request["principal"])
+        return _msgpack({"unpinned": await self._run(self.store.unpin, skeys)})
+
+    async def delete(self, request: web.Request) -> web.Response:
+        _keys, skeys = self._keys(await self._control(request), request["principal"])
+        return _msgpack({"deleted": await self._run(self.store.delete, skeys)})
+
+    async def clear(self, request: web.Request) -> web.Response:
+        if not request["principal"].admin:
+            return _error(403, "clear needs an admin key")
+        await self._run(self.store.clear)
+        return _msgpack({"cleared": True})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        principal: Principal = request["principal"]
+        st = await self._run(self.store.stats)
+        if not principal.admin:  # a tenant sees its own usage, never another tenant's
+            st["tenants"] = {principal.tenant: st["tenants"].get(principal.tenant, 0)}
+        return web.json_response(st)
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ready") if self.ready else web.Response(text="shutting down", status=503)
+
+    async def metrics_view(self, _request: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(self.metrics.registry))
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    async def openapi_view(self, _request: web.Request) -> web.Response:
+        return web.json_response(openapi(), dumps=lambda d: json.dumps(d, indent=1))
+
+    # ---- app -----------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.middleware], client_max_size=self.config.max_body_bytes)
+        r = app.router
+        for path, handler in (("/v1/exists", self.exists), ("/v1/lookup", self.lookup), ("/v1/get", self.get),
+                              ("/v1/put", self.put), ("/v1/pin", self.pin), ("/v1/unpin", self.unpin),
+                              ("/v1/delete", self.delete), ("/v1/clear", self.clear)):
+            r.add_post(path, handler)
+        r.add_get("/v1/stats", self.stats)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics_view)
+        r.add_get("/openapi.json", self.openapi_view)
+        app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        self.ready = False
+
+    async def _on_cleanup(self, _app: web.Application) -> None:
+        # In-flight requests are done; flush queued disk writes so a restart serves them again.
+        await self._run(self.store.close)
+        log.info("kvstore daemon stopped; queued writes flushed")
+
+
+def serve(config: ServeConfig) -> None:
+    daemon = Daemon(config)
+    log.info("kvstore daemon on http://%s:%d (tiers: %s, auth: %s)", config.host, config.port,
+             ", ".join(config.store.tiers), "keys" if daemon.keys.enabled else "open")
+    web.run_app(daemon.app(), host=config.host, port=config.port, shutdown_timeout=30,
+                print=lambda msg: log.info("%s", msg), access_log=None)
