@@ -27,6 +27,21 @@ class ServiceError(KVStoreError):
         self.message = message
 
 
+def decode_result(status: int, ctype: str, data: bytes) -> Any:
+    """A control response's body, or ServiceError with the server's message."""
+    if status >= 400:
+        try:
+            message = json.loads(data).get("error", data.decode(errors="replace"))
+        except ValueError:
+            message = data.decode(errors="replace")
+        raise ServiceError(status, message)
+    if ctype.startswith(MSGPACK_CONTENT_TYPE):
+        return unpack_control(data)
+    if ctype.startswith("application/json"):
+        return json.loads(data)
+    return data
+
+
 def parse_url(url: str) -> tuple[str, int]:
     """``kvstore://host:port`` or ``http://host:port`` -> (host, port)."""
     parts = urlsplit(url if "://" in url else f"kvstore://{url}")
@@ -96,17 +111,7 @@ class DaemonClient:
 
     @staticmethod
     def _result(status: int, ctype: str, data: bytes) -> Any:
-        if status >= 400:
-            try:
-                message = json.loads(data).get("error", data.decode(errors="replace"))
-            except ValueError:
-                message = data.decode(errors="replace")
-            raise ServiceError(status, message)
-        if ctype.startswith(MSGPACK_CONTENT_TYPE):
-            return unpack_control(data)
-        if ctype.startswith("application/json"):
-            return json.loads(data)
-        return data
+        return decode_result(status, ctype, data)
 
     # ---- API -----------------------------------------------------------------------------
 

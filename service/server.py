@@ -58,6 +58,7 @@ class Daemon:
         self.keys = KeyFile.load(config.key_file)
         self.store = BlobStore(config.store)
         self.metrics = Metrics(self.store.stats)
+        self._local_only = not any(t.is_remote for t in self.store.tiers)
         self.ready = True
 
     # ---- middleware ----------------------------------------------------------------------
@@ -112,13 +113,20 @@ class Daemon:
 
     # ---- data plane ----------------------------------------------------------------------
 
+    async def _exists(self, skeys: list[bytes]) -> list[bool]:
+        # Memory and disk tiers answer from in-memory indexes: no thread hop (it would cost more
+        # than the lookup). A Redis tier does network I/O, so then it runs in the pool.
+        if self._local_only:
+            return self.store.exists(skeys)
+        return await self._run(self.store.exists, skeys)
+
     async def exists(self, request: web.Request) -> web.Response:
         _keys, skeys = self._keys(await self._control(request), request["principal"])
-        return _msgpack({"present": await self._run(self.store.exists, skeys)})
+        return _msgpack({"present": await self._exists(skeys)})
 
     async def lookup(self, request: web.Request) -> web.Response:
         _keys, skeys = self._keys(await self._control(request), request["principal"])
-        present = await self._run(self.store.exists, skeys)
+        present = await self._exists(skeys)
         hits = next((i for i, p in enumerate(present) if not p), len(present))
         return _msgpack({"hits": hits})
 

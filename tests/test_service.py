@@ -184,3 +184,20 @@ _BODIES = st.one_of(st.binary(max_size=200), st.builds(
 def test_fuzzed_requests_never_get_a_5xx(daemon, path, body):
     status, _ = raw_post(daemon.port, path, body, key="")
     assert status < 500
+
+
+def test_async_client(daemon):
+    import asyncio
+
+    from kvstore.service.client import AsyncKVStoreClient
+
+    async def run():
+        keys = [bytes([i]) * 16 for i in range(20, 28)]
+        async with AsyncKVStoreClient(daemon.url) as c:
+            stored = await asyncio.gather(*(c.put([(k, obj(k))]) for k in keys))
+            assert sum(stored) == 8
+            assert await c.lookup(keys) == 8
+            blobs = await c.get(keys + [b"\xee" * 16])
+            assert all(b is not None for b in blobs[:8]) and blobs[8] is None
+            assert await c.delete(keys) == 8
+    asyncio.run(run())

@@ -1,0 +1,144 @@
+"""Daemon throughput and lookup latency beside raw redis-py (hiredis) against a redis-server
+started in the same run.
+
+GET and PUT of 32 MiB and 2 MiB objects over loopback with 1 and 8 concurrent clients (threads,
+one connection each), and the lookup of a 128K-token prompt (512 chunk keys): the daemon's
+/v1/lookup against a pipelined EXISTS of the same 512 keys in Redis.
+
+    python bench/service.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import free_port, median, pct, redis_server, table  # noqa: E402
+
+from kvstore import KVSpec  # noqa: E402
+from kvstore.client import DaemonClient  # noqa: E402
+from kvstore.objects import encode_object, join_parts, meta_for  # noqa: E402
+
+SPEC = KVSpec(model_id="bench/llama-3-8b-shaped", num_layers=32, num_kv_heads=8, head_size=128)
+
+
+def objects(count: int, tokens: int, tag: int) -> list[tuple[bytes, bytes]]:
+    g = torch.Generator().manual_seed(tag)
+    kv = torch.randn(SPEC.chunk_shape(tokens), generator=g).half()
+    out = []
+    for i in range(count):
+        key = tag.to_bytes(4, "little") + i.to_bytes(12, "little")
+        out.append((key, join_parts(encode_object(meta_for(key, SPEC.fingerprint, kv, tokens < 256), kv))))
+    return out
+
+
+def start_daemon(workdir: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--port", str(port), "--cpu-capacity", "6GiB",
+                             "--disk-path", os.path.join(workdir, "disk"), "--disk-capacity", "40GiB"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                return proc, f"kvstore://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("daemon did not start")
+
+
+def parallel(clients: int, work: list, fn) -> float:
+    """Run fn(item) over work split across `clients` threads; returns wall seconds."""
+    shards = [work[i::clients] for i in range(clients)]
+    threads = [threading.Thread(target=lambda s=s: [fn(x) for x in s]) for s in shards]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    workdir = tempfile.mkdtemp(prefix="kvstore-bench-svc-")
+    proc, url = start_daemon(workdir)
+    rows = [["object", "clients", "op", "daemon GB/s", "redis GB/s", "ratio"]]
+    try:
+        with redis_server() as rurl:
+            if rurl is None:
+                sys.exit("redis-server is not installed (bash scripts/test.sh installs it)")
+            import redis
+
+            pool = redis.ConnectionPool.from_url(rurl)
+            local = threading.local()
+
+            def dclient() -> DaemonClient:
+                c = getattr(local, "c", None)
+                if c is None:
+                    c = local.c = DaemonClient(url)
+                return c
+
+            r = redis.Redis(connection_pool=pool)
+            for label, count, tokens in (("32 MiB", 8, 256), ("2 MiB", 64, 16)):
+                for clients in (1, 8):
+                    res = {"d_put": [], "d_get": [], "r_put": [], "r_get": []}
+                    for rnd in range(args.rounds):
+                        objs = objects(count, tokens, tag=1000 * clients + 10 * rnd + count)
+                        nbytes = sum(len(b) for _, b in objs)
+                        res["r_put"].append(nbytes / parallel(clients, objs, lambda o: r.set(o[0], o[1])))
+                        res["d_put"].append(nbytes / parallel(clients, objs, lambda o: dclient().put([o])))
+                        res["r_get"].append(nbytes / parallel(clients, objs, lambda o: r.get(o[0])))
+                        res["d_get"].append(nbytes / parallel(clients, objs, lambda o: dclient().get([o[0]])))
+                        got = dclient().get([objs[0][0]])[0]
+                        assert got is not None and bytes(got) == objs[0][1]
+                        r.delete(*[k for k, _ in objs])
+                        dclient().delete([k for k, _ in objs])
+                    for op in ("put", "get"):
+                        d, rr = median(res[f"d_{op}"]), median(res[f"r_{op}"])
+                        rows.append([label, str(clients), op, f"{d / 1e9:.2f}", f"{rr / 1e9:.2f}", f"{d / rr:.2f}x"])
+            # lookup of a 128K-token prompt: 512 chunk keys, all present
+            small = objects(512, 1, tag=7)
+            dclient().put(small[:256])
+            dclient().put(small[256:])
+            r.mset({k: b"x" for k, _ in small})
+            keys = [k for k, _ in small]
+            assert dclient().lookup(keys) == 512
+            d_lat, r_lat = [], []
+            for _ in range(300):
+                t0 = time.perf_counter()
+                dclient().lookup(keys)
+                d_lat.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                pipe = r.pipeline(transaction=False)
+                for k in keys:
+                    pipe.exists(k)
+                pipe.execute()
+                r_lat.append(time.perf_counter() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"median of {args.rounds} rounds; ratio = daemon / redis-py (goal: GET >= 1.0x)")
+    print(table(rows))
+    print()
+    print(table([["lookup, 512 keys (128K tokens)", "p50 ms", "p99 ms"],
+                 ["daemon /v1/lookup", f"{1e3 * median(d_lat):.3f}", f"{1e3 * pct(d_lat, 0.99):.3f}"],
+                 ["redis pipelined EXISTS", f"{1e3 * median(r_lat):.3f}", f"{1e3 * pct(r_lat, 0.99):.3f}"]]))
+    print("goal: daemon lookup p50 under 1 ms")
+
+
+if __name__ == "__main__":
+    main()
