@@ -173,7 +173,8 @@ def test_remote_tier_outage_degrades_to_misses(tmp_path):
 
 _BODIES = st.one_of(st.binary(max_size=200), st.builds(
     lambda d: msgpack.packb(d), st.dictionaries(st.sampled_from(["keys", "ttl_s", "v", "x"]), st.one_of(
-        st.lists(st.binary(min_size=0, max_size=20), max_size=5), st.integers(), st.floats(allow_nan=True),
+        st.lists(st.binary(min_size=0, max_size=20), max_size=5), st.integers(-2**63, 2**64 - 1),
+        st.floats(allow_nan=True),
         st.text(max_size=5), st.none()), max_size=3)))
 
 
