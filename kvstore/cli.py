@@ -77,7 +77,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _read_file(os.environ["KVSTORE_CONFIG"]) if os.environ.get("KVSTORE_CONFIG") else {})
     section = dict(raw.pop("serve", None) or {})
     env = os.environ
-    for field in ("host", "port", "key_file", "max_body_bytes", "max_batch", "request_timeout_s"):
+    for field in ("host", "port", "key_file", "max_body_bytes", "max_batch", "request_timeout_s",
+                  "lmcache_port", "lmcache_host", "lmcache_tenant"):
         value = env.get(f"KVSTORE_SERVE_{field.upper()}")
         if value is not None:
             section[field] = value
@@ -98,7 +99,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                       key_file=section.get("key_file"),
                       max_body_bytes=parse_size(section.get("max_body_bytes", 2 * 1024**3), "serve.max_body_bytes"),
                       max_batch=int(section.get("max_batch", 4096)),
-                      request_timeout_s=float(section.get("request_timeout_s", 120.0)), store=store)
+                      request_timeout_s=float(section.get("request_timeout_s", 120.0)),
+                      lmcache_port=None if section.get("lmcache_port") is None else int(section["lmcache_port"]),
+                      lmcache_host=str(section.get("lmcache_host", "127.0.0.1")),
+                      lmcache_tenant=str(section.get("lmcache_tenant", "lmcache")), store=store)
     serve(cfg)
     return 0
 
@@ -156,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", dest="max_body_bytes", help="largest request body (default 2GiB)")
     srv.add_argument("--max-batch", dest="max_batch", type=int, help="most keys per request (default 4096)")
     srv.add_argument("--request-timeout-s", dest="request_timeout_s", type=float, help="per-request limit")
+    srv.add_argument("--lmcache-port", dest="lmcache_port", type=int,
+                     help="also speak LMCache's lm:// protocol on this port (off by default)")
+    srv.add_argument("--lmcache-host", dest="lmcache_host", help="bind address of that listener (default 127.0.0.1)")
+    srv.add_argument("--lmcache-tenant", dest="lmcache_tenant", help="tenant LMCache objects belong to (default lmcache)")
     add_store_options(srv)
     srv.set_defaults(func=_cmd_serve)
 

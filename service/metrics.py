@@ -40,4 +40,6 @@ class Metrics:
                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
         self.bytes_in = Counter("kvstore_bytes_received", "object bytes received", registry=self.registry)
         self.bytes_out = Counter("kvstore_bytes_sent", "object bytes sent", registry=self.registry)
+        self.lmcache = Counter("kvstore_lmcache_requests", "LMCache protocol requests and rejections", ["what"],
+                               registry=self.registry)
         self.registry.register(StoreCollector(stats))

@@ -41,6 +41,9 @@ class ServeConfig:
     max_body_bytes: int = 2 * 1024**3
     max_batch: int = 4096
     request_timeout_s: float = 120.0
+    lmcache_port: int | None = None      # LMCache lm:// listener, off by default
+    lmcache_host: str = "127.0.0.1"
+    lmcache_tenant: str = "lmcache"
     store: StoreConfig = field(default_factory=StoreConfig)
 
 
@@ -220,12 +223,23 @@ class Daemon:
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics_view)
         r.add_get("/openapi.json", self.openapi_view)
+        app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
 
+    async def _on_startup(self, _app: web.Application) -> None:
+        if self.config.lmcache_port is not None:
+            from kvstore.service.lmcache_server import LMCacheListener
+
+            self.lmcache = LMCacheListener(self.store, self.config.lmcache_tenant, self.config.max_body_bytes,
+                                           self.keys.quotas.get(self.config.lmcache_tenant), self.metrics)
+            await self.lmcache.start(self.config.lmcache_host, self.config.lmcache_port)
+
     async def _on_shutdown(self, _app: web.Application) -> None:
         self.ready = False
+        if getattr(self, "lmcache", None) is not None:
+            await self.lmcache.stop()
 
     async def _on_cleanup(self, _app: web.Application) -> None:
         # In-flight requests are done; flush queued disk writes so a restart serves them again.
