@@ -15,7 +15,8 @@ import torch
 
 from kvstore.errors import CorruptObjectError, InvalidInputError
 from kvstore.hashing import ChunkRef, num_tokens
-from kvstore.objects import decode_object
+from kvstore.codecs import CodecError, get_codec
+from kvstore.objects import check_meta, decode_object, read_meta
 from kvstore.tiers.base import BlobTier, MemoryTierBase
 
 if TYPE_CHECKING:
@@ -66,9 +67,15 @@ class LayerwiseGet:
         blob = tier.get_blobs([ref.key])[0]
         if blob is None:
             return None
+        expect = store._meta(ref)
         try:
-            kv = decode_object(blob, store._meta(ref))
-        except CorruptObjectError:
+            meta, payload = read_meta(blob)  # checksums: after this, decoding cannot meet corruption
+            check_meta(meta, expect)
+            codec = get_codec(meta.codec)
+            kv: torch.Tensor | _FramedSource = (
+                _FramedSource(codec, payload, expect) if hasattr(codec, "decode_frame")
+                else decode_object(blob, expect))
+        except (CorruptObjectError, CodecError):
             store.counters.tier(tier.name, "corrupt")
             tier.delete([ref.key])
             return None
@@ -80,7 +87,8 @@ class LayerwiseGet:
         try:
             for layer in range(self.num_layers):
                 for ref, src, _tier in self._sources:
-                    self.out[layer, :, ref.start:ref.end].copy_(src[layer], non_blocking=self.out.is_cuda)
+                    part = src.layer(layer) if isinstance(src, _FramedSource) else src[layer]
+                    self.out[layer, :, ref.start:ref.end].copy_(part, non_blocking=self.out.is_cuda)
                 if self.out.is_cuda:
                     torch.cuda.current_stream(self.out.device).synchronize()
                 self._ready[layer].set()
@@ -114,6 +122,33 @@ class LayerwiseGet:
         self.wait(self.num_layers - 1)
         self._thread.join()
         return self.hit_tokens, self.out[:, :, :self.hit_tokens]
+
+
+class _FramedSource:
+    """A verified object whose codec decodes in layer frames (cachegen): frames are decoded on
+    demand in the loader thread, so layer 0 is ready after the first frame, not the whole chunk."""
+
+    def __init__(self, codec: object, payload: memoryview, meta: object) -> None:
+        self.codec = codec
+        self.layout, self.frames = codec.frames(payload)  # type: ignore[attr-defined]
+        shape = (self.layout.layers, self.layout.planes, self.layout.tokens, self.layout.heads, self.layout.head_size)
+        self.buf = torch.empty(shape, dtype=self.layout.dtype)
+        self.shape = tuple(meta.shape)  # type: ignore[attr-defined]
+        self.ready = 0
+        self.next_frame = 0
+
+    def layer(self, layer: int) -> torch.Tensor:
+        while self.ready <= layer:
+            if self.next_frame >= len(self.frames):
+                raise CodecError(f"frames end before layer {layer}")
+            frame = self.frames[self.next_frame]
+            start, part = self.codec.decode_frame(self.layout, frame)  # type: ignore[attr-defined]
+            if start != self.ready:
+                raise CodecError(f"frame for layer {start} where layer {self.ready} was expected")
+            self.buf[start:start + part.shape[0]] = part
+            self.ready = start + part.shape[0]
+            self.next_frame += 1
+        return self.buf[layer].reshape(self.shape[1:])
 
 
 class LayerwisePut:

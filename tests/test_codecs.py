@@ -161,3 +161,17 @@ def test_store_tiers_use_codecs_and_record_them(tmp_path, codec):
         assert torch.equal(out, kv)
     else:
         assert relative_error(kv, out) < 0.02
+
+
+def test_layerwise_get_decodes_cachegen_frame_by_frame(tmp_path):
+    spec = KVSpec(model_id="test/codec", num_layers=4, num_kv_heads=2, head_size=32)
+    toks = list(range(64))
+    cfg = {"chunk_size": 32, "tiers": {"disk": {"path": str(tmp_path), "capacity": "64MiB",
+                                                "codec": "cachegen:high"}}}
+    with KVStore(spec, cfg) as store:
+        store.put(toks, KV)
+        hit, whole = store.get(toks)
+        handle = store.get_layers(toks)
+        assert handle.hit_tokens == hit == 64
+        for layer, part in handle:
+            assert torch.equal(part, whole[layer])
