@@ -12,7 +12,6 @@ after the last byte). Decode times are the measured ones.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -125,7 +124,6 @@ def main() -> None:
     if args.ablation:
         print()
         ablation(synthetic_kv(layers=min(args.layers, 8), seed=args.seed))
-    _ = math
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable, TypeVar
+
+from kvstore.stats import Counters
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +39,32 @@ class Backoff:
             with self._lock:
                 self._delay = self.initial_s
             log.info("%s reachable again", self.what)
+
+
+class GuardedCalls:
+    """Mixin for network tiers: ``_call(fn, default)`` runs fn unless the backend is in back-off;
+    transient failures start a back-off and count as ``unavailable``, backend errors count as
+    ``write_errors``; either way the caller gets ``default`` (a miss), never an exception."""
+
+    TRANSIENT: tuple[type[BaseException], ...] = (OSError,)
+    ERRORS: tuple[type[BaseException], ...] = ()
+    _backoff: Backoff
+    counters: Counters
+    name: str
+
+    def _call(self, fn: Callable[[], T], default: T) -> T:
+        if not self._backoff.available:
+            self.counters.tier(self.name, "unavailable")
+            return default
+        try:
+            result = fn()
+        except self.TRANSIENT as exc:
+            self._backoff.failed(exc)
+            self.counters.tier(self.name, "unavailable")
+            return default
+        except self.ERRORS as exc:
+            log.warning("%s: %s", self._backoff.what, exc)
+            self.counters.tier(self.name, "write_errors")
+            return default
+        self._backoff.succeeded()
+        return result

@@ -8,7 +8,7 @@ a back-off period that doubles up to 30 s; redis-py reconnects on the first call
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -18,15 +18,16 @@ from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
 from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
-from kvstore.tiers.backoff import Backoff
+from kvstore.tiers.backoff import Backoff, GuardedCalls
 from kvstore.tiers.base import BlobTier, TierStats
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-class RedisTier(BlobTier):
+class RedisTier(GuardedCalls, BlobTier):
     is_remote = True
+    TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+    ERRORS = (RedisError,)
 
     def __init__(self, config: TierConfig, counters: Counters, namespace: bytes, pins: PinRegistry) -> None:
         super().__init__(config, counters)
@@ -48,23 +49,6 @@ class RedisTier(BlobTier):
 
     def _rkey(self, key: bytes) -> bytes:
         return self._prefix + key.hex().encode()
-
-    def _call(self, fn: Callable[[], T], default: T) -> T:
-        if not self._backoff.available:
-            self.counters.tier(self.name, "unavailable")
-            return default
-        try:
-            result = fn()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            self._backoff.failed(exc)
-            self.counters.tier(self.name, "unavailable")
-            return default
-        except RedisError as exc:
-            log.warning("redis tier %s error: %s", self.config.url, exc)
-            self.counters.tier(self.name, "write_errors")
-            return default
-        self._backoff.succeeded()
-        return result
 
     @property
     def available(self) -> bool:

@@ -5,44 +5,26 @@ skipped writes for a back-off period, never an exception in the engine."""
 from __future__ import annotations
 
 import http.client
-import logging
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence
 
 from kvstore.client import DaemonClient, ServiceError
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
 from kvstore.stats import Counters
-from kvstore.tiers.backoff import Backoff
+from kvstore.tiers.backoff import Backoff, GuardedCalls
 from kvstore.tiers.base import BlobTier, TierStats
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-class RemoteTier(BlobTier):
+class RemoteTier(GuardedCalls, BlobTier):
     is_remote = True
+    TRANSIENT = (OSError, http.client.HTTPException)
+    ERRORS = (ServiceError,)
 
     def __init__(self, config: TierConfig, counters: Counters) -> None:
         super().__init__(config, counters)
         self.client = DaemonClient(str(config.url), api_key=config.api_key, timeout_s=config.timeout_s, retries=0)
         self._backoff = Backoff(f"daemon tier {config.url}")
-
-    def _call(self, fn: Callable[[], T], default: T) -> T:
-        if not self._backoff.available:
-            self.counters.tier(self.name, "unavailable")
-            return default
-        try:
-            result = fn()
-        except (OSError, http.client.HTTPException) as exc:
-            self._backoff.failed(exc)
-            self.counters.tier(self.name, "unavailable")
-            return default
-        except ServiceError as exc:
-            log.warning("daemon tier %s: %s", self.config.url, exc)
-            self.counters.tier(self.name, "write_errors")
-            return default
-        self._backoff.succeeded()
-        return result
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         if not keys:
