@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class StoredObject:
     storage_key: bytes   # where it lives (tenant-scoped by the caller)
     meta: ObjectMeta     # what it says about itself (meta.key is the engine's chunk key)
-    blob: bytes
+    blob: bytes | memoryview
 
 
 class QuotaExceededError(InvalidInputError):
@@ -80,9 +80,9 @@ class BlobStore:
             todo = [i for i in todo if not present[i]]
         return present
 
-    def get(self, keys: Sequence[bytes], object_keys: Sequence[bytes]) -> list[bytes | None]:
+    def get(self, keys: Sequence[bytes], object_keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
         """Verified objects (None for a miss or an object that failed verification)."""
-        out: list[bytes | None] = [None] * len(keys)
+        out: list[bytes | memoryview | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for pos, tier in enumerate(self.tiers):
             if not todo:
@@ -91,7 +91,7 @@ class BlobStore:
             for i, blob in zip(todo, blobs):
                 if blob is None:
                     continue
-                blob = bytes(blob)
+                blob = memoryview(blob).cast("B")  # read-only from here on: no copy
                 try:
                     meta, _payload = read_meta(blob)
                     if meta.key != object_keys[i]:
@@ -112,7 +112,7 @@ class BlobStore:
     # ---- writes --------------------------------------------------------------------------
 
     @staticmethod
-    def verify(blob: bytes, object_key: bytes) -> ObjectMeta:
+    def verify(blob: bytes | memoryview, object_key: bytes) -> ObjectMeta:
         """Parse and check an incoming object; raises InvalidInputError naming the problem."""
         try:
             meta, _payload = read_meta(blob)
@@ -127,14 +127,14 @@ class BlobStore:
     def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None) -> int:
         """Store objects not already present; returns how many were new. All or nothing on quota."""
         new = [o for o, there in zip(objects, self.exists([o.storage_key for o in objects])) if not there]
-        size = sum(len(o.blob) for o in new)
+        size = sum(memoryview(o.blob).nbytes for o in new)
         with self._lock:
             used = self._usage.get(owner, 0)
             if quota is not None and used + size > quota:
                 raise QuotaExceededError(
                     f"tenant {owner!r} quota exceeded: holds {used} bytes, this put adds {size}, quota is {quota}")
             for o in new:
-                self._owner[o.storage_key] = (owner, len(o.blob))
+                self._owner[o.storage_key] = (owner, memoryview(o.blob).nbytes)
             self._usage[owner] = used + size
         first = self.tiers[0]
         for o in new:

@@ -47,7 +47,11 @@ class ObjectMeta:
 def encode_object(meta: ObjectMeta, kv: torch.Tensor, codec: str | None = None) -> list[bytes | memoryview]:
     """Serialise a chunk; returns parts (header, payload) so writers can avoid one big copy."""
     codec_name = codec or meta.codec
-    payload = get_codec(codec_name).encode(kv)
+    return pack_object(meta, get_codec(codec_name).encode(kv), codec_name)
+
+
+def pack_object(meta: ObjectMeta, payload: bytes | bytearray | memoryview, codec_name: str) -> list[bytes | memoryview]:
+    """Header + payload parts for an already-encoded payload (no copy of the payload)."""
     view = memoryview(payload).cast("B")
     header = msgpack.packb({
         "codec": codec_name, "dtype": meta.dtype, "shape": list(meta.shape), "fp": meta.fingerprint,

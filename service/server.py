@@ -136,7 +136,7 @@ class Daemon:
     async def get(self, request: web.Request) -> web.StreamResponse:
         keys, skeys = self._keys(await self._control(request), request["principal"])
         blobs = await self._run(self.store.get, skeys, keys)
-        sizes = [-1 if b is None else len(b) for b in blobs]
+        sizes = [-1 if b is None else memoryview(b).nbytes for b in blobs]
         resp = web.StreamResponse(headers={"Content-Type": BATCH_CONTENT_TYPE})
         resp.content_length = len(batch_header(keys, sizes)) + sum(s for s in sizes if s > 0)
         await resp.prepare(request)
@@ -144,7 +144,7 @@ class Daemon:
         for blob in blobs:  # streamed object by object: no response-sized buffer
             if blob is not None:
                 await resp.write(blob)
-                self.metrics.bytes_out.inc(len(blob))
+                self.metrics.bytes_out.inc(memoryview(blob).nbytes)
         await resp.write_eof()
         return resp
 
@@ -157,7 +157,7 @@ class Daemon:
         for key, blob in items:
             if blob is None:
                 raise WireError(f"put batch has no object for key {key.hex()}")
-            data = bytes(blob)
+            data = blob  # a view of the request body, which nothing else writes to
             meta = BlobStore.verify(data, key)
             objects.append(StoredObject(storage_key(principal.tenant, key), meta, data))
         stored = await self._run(self.store.put, objects, principal.tenant, self.keys.quotas.get(principal.tenant))
@@ -234,12 +234,12 @@ class Daemon:
 
             self.lmcache = LMCacheListener(self.store, self.config.lmcache_tenant, self.config.max_body_bytes,
                                            self.keys.quotas.get(self.config.lmcache_tenant), self.metrics)
-            await self.lmcache.start(self.config.lmcache_host, self.config.lmcache_port)
+            self.lmcache.start(self.config.lmcache_host, self.config.lmcache_port)
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         self.ready = False
         if getattr(self, "lmcache", None) is not None:
-            await self.lmcache.stop()
+            self.lmcache.stop()
 
     async def _on_cleanup(self, _app: web.Application) -> None:
         # In-flight requests are done; flush queued disk writes so a restart serves them again.

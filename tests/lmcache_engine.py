@@ -6,7 +6,7 @@ PYTHONHASHSEED). LMCache's shipped mock connector moves no data; CPUCopyConnecto
 small CPU copy connector that stands in for its GPU connector.
 
     python tests/lmcache_engine.py PORT store|retrieve TOKENS [--layers 4 --heads 2 --head-size 64]
-Prints one JSON line: {"lookup": n, "retrieved": n, "exact": bool, "seconds": s}.
+Prints one JSON line: {"lookup": n, "retrieved": n, "exact": bool, "seconds": s, ...}.
 """
 
 from __future__ import annotations
@@ -93,10 +93,18 @@ def main() -> None:
         out = torch.zeros_like(kv)
         result["lookup"] = engine.lookup(tokens)
         mask = engine.retrieve(tokens, kvcaches=out, slot_mapping=slots)
+        result["seconds"] = time.perf_counter() - t0
         got = int(mask.sum())
+        lat = []
+        for _ in range(20):
+            t1 = time.perf_counter()
+            engine.lookup(tokens)
+            lat.append(time.perf_counter() - t1)
+        result["lookup_ms_p50"] = 1e3 * sorted(lat)[len(lat) // 2]
         result["retrieved"] = got
         result["exact"] = bool(torch.equal(out[:, :, :got], kv[:, :, :got]))
-    result["seconds"] = time.perf_counter() - t0
+    result.setdefault("seconds", time.perf_counter() - t0)
+    result["bytes"] = kv.numel() * kv.element_size()
     LMCacheEngineBuilder.destroy("kvstore-compat")
     print(json.dumps(result), flush=True)
 

@@ -22,15 +22,15 @@ class MemoryBlobTier(BlobTier):
         self._pins = pins
         self._on_evict = on_evict
         self._lock = threading.Lock()
-        self._blobs: OrderedDict[bytes, bytes] = OrderedDict()
+        self._blobs: OrderedDict[bytes, memoryview] = OrderedDict()
         self._used = 0
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         blobs = self._blobs
         return [k in blobs for k in keys]
 
-    def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        out: list[bytes | None] = []
+    def get_blobs(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        out: list[memoryview | None] = []
         with self._lock:
             for key in keys:
                 blob = self._blobs.get(key)
@@ -42,8 +42,9 @@ class MemoryBlobTier(BlobTier):
     def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
         written = 0
         for meta, parts in items:
-            blob = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
-            size = len(blob)
+            # A single part (bytes or a memoryview nobody writes to) is kept as is: no copy.
+            blob = memoryview(parts[0]).cast("B") if len(parts) == 1 else memoryview(b"".join(parts))
+            size = blob.nbytes
             with self._lock:
                 if meta.key in self._blobs:
                     continue
@@ -57,14 +58,14 @@ class MemoryBlobTier(BlobTier):
                     if self._pins.is_pinned(key):
                         continue
                     old = self._blobs.pop(key)
-                    self._used -= len(old)
+                    self._used -= old.nbytes
                     victims.append((key, old))
                 if self._used + size > self.capacity:
                     self.counters.tier(self.name, "rejected")
                     for key, old in victims:  # could not make room: put them back
                         self._blobs[key] = old
                         self._blobs.move_to_end(key, last=False)
-                        self._used += len(old)
+                        self._used += old.nbytes
                     continue
                 self._blobs[meta.key] = blob
                 self._used += size
@@ -89,7 +90,7 @@ class MemoryBlobTier(BlobTier):
             for key in keys:
                 blob = self._blobs.pop(key, None)
                 if blob is not None:
-                    self._used -= len(blob)
+                    self._used -= blob.nbytes
                     removed += 1
         return removed
 
@@ -100,7 +101,7 @@ class MemoryBlobTier(BlobTier):
 
     def size_of(self, key: bytes) -> int:
         blob = self._blobs.get(key)
-        return 0 if blob is None else len(blob)
+        return 0 if blob is None else blob.nbytes
 
     def pinned_bytes_of(self, keys: Sequence[bytes]) -> int:
         return sum(self.size_of(k) for k in keys)
