@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError, CorruptObjectError, InvalidInputError
-from kvstore.objects import ObjectMeta, check_meta, read_meta
+from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read_meta
 from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
@@ -93,10 +93,12 @@ class BlobStore:
                     continue
                 blob = memoryview(blob).cast("B")  # read-only from here on: no copy
                 try:
-                    meta, _payload = read_meta(blob)
+                    # Process memory holds what was verified on the way in: check the header (key,
+                    # lengths) but skip re-hashing the payload. Disk and Redis get the full check.
+                    meta = parse_header(blob, blob.nbytes).meta if tier.is_memory_blob else read_meta(blob)[0]
                     if meta.key != object_keys[i]:
                         raise CorruptObjectError(f"object names key {meta.key.hex()}, stored as {object_keys[i].hex()}")
-                except CorruptObjectError as exc:
+                except (CorruptObjectError, NeedMore) as exc:
                     log.warning("tier %s: object %s rejected: %s", tier.name, keys[i].hex(), exc)
                     self.counters.tier(tier.name, "corrupt")
                     tier.delete([keys[i]])

@@ -27,6 +27,23 @@ class ServiceError(KVStoreError):
         self.message = message
 
 
+def _read_body(resp: http.client.HTTPResponse) -> bytes | bytearray:
+    """The whole body; with a Content-Length, read straight into one buffer (``read()`` collects
+    chunks and joins them: an extra copy of every multi-MiB object)."""
+    length = resp.getheader("Content-Length")
+    if length is None or int(length) < 65536:
+        return resp.read()
+    buf = bytearray(int(length))
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        n = resp.readinto(view[got:])
+        if not n:
+            raise http.client.IncompleteRead(bytes(view[:got]), len(buf) - got)
+        got += n
+    return buf
+
+
 def decode_result(status: int, ctype: str, data: bytes) -> Any:
     """A control response's body, or ServiceError with the server's message."""
     if status >= 400:
@@ -95,8 +112,7 @@ class DaemonClient:
                 else:
                     conn.request(method, path, body=body, headers=headers)
                 resp = conn.getresponse()
-                data = resp.read()
-                return resp.status, resp.getheader("Content-Type", ""), data
+                return resp.status, resp.getheader("Content-Type", ""), _read_body(resp)
             except (OSError, http.client.HTTPException):
                 self._drop()
                 if attempt == self.retries:

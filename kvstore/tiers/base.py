@@ -32,6 +32,7 @@ class Tier(ABC):
 
     is_memory: bool = False
     is_remote: bool = False  # shared across processes/machines; a round-trip per call
+    is_memory_blob: bool = False  # serialized objects in this process's memory (verified on entry)
 
     def __init__(self, config: TierConfig, counters: Counters) -> None:
         self.config = config

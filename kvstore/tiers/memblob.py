@@ -15,6 +15,8 @@ from kvstore.tiers.base import BlobTier, EvictHandler, TierStats
 
 
 class MemoryBlobTier(BlobTier):
+    is_memory_blob = True
+
     def __init__(self, config: TierConfig, counters: Counters, pins: PinRegistry,
                  on_evict: EvictHandler | None = None) -> None:
         super().__init__(config, counters)
