@@ -3,6 +3,7 @@
 import http.client
 import socket
 import struct
+import time
 
 import pytest
 
@@ -87,10 +88,16 @@ def test_disconnect_mid_payload_stores_nothing(lm):
     t = connect(lm.lm_port)
     t.sendall(header(EXIST, key="m@1@0@cut@half"))
     assert REP.unpack(recv_exact(t, 36))[0] == 400
-    conn = http.client.HTTPConnection("127.0.0.1", lm.port)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    assert 'kvstore_lmcache_requests_total{what="bad_request"} 1.0' in text
+    # The server notices the disconnect on its own connection thread: wait for the counter.
+    deadline = time.monotonic() + 10
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", lm.port)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        if 'kvstore_lmcache_requests_total{what="bad_request"} 1.0' in text:
+            break
+        assert time.monotonic() < deadline, "disconnect mid-payload was never counted"
+        time.sleep(0.05)
 
 
 def test_objects_survive_a_daemon_restart(lm):
