@@ -70,41 +70,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kvstore.config import _read_file, env_overrides, merge
+    """Options: the config file's ``serve:`` section < KVSTORE_SERVE_* < flags; the rest of the file
+    (and KVSTORE_* / store flags) configures the daemon's tiers."""
+    from kvstore.config import env_overrides, merge, read_config_file
     from kvstore.service.server import ServeConfig, serve
 
-    raw = _read_file(args.config) if args.config else (
-        _read_file(os.environ["KVSTORE_CONFIG"]) if os.environ.get("KVSTORE_CONFIG") else {})
+    path = args.config or os.environ.get("KVSTORE_CONFIG")
+    raw = read_config_file(path) if path else {}
     section = dict(raw.pop("serve", None) or {})
-    env = os.environ
-    for field in ("host", "port", "key_file", "max_body_bytes", "max_batch", "request_timeout_s",
-                  "lmcache_port", "lmcache_host", "lmcache_tenant"):
-        value = env.get(f"KVSTORE_SERVE_{field.upper()}")
-        if value is not None:
-            section[field] = value
-        flag = getattr(args, field, None)
-        if flag is not None:
-            section[field] = flag
-    known = set(ServeConfig.__dataclass_fields__) - {"store"}
-    unknown = set(section) - known
-    if unknown:
-        raise KVStoreError(f"unknown serve option(s) {sorted(unknown)}; known: {sorted(known)}")
-    if "tiers" not in raw:
-        raw["tiers"] = StoreConfig().to_dict()["tiers"]
-    data = merge(raw, env_overrides(env))
-    store = load_config(data, overrides=_flag_overrides(args))
-    from kvstore.config import parse_size
-
-    cfg = ServeConfig(host=str(section.get("host", "127.0.0.1")), port=int(section.get("port", 8765)),
-                      key_file=section.get("key_file"),
-                      max_body_bytes=parse_size(section.get("max_body_bytes", 2 * 1024**3), "serve.max_body_bytes"),
-                      max_batch=int(section.get("max_batch", 4096)),
-                      request_timeout_s=float(section.get("request_timeout_s", 120.0)),
-                      lmcache_port=None if section.get("lmcache_port") is None else int(section["lmcache_port"]),
-                      lmcache_host=str(section.get("lmcache_host", "127.0.0.1")),
-                      lmcache_tenant=str(section.get("lmcache_tenant", "lmcache")), store=store)
-    serve(cfg)
+    for name in SERVE_OPTIONS:
+        env_value = os.environ.get(f"KVSTORE_SERVE_{name.upper()}")
+        if env_value is not None:
+            section[name] = env_value
+        if getattr(args, name, None) is not None:
+            section[name] = getattr(args, name)
+    raw.setdefault("tiers", StoreConfig().to_dict()["tiers"])
+    store = load_config(merge(raw, env_overrides(os.environ)), overrides=_flag_overrides(args))
+    serve(ServeConfig.from_mapping(section, store))
     return 0
+
+
+SERVE_OPTIONS = ("host", "port", "key_file", "max_body_bytes", "max_batch", "request_timeout_s",
+                 "lmcache_port", "lmcache_host", "lmcache_tenant")
 
 
 def _repo_root() -> Path | None:

@@ -172,7 +172,7 @@ class StoreConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "StoreConfig":
-        return cls.from_dict(_read_file(path))
+        return cls.from_dict(read_config_file(path))
 
 
 def _tiers_from(raw: Any) -> dict[str, TierConfig]:
@@ -202,7 +202,7 @@ def _tiers_from(raw: Any) -> dict[str, TierConfig]:
     return tiers
 
 
-def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path).expanduser()
     try:
         text = p.read_text()
@@ -304,9 +304,9 @@ def load_config(source: "StoreConfig | Mapping[str, Any] | str | os.PathLike[str
     elif isinstance(source, Mapping):
         data = dict(source)
     elif source is not None:
-        data = _read_file(source)
+        data = read_config_file(source)
     elif env.get("KVSTORE_CONFIG"):
-        data = _read_file(env["KVSTORE_CONFIG"])
+        data = read_config_file(env["KVSTORE_CONFIG"])
     if (use_env or overrides) and "tiers" not in data:
         # Env vars and flags adjust the effective tiers, which are the defaults unless given.
         data["tiers"] = StoreConfig().to_dict()["tiers"]

@@ -10,6 +10,7 @@ never stalls other requests.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -20,8 +21,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstore.blobstore import BlobStore, QuotaExceededError, StoredObject
-from kvstore.config import StoreConfig
-from kvstore.errors import InvalidInputError, KVStoreError
+from kvstore.config import StoreConfig, parse_size
+from kvstore.errors import ConfigError, InvalidInputError, KVStoreError
 from kvstore.service.auth import KeyFile, Principal, storage_key
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
@@ -45,6 +46,31 @@ class ServeConfig:
     lmcache_host: str = "127.0.0.1"
     lmcache_tenant: str = "lmcache"
     store: StoreConfig = field(default_factory=StoreConfig)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], store: StoreConfig) -> "ServeConfig":
+        """Options from a config file's ``serve:`` section, env vars or flags (strings are fine:
+        each is converted to its field's type; unknown names are an error)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"store"}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown serve option(s) {sorted(unknown)}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            try:
+                if name == "max_body_bytes":
+                    kwargs[name] = parse_size(value, "serve.max_body_bytes")
+                elif name in ("port", "max_batch", "lmcache_port"):
+                    kwargs[name] = int(value)
+                elif name == "request_timeout_s":
+                    kwargs[name] = float(value)
+                else:
+                    kwargs[name] = str(value)
+            except ValueError:
+                raise ConfigError(f"serve.{name}: cannot use {value!r}") from None
+        return cls(store=store, **kwargs)
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -34,3 +34,14 @@ def test_quick_demo_runs_and_verifies(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "every hit verified" in r.stdout and "phase 2" in r.stdout
     assert "disk" in r.stdout
+
+
+def test_serve_config_errors_are_clear(tmp_path):
+    import os
+    bad = tmp_path / "c.yaml"
+    bad.write_text("serve:\n  colour: red\n")
+    r = run("serve", "--config", str(bad), timeout=30)
+    assert r.returncode == 2 and "unknown serve option(s) ['colour']" in r.stderr
+    env = {**os.environ, "KVSTORE_SERVE_PORT": "eighty"}
+    r = run("serve", "--no-disk", env=env, timeout=30)
+    assert r.returncode == 2 and "serve.port: cannot use 'eighty'" in r.stderr
