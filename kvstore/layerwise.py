@@ -51,8 +51,11 @@ class LayerwiseGet:
         self._thread = threading.Thread(target=self._run, name="kvstore-layerwise-get")
         self._thread.start()
         store._track(self)
+        total = num_tokens(tokens)
         store.counters.store("gets")
+        store.counters.store("get_tokens", total)
         store.counters.store("get_hit_tokens", self.hit_tokens)
+        store.counters.store("get_miss_tokens", total - self.hit_tokens)
 
     def _source(self, ref: ChunkRef, tier: object) -> torch.Tensor | None:
         store = self._store

@@ -12,7 +12,6 @@ from collections import defaultdict
 TIER_COUNTERS = (
     "hits",            # chunks served from this tier
     "hit_tokens",
-    "misses",          # chunks looked for here and not found (only counted on get)
     "puts",            # chunks written into this tier
     "put_bytes",
     "evictions",       # chunks removed to make room
@@ -26,8 +25,10 @@ TIER_COUNTERS = (
     "load_seconds",    # wall time spent fetching, verifying and copying hits out of this tier
     "write_seconds",   # wall time spent writing into this tier (sync for the first, async below)
 )
-STORE_COUNTERS = ("lookups", "lookup_tokens", "lookup_hit_tokens", "gets", "get_hit_tokens",
-                  "puts", "put_tokens", "put_new_chunks")
+STORE_COUNTERS = ("lookups", "lookup_tokens", "lookup_hit_tokens", "gets", "get_tokens", "get_hit_tokens",
+                  "get_miss_tokens", "puts", "put_tokens", "put_new_chunks")
+"""Store-wide: a miss belongs to the request, not to a tier (a chunk absent everywhere was
+missed by all of them), so misses are counted here as tokens asked for and not served."""
 
 
 class Counters:

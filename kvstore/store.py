@@ -164,11 +164,11 @@ class KVStore:
         loaded = self._load(refs[:n], where[:n], out)
         self._touch(refs[:loaded])
         hit = refs[loaded - 1].end if loaded else 0
+        total = num_tokens(tokens)
         self.counters.store("gets")
+        self.counters.store("get_tokens", total)
         self.counters.store("get_hit_tokens", hit)
-        if loaded < len(refs):
-            tier = where[loaded]
-            self.counters.tier(tier.name if tier is not None else self.tiers[-1].name, "misses")
+        self.counters.store("get_miss_tokens", total - hit)
         return hit, out[:, :, :hit]
 
     def _check_out(self, out: torch.Tensor, needed: int) -> None:

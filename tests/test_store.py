@@ -176,6 +176,7 @@ def test_stats_shape(spec, tmp_path):
         store.flush()
         st = store.stats()
     assert st["gets"] == 1 and st["get_hit_tokens"] == 40 and st["put_new_chunks"] == 3
+    assert st["get_tokens"] == 40 and st["get_miss_tokens"] == 0
     assert st["tiers"]["cpu"]["hits"] == 3 and st["tiers"]["disk"]["objects"] == 3
     for key in ("evictions", "demotions", "promotions", "corrupt", "dropped_writes", "pinned_bytes", "bytes"):
         assert key in st["tiers"]["cpu"]
