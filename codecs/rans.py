@@ -106,18 +106,17 @@ def decode(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor, ctx:
     w = torch.cat([words.to(torch.int32), words.new_zeros(1, dtype=torch.int32)])  # pad: reads stay in range
     end = torch.cumsum(counts.to(torch.int32), dim=0, dtype=torch.int32)
     ptr = end - counts.to(torch.int32)
-    out = torch.empty((steps, lanes), dtype=torch.int16, device=states.device)
-    idx = torch.empty_like(x)
+    slots = torch.empty((steps, lanes), dtype=torch.int32, device=states.device)
     f = torch.empty_like(x)
     b = torch.empty_like(x)
     wv = torch.empty_like(x)
     sh = torch.empty_like(x)
     m = torch.empty(lanes, dtype=torch.bool, device=x.device)
     for t in range(steps):
+        idx = slots[t]  # the slot index doubles as the symbol's address: looked up after the loop
         torch.bitwise_and(x, M - 1, out=idx)
         idx += base
         torch.index_select(fb_table, 0, idx, out=b)
-        torch.index_select(sym_table, 0, idx, out=out[t])
         torch.bitwise_right_shift(b, 16, out=f)
         x >>= SCALE_BITS
         x *= f
@@ -135,4 +134,4 @@ def decode(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor, ctx:
         raise RansError("lanes did not consume exactly their words (corrupt stream)")
     if bool((x != RANS_L).any()):
         raise RansError("stream does not decode back to the initial state (corrupt)")
-    return out
+    return torch.index_select(sym_table, 0, slots.view(-1)).view(steps, lanes)
