@@ -71,8 +71,9 @@ def encode(symbols: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor) -> tup
     return x.to(torch.int32), mask_t.sum(dim=1, dtype=torch.int32), words
 
 
-def decode_tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per (context, slot): the frequency, ``slot - cum`` and the symbol."""
+def decode_tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (context, slot): int32 ``freq << 16 | (slot - cum)`` (one gather gives both) and the
+    int16 symbol."""
     n_ctx, alphabet = freqs.shape
     f = freqs.to(torch.int64)
     if bool((f < 0).any()) or bool((f.sum(dim=1) != M).any()):
@@ -81,7 +82,7 @@ def decode_tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     sym = torch.repeat_interleave(torch.arange(alphabet, device=freqs.device).repeat(n_ctx), f.reshape(-1))
     slot = torch.arange(M, device=freqs.device).repeat(n_ctx)
     ctx = torch.arange(n_ctx, device=freqs.device).repeat_interleave(M)
-    return f[ctx, sym].to(torch.int32), (slot - cum[ctx, sym]).to(torch.int32), sym.to(torch.int16)
+    return ((f[ctx, sym] << 16) | (slot - cum[ctx, sym])).to(torch.int32), sym.to(torch.int16)
 
 
 def decode(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor, ctx: torch.Tensor,
@@ -97,8 +98,7 @@ def decode(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor, ctx:
     nwords = int(counts.sum()) if lanes else 0
     if nwords != words.numel():
         raise RansError(f"lanes claim {nwords} words, the stream has {words.numel()}")
-    f_table, b_table, sym_table = decode_tables(freqs)
-    fb_table = (f_table << 16) | b_table  # one gather instead of two
+    fb_table, sym_table = decode_tables(freqs)
     base = ctx.to(torch.int32) * M
     x = states.to(torch.int32).clone()
     if bool((x < RANS_L).any()):

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError, CorruptObjectError, InvalidInputError
-from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read_meta
+from kvstore.objects import NeedMore, ObjectMeta, parse_header, read_meta
 from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
@@ -120,10 +120,8 @@ class BlobStore:
             meta, _payload = read_meta(blob)
         except CorruptObjectError as exc:
             raise InvalidInputError(f"object for key {object_key.hex()} is not a valid kvstore object: {exc}") from None
-        try:
-            check_meta(meta, _with_key(meta, object_key))
-        except CorruptObjectError as exc:
-            raise InvalidInputError(str(exc)) from None
+        if meta.key != object_key:
+            raise InvalidInputError(f"object names key {meta.key.hex()}, but was sent for {object_key.hex()}")
         return meta
 
     def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None) -> int:
@@ -144,7 +142,7 @@ class BlobStore:
             first.put_blobs([(meta, [o.blob])])
             for tier in self.tiers[1:]:
                 if tier.config.write == "through":
-                    self._writers[tier.name].submit(PendingWrite(meta, _NO_TENSOR, blob=[o.blob]))
+                    self._writers[tier.name].submit(PendingWrite(meta, blob=[o.blob]))
         return len(new)
 
     def _on_evict(self, tier: Any, key: bytes, fetch: Any) -> None:
@@ -159,7 +157,7 @@ class BlobStore:
                 meta, _ = read_meta(blob)
             except CorruptObjectError:
                 break
-            if self._writers[lower.name].submit(PendingWrite(_with_key(meta, key), _NO_TENSOR, blob=[bytes(blob)])):
+            if self._writers[lower.name].submit(PendingWrite(_with_key(meta, key), blob=[bytes(blob)])):
                 self.counters.tier(tier.name, "demotions")
                 return
             break
@@ -226,10 +224,3 @@ class BlobStore:
 def _with_key(meta: ObjectMeta, key: bytes) -> ObjectMeta:
     return ObjectMeta(key=key, fingerprint=meta.fingerprint, shape=meta.shape, dtype=meta.dtype,
                       num_tokens=meta.num_tokens, partial=meta.partial, codec=meta.codec)
-
-
-class _NoTensor:
-    """Writers get pre-encoded blobs here; the tensor slot is never read."""
-
-
-_NO_TENSOR: Any = _NoTensor()

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from kvstore.codecs import CodecError, get_codec
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import CorruptObjectError, InvalidInputError, PinLimitError
 from kvstore.hashing import ChunkHasher, ChunkRef, num_tokens
 from kvstore.objects import ObjectMeta, decode_object, encode_object, read_meta
 from kvstore.pins import PinRegistry
-from kvstore.spec import KVSpec, dtype_name
+from kvstore.spec import KVSpec, dtype_from_name, dtype_name
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier
 from kvstore.tiers.disk import DiskTier, ReadResult
@@ -284,7 +285,7 @@ class KVStore:
             elif tier.name in self._writers and not tier.contains([meta.key])[0]:
                 # The blob buffer is reused by the next read: the async writer gets its own copy.
                 if blob is not None and tier.config.codec == read_meta(blob)[0].codec:
-                    item = PendingWrite(meta, torch.empty(0), blob=[bytes(blob)])
+                    item = PendingWrite(meta, blob=[bytes(blob)])
                 else:
                     item = PendingWrite(meta, kv.clone())
                 if self._writers[tier.name].submit(item):
@@ -377,42 +378,38 @@ class KVStore:
     # ---- eviction / demotion ---------------------------------------------------------------
 
     def _on_evict(self, tier: Tier, key: bytes, fetch: Any) -> None:
-        """Demote an evicted chunk to the first slower tier, unless a slower tier already has it."""
+        """Demote an evicted chunk one tier down, unless that tier already has it."""
         pos = self.tiers.index(tier)
-        for lower in self.tiers[pos + 1:]:
-            if lower.contains([key])[0]:
-                return
-            if isinstance(lower, MemoryTierBase):
-                view, meta = fetch()
-                if lower.put(meta, view) is not None:
-                    self.counters.tier(tier.name, "demotions")
-                return
-            writer = self._writers.get(lower.name)
-            if writer is None:
-                return
-            data = fetch()
-            if data is None:
-                return
-            if isinstance(data, tuple):
-                view, meta = data
-                item = PendingWrite(meta, view.detach().to("cpu", copy=True))
-            else:
-                try:
-                    meta, _payload = read_meta(data)
-                except CorruptObjectError:
-                    self.counters.tier(tier.name, "corrupt")
-                    return
-                if lower.config.codec == meta.codec:
-                    item = PendingWrite(meta, torch.empty(0), blob=[data])
-                else:
-                    try:
-                        item = PendingWrite(meta, decode_object(data, meta))
-                    except CorruptObjectError:
-                        self.counters.tier(tier.name, "corrupt")
-                        return
-            if writer.submit(item):
+        if pos + 1 == len(self.tiers):
+            return
+        lower = self.tiers[pos + 1]
+        if lower.contains([key])[0]:
+            return
+        if isinstance(lower, MemoryTierBase):
+            view, meta = fetch()
+            if lower.put(meta, view) is not None:
                 self.counters.tier(tier.name, "demotions")
             return
+        writer = self._writers.get(lower.name)
+        data = fetch() if writer is not None else None
+        if data is None:
+            return
+        if isinstance(data, tuple):  # from a memory tier: (slot view, meta); the slot is reused next
+            view, meta = data
+            item = PendingWrite(meta, view.detach().to("cpu", copy=True))
+        else:  # an encoded object from a blob tier: pass it through, re-encode only across codecs
+            try:
+                meta, payload = read_meta(data)
+                if lower.config.codec == meta.codec:
+                    item = PendingWrite(meta, blob=[data])
+                else:
+                    kv = get_codec(meta.codec).decode(payload, meta.shape, dtype_from_name(meta.dtype))
+                    item = PendingWrite(meta, kv)
+            except (CorruptObjectError, CodecError):
+                self.counters.tier(tier.name, "corrupt")
+                return
+        if writer.submit(item):
+            self.counters.tier(tier.name, "demotions")
 
     # ---- pins ------------------------------------------------------------------------------
 

@@ -26,13 +26,14 @@ _BATCH = 16
 
 @dataclass
 class PendingWrite:
-    """A chunk waiting to be written. ``tensor`` stays valid until ``release`` is called (it is a
-    leased memory-tier slot or a tensor nobody else writes to)."""
+    """A chunk waiting to be written: a tensor to encode with the tier's codec, or an object
+    already encoded (passed through as is). ``tensor`` stays valid until ``release`` is called
+    (it is a leased memory-tier slot or a tensor nobody else writes to)."""
 
     meta: ObjectMeta
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None = None
     release: Callable[[], None] | None = None
-    blob: list[bytes | memoryview] | None = None  # already-encoded object, passed through as is
+    blob: list[bytes | memoryview] | None = None
 
     def done(self) -> None:
         if self.release is not None:
@@ -91,7 +92,11 @@ class TierWriter:
         try:
             encoded = []
             for w in work:
-                parts = w.blob if w.blob is not None else encode_object(w.meta, w.tensor, codec)
+                if w.blob is not None:
+                    parts = w.blob
+                else:
+                    assert w.tensor is not None, "a pending write carries a tensor or an encoded object"
+                    parts = encode_object(w.meta, w.tensor, codec)
                 encoded.append((w.meta, parts))
             self.tier.put_blobs(encoded)
             self.counters.tier(self.tier.name, "write_seconds", time.perf_counter() - t0)
