@@ -71,6 +71,8 @@ class TierConfig:
     write: str = "through"  # through: every put is copied down here; demote: only evictions land
     path: str | None = None
     fsync: bool = False
+    # disk: other processes write this directory too; an index miss checks the file system.
+    shared: bool = False
     url: str | None = None
     ttl_s: float | None = None
     timeout_s: float = 2.0

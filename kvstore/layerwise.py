@@ -87,14 +87,11 @@ class LayerwiseGet:
         return kv
 
     def _run(self) -> None:
+        # Inference mode is thread-local: an ``out`` created under it (vLLM, the reference engine)
+        # may only be written under it, so the copy thread adopts the mode of its target.
         try:
-            for layer in range(self.num_layers):
-                for ref, src, _tier in self._sources:
-                    part = src.layer(layer) if isinstance(src, _FramedSource) else src[layer]
-                    self.out[layer, :, ref.start:ref.end].copy_(part, non_blocking=self.out.is_cuda)
-                if self.out.is_cuda:
-                    torch.cuda.current_stream(self.out.device).synchronize()
-                self._ready[layer].set()
+            with torch.inference_mode(self.out.is_inference()):
+                self._copy_layers()
         except BaseException as exc:  # surfaced to the engine thread by wait()
             self._error = exc
             for ev in self._ready:
@@ -103,6 +100,15 @@ class LayerwiseGet:
             for ref, _src, tier in self._sources:
                 if tier is not None:
                     tier.release(ref.key)
+
+    def _copy_layers(self) -> None:
+        for layer in range(self.num_layers):
+            for ref, src, _tier in self._sources:
+                part = src.layer(layer) if isinstance(src, _FramedSource) else src[layer]
+                self.out[layer, :, ref.start:ref.end].copy_(part, non_blocking=self.out.is_cuda)
+            if self.out.is_cuda:
+                torch.cuda.current_stream(self.out.device).synchronize()
+            self._ready[layer].set()
 
     def wait(self, layer: int, timeout_s: float | None = None) -> torch.Tensor:
         if not 0 <= layer < self.num_layers:

@@ -307,17 +307,23 @@ class KVStore:
 
     # ---- put -----------------------------------------------------------------------------
 
-    def put(self, tokens: object, kv: torch.Tensor) -> int:
+    def put(self, tokens: object, kv: torch.Tensor, kv_start: int = 0) -> int:
         """Store the chunks of ``tokens`` not already stored locally; returns how many were new.
 
-        ``kv`` is ``[num_layers, 2, len(tokens), num_kv_heads, head_size]`` (MLA: 4-D). Returns
-        once the fastest tier holds the chunks; slower tiers are written asynchronously.
+        ``kv`` is ``[num_layers, 2, len(tokens) - kv_start, num_kv_heads, head_size]`` (MLA: 4-D):
+        the KV of ``tokens[kv_start:]``. Engines that computed only a suffix (the rest came from
+        a cache) pass just that; chunks before ``kv_start`` (a chunk boundary) are left alone.
+        Returns once the fastest tier holds the chunks; slower tiers are written asynchronously.
         """
+        total = num_tokens(tokens)
+        if kv_start < 0 or kv_start % self.chunk_size or kv_start > total:
+            raise InvalidInputError(f"kv_start {kv_start} must be a multiple of chunk_size {self.chunk_size} "
+                                    f"within the {total} tokens")
         refs = self.chunks(tokens, include_partial=self.config.save_partial)
-        self.spec.check_kv(kv, num_tokens=num_tokens(tokens))
-        new = self._missing_locally(refs)
+        self.spec.check_kv(kv, num_tokens=total - kv_start)
+        new = self._missing_locally([r for r in refs if r.start >= kv_start])
         for ref in new:
-            self._put_chunk(self._meta(ref), kv[:, :, ref.start:ref.end])
+            self._put_chunk(self._meta(ref), kv[:, :, ref.start - kv_start:ref.end - kv_start])
         self._touch(refs)
         self.counters.store("puts")
         self.counters.store("put_tokens", num_tokens(tokens))

@@ -90,7 +90,26 @@ class DiskTier(BlobTier):
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         index = self._index
-        return [k in index for k in keys]
+        found = [k in index for k in keys]
+        if self.config.shared:
+            for i, key in enumerate(keys):
+                if not found[i]:
+                    found[i] = self._adopt(key)
+        return found
+
+    def _adopt(self, key: bytes) -> bool:
+        """A ``shared`` directory is also written by other processes (another engine, or vLLM's
+        worker beside its scheduler): a file we have not indexed may exist. Adopting it is safe
+        because files appear only by atomic rename and every read verifies its checksum."""
+        try:
+            size = os.stat(self.path_of(key)).st_size
+        except OSError:
+            return False
+        with self._lock:
+            if key not in self._index:
+                self._index[key] = size
+                self._used += size
+        return True
 
     def get_blobs(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         return [self._read(key, None) for key in keys]

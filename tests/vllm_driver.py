@@ -1,0 +1,46 @@
+"""Runs one vLLM engine over a prompt file and writes what it generated (a subprocess of
+tests/test_vllm_connector.py: each engine gets a fresh process, as in production)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--kvstore-config", help="JSON kvstore config; omit for an engine without connector")
+    ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--sequential", action="store_true", help="one generate() call per prompt, in order")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kv = None
+    if args.kvstore_config:
+        kv = KVTransferConfig(kv_connector="KVStoreConnector", kv_role="kv_both",
+                              kv_connector_module_path="kvstore.connectors.vllm",
+                              kv_connector_extra_config={"kvstore_config": json.loads(args.kvstore_config)})
+    # vLLM's own prefix cache is off so every reused token is one kvstore supplied.
+    llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32", block_size=32, max_model_len=2048,
+              enforce_eager=True, enable_prefix_caching=False, kv_transfer_config=kv, seed=0,
+              max_num_seqs=4)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, detokenize=False)
+    prompts = json.load(open(args.prompts))
+    batches = [[p] for p in prompts] if args.sequential else [prompts]
+    results = []
+    for batch in batches:
+        outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        for o in outs:
+            results.append({"tokens": list(o.outputs[0].token_ids), "num_cached_tokens": o.num_cached_tokens})
+    json.dump(results, open(args.out, "w"))
+    del llm
+
+
+if __name__ == "__main__":
+    main()
