@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -70,3 +73,20 @@ def table(rows: list[list[str]]) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def start_daemon(workdir: str) -> tuple[subprocess.Popen, str]:
+    """A `kvstore serve` subprocess on a free loopback port (cpu + disk under workdir); yields
+    its kvstore:// URL once /readyz answers. The caller terminates it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--port", str(port), "--cpu-capacity", "6GiB",
+                             "--disk-path", os.path.join(workdir, "disk"), "--disk-capacity", "40GiB"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                return proc, f"kvstore://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("daemon did not start")

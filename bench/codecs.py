@@ -6,7 +6,10 @@ Link model: the object's frames arrive back to back at the link rate; a frame is
 soon as it has fully arrived and the previous frame is decoded (codecs without frames decode
 after the last byte). Decode times are the measured ones.
 
-    python bench/codecs.py [--layers 32] [--seed 0] [--ablation]
+    python bench/codecs.py [--layers 32] [--seed 0] [--ablation] [--model DIR]
+
+``--model`` measures real KV instead: a 256-token chunk of Python source prefilled by the
+reference engine with that model (the packaged trained one: ``--model default``).
 """
 
 from __future__ import annotations
@@ -91,17 +94,43 @@ def ablation(kv: torch.Tensor) -> None:
     print(table(rows))
 
 
+def model_kv(model_dir: str, tokens: int = 256, seed: int = 0) -> torch.Tensor:
+    """KV of ``tokens`` tokens of stdlib source, starting 512 tokens into the file so the chunk
+    is a mid-prompt one (the common case), computed by the reference engine."""
+    import random
+    import sysconfig
+    from pathlib import Path
+
+    from kvstore.connectors.reference import DEFAULT_MODEL, Engine
+    from kvstore.connectors.reference.tokenizer import load_tokenizer
+
+    path = DEFAULT_MODEL if model_dir == "default" else Path(model_dir)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    ids: list[int] = []
+    rng = random.Random(seed)
+    while len(ids) < 512 + tokens:
+        ids = load_tokenizer(path).encode(rng.choice(files).read_text(encoding="utf-8")).ids
+    kv, _ = Engine.load(path).prefill_kv(ids[:512 + tokens])
+    return kv[:, :, 512:].contiguous()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ablation", action="store_true", help="also answer the delta and scaling-axis questions")
+    ap.add_argument("--model", help="measure real KV from this model directory ('default': the packaged model)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    kv = synthetic_kv(layers=args.layers, heads=8, head_size=128, tokens=256, seed=args.seed)
+    if args.model:
+        kv = model_kv(args.model, seed=args.seed)
+        what = f"real KV of {args.model}"
+    else:
+        kv = synthetic_kv(layers=args.layers, heads=8, head_size=128, tokens=256, seed=args.seed)
+        what = "synthetic Llama-3-8B-shaped"
     mb = kv.numel() * kv.element_size() / 1e6
-    print(f"synthetic Llama-3-8B-shaped chunk: {tuple(kv.shape)} fp16 = {mb:.1f} MB; 1 thread; best of {args.repeat}")
+    print(f"{what} chunk: {tuple(kv.shape)} fp16 = {mb:.2f} MB; 1 thread; best of {args.repeat}")
     rows = [["codec", "ratio", "enc MB/s", "dec MB/s", "rel err", "attn err",
              *[f"{g:g} Gb/s ms (x raw)" for g in LINKS_GBPS]]]
     raw_fetch: list[float] = []
@@ -123,7 +152,7 @@ def main() -> None:
           "fetch >= 1.5x raw at 1 Gb/s and >= 4x at 0.1 Gb/s")
     if args.ablation:
         print()
-        ablation(synthetic_kv(layers=min(args.layers, 8), seed=args.seed))
+        ablation(kv if args.model else synthetic_kv(layers=min(args.layers, 8), seed=args.seed))
 
 
 if __name__ == "__main__":

@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import free_port, median, pct, redis_server, table  # noqa: E402
+from _common import median, pct, redis_server, start_daemon, table  # noqa: E402
 
 from kvstore import KVSpec  # noqa: E402
 from kvstore.client import DaemonClient  # noqa: E402
@@ -40,21 +38,6 @@ def objects(count: int, tokens: int, tag: int) -> list[tuple[bytes, bytes]]:
         key = tag.to_bytes(4, "little") + i.to_bytes(12, "little")
         out.append((key, join_parts(encode_object(meta_for(key, SPEC.fingerprint, kv, tokens < 256), kv))))
     return out
-
-
-def start_daemon(workdir: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--port", str(port), "--cpu-capacity", "6GiB",
-                             "--disk-path", os.path.join(workdir, "disk"), "--disk-capacity", "40GiB"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                return proc, f"kvstore://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("daemon did not start")
 
 
 def parallel(clients: int, work: list, fn) -> float:

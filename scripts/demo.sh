@@ -9,5 +9,5 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install --quiet torch==2.13.0
 fi
-"$PY" -m pip install --quiet -e .
+"$PY" -m pip install --quiet -e ".[demo]"
 exec "$PY" -m kvstore demo "$@"

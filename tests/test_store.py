@@ -186,3 +186,10 @@ def test_close_is_idempotent(spec):
     store = KVStore(spec, mem_config())
     store.close()
     store.close()
+
+
+def test_stats_of_an_untouched_tier_have_every_counter(spec, tmp_path):
+    with KVStore(spec, disk_config(tmp_path)) as store:
+        st = store.stats()
+    for tier in ("cpu", "disk"):
+        assert st["tiers"][tier]["hits"] == 0 and st["tiers"][tier]["load_seconds"] == 0

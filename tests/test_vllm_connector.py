@@ -47,8 +47,9 @@ def run(tmp: Path, name: str, prompts: list, cache_dir: Path | None, multiproces
         cfg = {"chunk_size": CHUNK, "tiers": {"cpu": {"capacity": "64MiB"},
                                               "disk": {"capacity": "256MiB", "path": str(cache_dir)}}}
         cmd += ["--kvstore-config", json.dumps(cfg)]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocessing else "0",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # KVSTORE_* variables configure the connector's store (an unknown one is an error): pass none.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocessing else "0", VLLM_CPU_KVCACHE_SPACE="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-6000:]
     return json.loads((tmp / f"{name}.out.json").read_text())

@@ -102,7 +102,8 @@ class Engine:
 
     # ---- prefill and decode --------------------------------------------------------------
 
-    def _new_cache(self, capacity: int) -> ContiguousCache | PagedCache:
+    def new_cache(self, capacity: int) -> ContiguousCache | PagedCache:
+        """A KV cache for one sequence (paged when the engine is)."""
         c = self.config
         if self.pool is not None:
             return PagedCache(self.pool, capacity)
@@ -126,6 +127,18 @@ class Engine:
         return h[-1:]
 
     @torch.inference_mode()
+    def prefill_kv(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full prefill without the store: ``(kv [L, 2, T, H, D], next-token logits)``. What
+        CacheBlend precomputes for a document, and real KV for codec measurements."""
+        ids = [int(t) for t in tokens]
+        if not ids:
+            raise InvalidInputError("the prompt is empty")
+        c = self.config
+        cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, len(ids), self.kv_dtype, self.model.device)
+        h = self._forward(cache, ids, 0)
+        return cache.export(len(ids)), self.model.logits(h)[0]
+
+    @torch.inference_mode()
     def generate(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
                  request_id: str | None = None) -> Generation:
         t0 = time.perf_counter()
@@ -137,7 +150,7 @@ class Engine:
             raise InvalidInputError(f"prompt ({len(ids)}) + max_new_tokens ({params.max_new_tokens}) "
                                     f"exceeds max_position_embeddings {limit}")
         rid = request_id or f"req-{next(self._ids)}"
-        cache = self._new_cache(len(ids) + params.max_new_tokens)
+        cache = self.new_cache(len(ids) + params.max_new_tokens)
         try:
             load = self.hooks.load(ids, out=cache.load_target(len(ids))) if self.hooks else LayerLoad()
             hit = load.hit_tokens
@@ -152,23 +165,7 @@ class Engine:
             if self.hooks:
                 self.hooks.save(rid, ids, cache.export(len(ids)))
             logits = self.model.logits(h)[0]
-            gen = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
-            out: list[int] = []
-            ttft = 0.0
-            step_logits = logits
-            while len(out) < params.max_new_tokens:
-                tok = self._sample(step_logits, params, gen)
-                if not out:
-                    ttft = time.perf_counter() - t0
-                out.append(tok)
-                if params.stop_at_eos and tok == self.config.eos_token_id:
-                    break
-                if len(out) == params.max_new_tokens:
-                    break
-                seq = ids + out
-                step_logits = self.model.logits(self._forward(cache, seq, len(seq) - 1))[0]
-            if not out:
-                ttft = time.perf_counter() - t0
+            out, ttft = self.decode(cache, ids, logits, params, t0)
             if self.hooks and self.save_generated and len(out) > 1:
                 # KV exists for every token but the last sampled one: the next chat turn's prefix.
                 done = ids + out[:-1]
@@ -180,6 +177,24 @@ class Engine:
                 cache.free()
         return Generation(tokens=out, prompt_tokens=len(ids), hit_tokens=hit, computed_tokens=len(ids) - start,
                           ttft_s=ttft, total_s=time.perf_counter() - t0, first_logits=logits)
+
+    def decode(self, cache: ContiguousCache | PagedCache, prompt: list[int], logits: torch.Tensor,
+               params: SamplingParams, t0: float) -> tuple[list[int], float]:
+        """Sample up to ``max_new_tokens`` after a prefilled ``prompt`` whose next-token logits
+        are ``logits``; returns the tokens and the time from ``t0`` to the first one."""
+        gen = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
+        out: list[int] = []
+        ttft = 0.0
+        while len(out) < params.max_new_tokens:
+            tok = self._sample(logits, params, gen)
+            if not out:
+                ttft = time.perf_counter() - t0
+            out.append(tok)
+            if (params.stop_at_eos and tok == self.config.eos_token_id) or len(out) == params.max_new_tokens:
+                break
+            seq = prompt + out
+            logits = self.model.logits(self._forward(cache, seq, len(seq) - 1))[0]
+        return out, ttft or time.perf_counter() - t0
 
     @staticmethod
     def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
