@@ -26,7 +26,7 @@ _MEMORY_KINDS = frozenset({"device", "cpu"})
 _TIER_OPTIONS: dict[str, frozenset[str]] = {
     "device": frozenset({"capacity", "device", "pin_fraction"}),
     "cpu": frozenset({"capacity", "pin_fraction", "write"}),
-    "disk": frozenset({"capacity", "path", "codec", "fsync", "pin_fraction", "write", "queue_size"}),
+    "disk": frozenset({"capacity", "path", "codec", "fsync", "pin_fraction", "write", "queue_size", "shared"}),
     "redis": frozenset({"url", "codec", "ttl_s", "write", "queue_size", "timeout_s", "key_prefix", "cluster"}),
     "remote": frozenset({"url", "api_key", "codec", "write", "queue_size", "timeout_s"}),
 }

@@ -122,3 +122,18 @@ def test_sigkill_during_writes_loses_nothing_committed(tmp_path):
             served += hit
         assert served >= 4 * 1024  # everything flushed before "ready" survived
         assert store.stats()["tiers"]["disk"]["corrupt"] == 0
+
+
+def test_shared_directory_sees_objects_written_by_another_store(spec, tmp_path):
+    """Two engines (or vLLM's scheduler and worker) on one host share a disk directory."""
+    toks = list(range(48))
+    shared = disk_config(tmp_path, cpu=None)
+    shared["tiers"]["disk"]["shared"] = True
+    with KVStore(spec, shared) as reader, KVStore(spec, disk_config(tmp_path, cpu=None)) as private:
+        with KVStore(spec, disk_config(tmp_path, cpu=None)) as writer:  # opened after both readers
+            writer.put(toks, causal_kv(spec, toks))
+            writer.flush()
+        assert private.lookup(toks) == 0  # its index was built before the writes
+        assert reader.lookup(toks) == 48
+        hit, kv = reader.get(toks)
+        assert hit == 48 and torch.equal(kv, causal_kv(spec, toks))

@@ -193,3 +193,18 @@ def test_stats_of_an_untouched_tier_have_every_counter(spec, tmp_path):
         st = store.stats()
     for tier in ("cpu", "disk"):
         assert st["tiers"][tier]["hits"] == 0 and st["tiers"][tier]["load_seconds"] == 0
+
+
+def test_put_of_a_suffix_stores_only_its_chunks(spec):
+    toks = list(range(64))
+    kv = causal_kv(spec, toks)
+    with KVStore(spec, mem_config(chunk=16)) as store:
+        assert store.put(toks, kv[:, :, 32:], kv_start=32) == 2  # chunks 2 and 3
+        assert store.lookup(toks) == 0  # chunks 0 and 1 were never given
+        store.put(toks[:32], kv[:, :, :32])
+        hit, got = store.get(toks)
+        assert hit == 64 and torch.equal(got, kv)
+        with pytest.raises(InvalidInputError, match="multiple of chunk_size"):
+            store.put(toks, kv[:, :, 8:], kv_start=8)
+        with pytest.raises(InvalidInputError, match="does not match"):
+            store.put(toks, kv, kv_start=32)  # kv must hold exactly tokens[kv_start:]

@@ -178,6 +178,7 @@ class Engine:
         return Generation(tokens=out, prompt_tokens=len(ids), hit_tokens=hit, computed_tokens=len(ids) - start,
                           ttft_s=ttft, total_s=time.perf_counter() - t0, first_logits=logits)
 
+    @torch.inference_mode()
     def decode(self, cache: ContiguousCache | PagedCache, prompt: list[int], logits: torch.Tensor,
                params: SamplingParams, t0: float) -> tuple[list[int], float]:
         """Sample up to ``max_new_tokens`` after a prefilled ``prompt`` whose next-token logits

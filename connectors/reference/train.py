@@ -85,7 +85,7 @@ def evaluate(model: Transformer, data: torch.Tensor, seq: int, batches: int = 8)
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="model directory to write")
-    ap.add_argument("--steps", type=int, default=420)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (slower)")

@@ -1,0 +1,158 @@
+"""CacheBlend quality and speed, each beside full prefill of the same prompt in the same run.
+
+quality: the packaged trained model; prompts of 2-8 stdlib-source documents plus a question.
+  For full reuse (ratio 0) and CacheBlend at 5%, 15% and 30%: next-token KL divergence from
+  full prefill and greedy agreement over the first 32 generated tokens.
+speed: a 16-layer model with random weights (speed does not depend on them); 4 documents of
+  1K tokens plus a 64-token question, documents in the cpu tier; blend time against full
+  prefill, beside the ideal compute fraction.
+
+    python bench/blend.py [quality|speed|all] [--prompts 5] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import median, table  # noqa: E402
+
+from kvstore.connectors.blend import BlendConfig, Blender  # noqa: E402
+from kvstore.connectors.reference import DEFAULT_MODEL, Engine, SamplingParams, Transformer  # noqa: E402
+from kvstore.connectors.reference.tokenizer import load_tokenizer  # noqa: E402
+from kvstore.connectors.reference.weights import random_weights, tiny_config  # noqa: E402
+from kvstore.store import KVStore  # noqa: E402
+
+RATIOS = [0.0, 0.05, 0.15, 0.30, 1.0]  # 1.0 must equal full prefill: the machinery check
+CONTINUATION = 32
+
+
+def corpus(model_dir: Path) -> list[list[int]]:
+    tok = load_tokenizer(model_dir)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    out = []
+    for p in files:
+        try:
+            ids = tok.encode(p.read_text(encoding="utf-8")).ids
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(ids) > 1200:
+            out.append(ids)
+    return out
+
+
+def kl(ref: torch.Tensor, got: torch.Tensor) -> float:
+    p, q = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def quality(args: argparse.Namespace) -> None:
+    engine = Engine.load(DEFAULT_MODEL)
+    texts = corpus(DEFAULT_MODEL)
+    rng = random.Random(args.seed)
+    sep = load_tokenizer(DEFAULT_MODEL).token_to_id("<|sep|>")
+
+    def cut(n: int) -> list[int]:
+        ids = rng.choice(texts)
+        s = rng.randrange(0, len(ids) - n)
+        return ids[s:s + n]
+
+    params = SamplingParams(max_new_tokens=CONTINUATION, stop_at_eos=False)
+    kls: dict[float, list[float]] = {r: [] for r in RATIOS}
+    agree: dict[float, list[float]] = {r: [] for r in RATIOS}
+    fractions: dict[float, list[float]] = {r: [] for r in RATIOS}
+    with KVStore(engine.kv_spec(), {"chunk_size": 64, "tiers": {"cpu": {"capacity": "2GiB"}}}) as store:
+        for n_docs in (2, 4, 6, 8):
+            for _ in range(args.prompts):
+                docs = [cut(args.doc_tokens) for _ in range(n_docs)]
+                question = cut(32)
+                blenders = {r: Blender(engine, store, BlendConfig(recompute_ratio=r, separator=(sep,)))
+                            for r in RATIOS}
+                tokens, _ = blenders[0.0].assemble(docs, question)
+                full = engine.generate(tokens, params)
+                for r, b in blenders.items():
+                    res = b.blend(docs, question, max_new_tokens=CONTINUATION)
+                    kls[r].append(kl(full.first_logits, res.logits))
+                    fractions[r].append(res.compute_fraction)
+                    got, _ = engine.decode(res.cache, res.tokens, res.logits, params, time.perf_counter())
+                    agree[r].append(sum(a == g for a, g in zip(full.tokens, got)) / CONTINUATION)
+                    b.close()
+            print(f"  {n_docs} documents done", flush=True)
+    base = statistics.mean(kls[0.0])
+    rows = [["method", "KL mean", "KL p90", "KL vs full reuse", "greedy agreement", "compute fraction"]]
+    for r in RATIOS:
+        name = "full reuse (0%)" if r == 0 else f"CacheBlend {100 * r:g}%"
+        ks = sorted(kls[r])
+        rows.append([name, f"{statistics.mean(ks):.4f}", f"{ks[int(0.9 * (len(ks) - 1))]:.4f}",
+                     f"{statistics.mean(ks) / base:.3f}x", f"{100 * statistics.mean(agree[r]):.1f}%",
+                     f"{statistics.mean(fractions[r]):.3f}"])
+    print(f"\nquality on {DEFAULT_MODEL.name}: {4 * args.prompts} prompts of 2/4/6/8 documents x "
+          f"{args.doc_tokens} tokens + a 32-token question; reference = full prefill of the same prompt")
+    print(table(rows))
+    r15 = statistics.mean(kls[0.15]) / base
+    a15 = statistics.mean(agree[0.15])
+    print(f"goal at 15%: KL <= 0.2x full reuse ({r15:.3f}x: {'met' if r15 <= 0.2 else 'NOT met'}), "
+          f"greedy agreement >= 90% ({100 * a15:.1f}%: {'met' if a15 >= 0.9 else 'NOT met'})")
+
+
+def speed(args: argparse.Namespace) -> None:
+    cfg = tiny_config("llama", vocab_size=4096, hidden_size=256, num_layers=16, num_heads=4, num_kv_heads=2,
+                      head_dim=64, intermediate_size=768, max_position_embeddings=16384)
+    engine = Engine(Transformer(cfg, random_weights(cfg, seed=0)), model_id="bench/llama-16l-256")
+    rng = random.Random(args.seed)
+    docs = [[rng.randrange(6, 4090) for _ in range(1024)] for _ in range(4)]
+    question = [rng.randrange(6, 4090) for _ in range(64)]
+    print(f"speed: {cfg.num_layers} layers, hidden {cfg.hidden_size}, 4 documents x 1024 tokens + 64-token "
+          f"question, documents in the cpu tier; {torch.get_num_threads()} threads; median of {args.repeat}")
+    with KVStore(engine.kv_spec(), {"chunk_size": 256, "tiers": {"cpu": {"capacity": "4GiB"}}}) as store:
+        rows = [["method", "prefill s", "vs full", "ideal compute", "recomputed"]]
+        blender = Blender(engine, store, BlendConfig(recompute_ratio=0.15))
+        blender.precompute(docs)
+        tokens, _ = blender.assemble(docs, question)
+        engine.prefill_kv(tokens[:512])  # warm-up
+        full = median([_timed(lambda: engine.prefill_kv(tokens)) for _ in range(args.repeat)])
+        rows.append(["full prefill", f"{full:.2f}", "1.00x", "1.000", f"{len(tokens)}"])
+        for r in (0.0, 0.15, 0.30):
+            b = Blender(engine, store, BlendConfig(recompute_ratio=r))
+            runs = [b.blend(docs, question) for _ in range(args.repeat)]
+            t = median([x.seconds for x in runs])
+            rows.append([f"CacheBlend {100 * r:g}%", f"{t:.2f}", f"{t / full:.3f}x",
+                         f"{runs[-1].compute_fraction:.3f}", f"{runs[-1].recomputed_tokens}"])
+            b.close()
+            if r == 0.15:
+                ratio15 = t / full
+        print(table(rows))
+        print(f"goal: CacheBlend 15% <= 0.35x full prefill: {ratio15:.3f}x ({'met' if ratio15 <= 0.35 else 'NOT met'})")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", nargs="?", default="all", choices=["quality", "speed", "all"])
+    ap.add_argument("--prompts", type=int, default=5, help="prompts per document count (quality)")
+    ap.add_argument("--doc-tokens", type=int, default=128, help="tokens per document (quality)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.what in ("quality", "all"):
+        quality(args)
+    if args.what in ("speed", "all"):
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()
