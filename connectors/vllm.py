@@ -146,6 +146,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         # scheduler side
         self._tracked: dict[str, _Tracked] = {}
         self._load_after_alloc: dict[str, tuple[int, int]] = {}
+        self._local_hits: dict[str, int] = {}
         # worker side
         self._layers: list[tuple[str, torch.Tensor]] = []
         self._layer_index: dict[str, int] = {}
@@ -161,12 +162,15 @@ class KVStoreConnector(KVConnectorBase_V1):
         # At least one prompt token is always computed (it yields the first logits).
         limit = _align(len(tokens) - 1, self.block_size)
         hit = min(self.hooks.lookup(tokens, align=self.block_size), limit)
+        # vLLM's own prefix cache already holds the first num_computed_tokens: remember where
+        # ours starts (request.num_computed_tokens is not updated until after allocation).
+        self._local_hits[request.request_id] = num_computed_tokens
         return max(0, hit - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
+        local = self._local_hits.pop(request.request_id, 0)
         if num_external_tokens > 0:
-            local = request.num_computed_tokens
             self._load_after_alloc[request.request_id] = (local, local + num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -212,8 +216,8 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves copy their blocks inside the step that computed them: nothing holds blocks here.
-        self._tracked.pop(request.request_id, None)
-        self._load_after_alloc.pop(request.request_id, None)
+        for state in (self._tracked, self._load_after_alloc, self._local_hits):
+            state.pop(request.request_id, None)
         return False, None
 
     # ==== worker side =====================================================================

@@ -25,6 +25,9 @@ except ImportError:
 
 from kvstore.connectors.reference.weights import DEFAULT_MODEL
 
+# Five vLLM engines start in the module fixture (5-40 s each): far beyond the suite's 120 s default.
+pytestmark = pytest.mark.timeout(1500)
+
 DRIVER = os.path.join(os.path.dirname(__file__), "vllm_driver.py")
 CHUNK, BLOCK = 64, 32  # the driver runs vLLM with block_size=32 (the CPU backend needs multiples of 32)
 
@@ -39,10 +42,12 @@ PROBES = {                                          # prompt -> kvstore hit toke
 }
 
 
-def run(tmp: Path, name: str, prompts: list, cache_dir: Path | None, multiprocessing: bool = False) -> list:
+def run(tmp: Path, name: str, prompts: list, cache_dir: Path | None, multiprocessing: bool = False,
+        *extra: str) -> list:
     (tmp / f"{name}.prompts.json").write_text(json.dumps(prompts))
     cmd = [sys.executable, DRIVER, "--model", str(DEFAULT_MODEL), "--prompts", str(tmp / f"{name}.prompts.json"),
            "--out", str(tmp / f"{name}.out.json")]
+    cmd += list(extra)
     if cache_dir is not None:
         cfg = {"chunk_size": CHUNK, "tiers": {"cpu": {"capacity": "64MiB"},
                                               "disk": {"capacity": "256MiB", "path": str(cache_dir)}}}
@@ -76,6 +81,13 @@ def runs(tmp_path_factory):
         f.write_bytes(bytes(data))
     out["corrupt"] = run(tmp, "corrupt", probes, corrupt)
     out["files"] = len(files)
+    # With vLLM's own prefix cache on, kvstore supplies only what follows vLLM's local hit: the
+    # first prompt leaves 128 tokens of BASE in vLLM's cache, the second then needs 448 from kvstore.
+    shutil.copytree(tmp / "kv_pristine", tmp / "kv_apc")
+    out["apc"] = run(tmp, "apc", [BASE[:128] + [11] * 100, BASE], tmp / "kv_apc", False,
+                     "--sequential", "--prefix-caching")
+    out["apc_baseline"] = run(tmp, "apc_baseline", [BASE[:128] + [11] * 100, BASE], None, False,
+                              "--sequential", "--prefix-caching")
     return out
 
 
@@ -98,3 +110,9 @@ def test_storing_engine_output_unchanged(runs):
 def test_corrupt_objects_are_recomputed_never_served(runs):
     for name, base, got in zip(PROBES, runs["baseline"], runs["corrupt"]):
         assert got["tokens"] == base["tokens"], name
+
+
+def test_kvstore_fills_in_after_vllms_own_prefix_cache(runs):
+    assert [r["tokens"] for r in runs["apc"]] == [r["tokens"] for r in runs["apc_baseline"]]
+    assert runs["apc_baseline"][1]["num_cached_tokens"] == 128  # vLLM's own cache alone
+    assert runs["apc"][1]["num_cached_tokens"] == 576           # 128 local + 448 from kvstore

@@ -16,6 +16,7 @@ def main() -> None:
     ap.add_argument("--kvstore-config", help="JSON kvstore config; omit for an engine without connector")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--sequential", action="store_true", help="one generate() call per prompt, in order")
+    ap.add_argument("--prefix-caching", action="store_true", help="keep vLLM's own prefix cache on")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
@@ -26,9 +27,9 @@ def main() -> None:
         kv = KVTransferConfig(kv_connector="KVStoreConnector", kv_role="kv_both",
                               kv_connector_module_path="kvstore.connectors.vllm",
                               kv_connector_extra_config={"kvstore_config": json.loads(args.kvstore_config)})
-    # vLLM's own prefix cache is off so every reused token is one kvstore supplied.
+    # vLLM's own prefix cache is off unless asked, so every reused token is one kvstore supplied.
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32", block_size=32, max_model_len=2048,
-              enforce_eager=True, enable_prefix_caching=False, kv_transfer_config=kv, seed=0,
+              enforce_eager=True, enable_prefix_caching=args.prefix_caching, kv_transfer_config=kv, seed=0,
               max_num_seqs=4)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, detokenize=False)
     prompts = json.load(open(args.prompts))
