@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Sequence
 
 import torch
@@ -134,7 +135,7 @@ class KVHooks:
         for fut in futs:
             try:
                 fut.result(timeout=timeout_s)
-            except TimeoutError:
+            except FutureTimeout:  # not the builtin TimeoutError before Python 3.11
                 return False
         return True
 

@@ -9,6 +9,7 @@ forward pass for the chunks the store lacks and stores them when the last layer 
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -32,10 +33,18 @@ class LayerwiseGet:
         refs, where, n = store._resolve(tokens)
         # Pin down the sources now: lease memory chunks, fetch and verify blob chunks.
         self._sources: list[tuple[ChunkRef, torch.Tensor, MemoryTierBase | None]] = []
+        # Per tier: seconds spent fetching, verifying and copying its chunks (the copy thread adds
+        # its share), reported as the tier's load_seconds like a plain get().
+        self._seconds: dict[str, float] = {}
+        self._tier_of: list[str] = []
         for ref, tier in zip(refs[:n], where[:n]):
+            t0 = time.perf_counter()
             src = self._source(ref, tier)
             if src is None:
                 break
+            name = tier.name  # type: ignore[union-attr]
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - t0
+            self._tier_of.append(name)
             self._sources.append((ref, src, tier if isinstance(tier, MemoryTierBase) else None))
         self.hit_tokens = self._sources[-1][0].end if self._sources else 0
         if out is None:
@@ -100,12 +109,16 @@ class LayerwiseGet:
             for ref, _src, tier in self._sources:
                 if tier is not None:
                     tier.release(ref.key)
+            for name, seconds in self._seconds.items():
+                self._store.counters.tier(name, "load_seconds", seconds)
 
     def _copy_layers(self) -> None:
         for layer in range(self.num_layers):
-            for ref, src, _tier in self._sources:
+            for (ref, src, _tier), name in zip(self._sources, self._tier_of):
+                t0 = time.perf_counter()
                 part = src.layer(layer) if isinstance(src, _FramedSource) else src[layer]
                 self.out[layer, :, ref.start:ref.end].copy_(part, non_blocking=self.out.is_cuda)
+                self._seconds[name] += time.perf_counter() - t0
             if self.out.is_cuda:
                 torch.cuda.current_stream(self.out.device).synchronize()
             self._ready[layer].set()

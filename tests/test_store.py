@@ -147,6 +147,9 @@ def test_layerwise_get(spec, tmp_path):
         assert hit == 70 and torch.equal(out, kv)
         with pytest.raises(InvalidInputError):
             handle.wait(5)
+        tiers = store.stats()["tiers"]
+        served = [name for name, t in tiers.items() if t["hits"]]
+        assert served and all(tiers[name]["load_seconds"] > 0 for name in served)
 
 
 def test_layerwise_put(spec):
