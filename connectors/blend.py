@@ -139,11 +139,11 @@ class Blender:
         cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, T + max_new_tokens, self.engine.kv_dtype, dev)
         kv = cache.kv
         reused = torch.zeros(T, dtype=torch.bool, device=dev)
-        loads: list[tuple[int, int, LayerLoad]] = []
+        loads: list[tuple[int, LayerLoad]] = []
         for offset, seg in segments:
             load = self.hooks.load(seg, out=kv[:, :, offset:offset + len(seg)])
             if load.hit_tokens:
-                loads.append((offset, load.hit_tokens, load))
+                loads.append((offset, load))
                 reused[offset:offset + load.hit_tokens] = True
         positions = torch.arange(T, device=dev)
         full_reuse = self.config.recompute_ratio == 0.0
@@ -153,13 +153,13 @@ class Blender:
         work = 0
         checks = dict(zip(self.config.check_layers, self.config.ratios()))
         for layer in range(c.num_layers):
-            for offset, n, load in loads:
+            for offset, load in loads:
                 try:
                     part = load.wait(layer)
                 except LoadFailed:
                     # Earlier layers already used this segment: only a restart without reuse
                     # recomputes it correctly (a rare path: the store failed mid-load).
-                    for _o, _n, other in loads:
+                    for _o, other in loads:
                         other.finish()
                     return self._fallback(tokens, cache, computed_docs, t0)
                 if offset:
@@ -173,7 +173,7 @@ class Blender:
             kv[layer, 1].index_copy_(0, active, v.to(kv.dtype))
             attn = m.attend(q, kv[layer, 0, :T], kv[layer, 1, :T], positions[active])
             h = m.finish(layer, h, attn)
-        for _o, _n, load in loads:
+        for _o, load in loads:
             load.finish()
         # the last query token is never reused, so it is always active and last
         logits = m.logits(h[-1:])[0]
