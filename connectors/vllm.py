@@ -54,9 +54,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Transfer:
-    """Blocks ``[start, end) / block_size`` of one request, and the tokens ``[0, end)`` that key them."""
+    """Blocks ``[start, end) / block_size`` of one request, and the tokens that key them."""
 
     req_id: str
+    # Loads: the prompt up to the end of the chunk holding ``end`` (the store serves whole
+    # chunks; ``end`` may stop short of one, e.g. when the prompt's last token must be computed).
     tokens: tuple[int, ...]
     block_ids: tuple[int, ...]  # the request's blocks covering tokens [0, end)
     start: int
@@ -180,8 +182,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             blocks = list(new.block_ids[0])
             start, end = self._load_after_alloc.pop(new.req_id, (0, 0))
             if end > start:
+                cover = min(len(tokens), -(-end // self.chunk_size) * self.chunk_size)
                 nb = -(-end // self.block_size)
-                meta.loads.append(Transfer(new.req_id, tuple(tokens[:end]), tuple(blocks[:nb]), start, end))
+                meta.loads.append(Transfer(new.req_id, tuple(tokens[:cover]), tuple(blocks[:nb]), start, end))
             self._tracked[new.req_id] = _Tracked(tokens, blocks, saved_upto=max(end, new.num_computed_tokens))
             self._plan_save(meta, new.req_id, new.num_computed_tokens
                             + scheduler_output.num_scheduled_tokens.get(new.req_id, 0))

@@ -36,6 +36,7 @@ BASE = [rng.randrange(6, 4000) for _ in range(600)]
 STORED = [BASE, BASE[:300] + [7] * 50]            # what the storing engine sees
 PROBES = {                                          # prompt -> kvstore hit tokens expected
     "full": (BASE, 576),                            # 9 chunks; the last prompt token is computed
+    "exact": (BASE[:576], 544),                     # all 9 stored: the last block is computed
     "own_tail": (STORED[1], 320),                   # 4 shared chunks + the one it stored itself
     "partial": (BASE[:400] + [9] * 100, 384),       # diverges inside chunk 7
     "diverging": ([5] + BASE[1:600], 0),            # differs at token 0: nothing matches
@@ -57,6 +58,7 @@ def run(tmp: Path, name: str, prompts: list, cache_dir: Path | None, multiproces
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocessing else "0", VLLM_CPU_KVCACHE_SPACE="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-6000:]
+    (tmp / f"{name}.log").write_text(out.stdout + out.stderr)
     return json.loads((tmp / f"{name}.out.json").read_text())
 
 
@@ -70,6 +72,7 @@ def runs(tmp_path_factory):
     # A fresh engine, with vLLM's multiprocess executor: scheduler and worker in two processes.
     shutil.copytree(cache, tmp / "kv_pristine")
     out["load"] = run(tmp, "load", probes, cache, multiprocessing=True)
+    out["load_log"] = (tmp / "load.log").read_text()
     # Corrupt every stored object: lookups still see them, loads fail verification.
     corrupt = tmp / "kv_corrupt"
     shutil.copytree(tmp / "kv_pristine", corrupt)
@@ -101,6 +104,8 @@ def test_loading_engine_matches_baseline(runs):
         assert got["tokens"] == base["tokens"], name
         assert got["num_cached_tokens"] == hit, name
         assert base["num_cached_tokens"] == 0
+    # every load delivered what the lookup promised (no block fell back to recompute)
+    assert "recomputing the rest" not in runs["load_log"]
 
 
 def test_storing_engine_output_unchanged(runs):
