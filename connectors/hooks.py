@@ -46,6 +46,8 @@ class LayerLoad:
             raise LoadFailed("nothing was loaded")
         try:
             return self._handle.wait(layer, timeout_s)
+        except InvalidInputError:
+            raise  # a layer index out of range is the engine's bug, not a cache failure
         except Exception as exc:
             raise LoadFailed(f"layer {layer}: {exc}") from exc
 
