@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import median, table  # noqa: E402
+from _common import median, table, timed  # noqa: E402
 
 from kvstore.connectors.blend import BlendConfig, Blender  # noqa: E402
 from kvstore.connectors.reference import DEFAULT_MODEL, Engine, SamplingParams, Transformer  # noqa: E402
@@ -119,7 +119,7 @@ def speed(args: argparse.Namespace) -> None:
         blender.precompute(docs)
         tokens, _ = blender.assemble(docs, question)
         engine.prefill_kv(tokens[:512])  # warm-up
-        full = median([_timed(lambda: engine.prefill_kv(tokens)) for _ in range(args.repeat)])
+        full = median(timed(lambda: engine.prefill_kv(tokens), args.repeat))
         rows.append(["full prefill", f"{full:.2f}", "1.00x", "1.000", f"{len(tokens)}"])
         for r in (0.0, 0.15, 0.30):
             b = Blender(engine, store, BlendConfig(recompute_ratio=r))
@@ -132,12 +132,6 @@ def speed(args: argparse.Namespace) -> None:
                 ratio15 = t / full
         print(table(rows))
         print(f"goal: CacheBlend 15% <= 0.35x full prefill: {ratio15:.3f}x ({'met' if ratio15 <= 0.35 else 'NOT met'})")
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:

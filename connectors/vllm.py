@@ -367,8 +367,8 @@ def _tp_rank() -> int:
 
 def _shared_tiers_only(config: StoreConfig) -> StoreConfig:
     """The scheduler's view when the worker is another process: memory tiers are the worker's own."""
-    tiers = {name: dataclasses.replace(tc, shared=True) if tc.kind == "disk" else tc
-             for name, tc in config.tiers.items() if not tc.is_memory}
+    config = _with_shared_disk(config)
+    tiers = {name: tc for name, tc in config.tiers.items() if not tc.is_memory}
     if not tiers:
         log.warning("kvstore: only memory tiers are configured and vLLM runs its worker in another "
                     "process; the scheduler cannot see them, so there will be no hits. Add a disk, "
@@ -378,6 +378,8 @@ def _shared_tiers_only(config: StoreConfig) -> StoreConfig:
 
 
 def _with_shared_disk(config: StoreConfig) -> StoreConfig:
+    """Disk tiers see objects other processes write (the scheduler's and worker's stores, or
+    several engines on one host, share a directory)."""
     tiers = {name: dataclasses.replace(tc, shared=True) if tc.kind == "disk" else tc
              for name, tc in config.tiers.items()}
     return dataclasses.replace(config, tiers=tiers)
