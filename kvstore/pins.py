@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable
+from typing import Any, Iterable, Sequence
+
+from kvstore.errors import PinLimitError
 
 
 class PinRegistry:
@@ -59,3 +61,20 @@ class PinRegistry:
 
     def __len__(self) -> int:
         return len(self._until)
+
+
+def check_pin_budget(tiers: Sequence[Any], active: Iterable[bytes], keys: Sequence[bytes]) -> None:
+    """Raise PinLimitError, before anything is pinned, if pinning ``keys`` on top of the
+    ``active`` pins would exceed any local tier's pinned-bytes cap (``pin_fraction``)."""
+    active = set(active)
+    fresh = [k for k in keys if k not in active]
+    for tier in tiers:
+        cap = tier.pin_capacity
+        if cap is None or tier.is_remote:
+            continue
+        now = tier.pinned_bytes_of(list(active))
+        extra = tier.pinned_bytes_of(fresh)
+        if now + extra > cap:
+            raise PinLimitError(
+                f"pinning {len(fresh)} more chunks needs {extra} bytes in tier {tier.name!r}, which already "
+                f"has {now} pinned bytes of its {cap}-byte pin cap (pin_fraction={tier.config.pin_fraction})")

@@ -17,10 +17,10 @@ import torch
 
 from kvstore.codecs import CodecError, get_codec
 from kvstore.config import StoreConfig, load_config
-from kvstore.errors import CorruptObjectError, InvalidInputError, PinLimitError
+from kvstore.errors import CorruptObjectError, InvalidInputError
 from kvstore.hashing import ChunkHasher, ChunkRef, num_tokens
 from kvstore.objects import ObjectMeta, decode_object, encode_object, read_meta
-from kvstore.pins import PinRegistry
+from kvstore.pins import PinRegistry, check_pin_budget
 from kvstore.spec import KVSpec, dtype_from_name, dtype_name
 from kvstore.stats import TIER_COUNTERS, Counters
 from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier
@@ -429,18 +429,7 @@ class KVStore:
             raise InvalidInputError(f"ttl_s must be a number in (0, {self.config.max_pin_ttl_s}], got {ttl_s!r}")
         refs, _where, n = self._resolve(tokens)
         keys = [r.key for r in refs[:n]]
-        active = set(self.pins.active())
-        fresh = [k for k in keys if k not in active]
-        for tier in self.tiers:
-            cap = tier.pin_capacity
-            if cap is None or tier.is_remote:
-                continue
-            now = tier.pinned_bytes_of(list(active))
-            extra = tier.pinned_bytes_of(fresh)
-            if now + extra > cap:
-                raise PinLimitError(
-                    f"pinning {len(fresh)} more chunks needs {extra} bytes in tier {tier.name!r}, which already "
-                    f"has {now} pinned bytes of its {cap}-byte pin cap (pin_fraction={tier.config.pin_fraction})")
+        check_pin_budget(self.tiers, self.pins.active(), keys)
         self.pins.pin(keys, ttl_s)
         for tier in self.tiers:
             if isinstance(tier, BlobTier):
