@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from kvstore.codecs import rans
+from kvstore.codecs import rans, rans_cpu
 from kvstore.codecs.base import Codec, CodecError, register_codec
 from kvstore.codecs.layout import ChunkLayout, Reader, seal, tensor_to_bytes, unseal
 
@@ -76,32 +76,35 @@ class CacheGenCodec(Codec):
 
     def _encode_frame(self, x: torch.Tensor, start: int, stop: int, opts: CacheGenOptions) -> bytes:
         layers, planes, tokens, channels = x.shape
-        xf = x[start:stop]                                     # [l, P, T, C]
-        alpha = torch.full((stop - start, 1, 1), LEVELS[opts.level])
+        n = stop - start
+        # Lane layout [l, P, C, T] from the start: every reduction, the delta loop and the coder
+        # then walk contiguous rows, and the symbols need no transpose.
+        xl = x[start:stop].transpose(2, 3).contiguous()
+        alpha = torch.full((n, 1, 1), LEVELS[opts.level])
         early = torch.arange(start, stop) < max(1, round(opts.early_fraction * layers))
         alpha[early] *= opts.early_factor
-        mu = xf.mean(dim=2).half().float()                     # [l, P, C]
-        dev = xf - mu[:, :, None]
-        sd = xf.std(dim=2, correction=0) if tokens > 1 else torch.zeros_like(mu)
-        peak = dev.abs().amax(dim=2)
+        mu = xl.mean(dim=3).half().float()                     # [l, P, C]
+        dev = xl.sub_(mu[..., None])                           # xl is ours: reuse its memory
+        sd = dev.square().mean(dim=3).sqrt() if tokens > 1 else torch.zeros_like(mu)
+        peak = dev.abs().amax(dim=3)
         step = torch.maximum(alpha * sd, peak / (QMAX - 0.5))
         step = torch.where(step > 0, step, torch.ones_like(step))
         step = step.clamp(6.2e-5, 65000).half().float()        # fp16-exact, never zero
         step = torch.where((peak / step) > QMAX - 0.5, (peak / (QMAX - 0.5)).half().float(), step)
-        q = torch.round(dev / step[:, :, None]).clamp_(-QMAX, QMAX)
+        q = torch.round(dev / step[..., None]).clamp_(-QMAX, QMAX)
         mode = torch.zeros_like(mu, dtype=torch.bool)
         if opts.delta and tokens > 1:
-            qd = _delta_quantize(xf, mu, step)
-            mode = qd.abs().sum(dim=2) < q.abs().sum(dim=2)
-            q = torch.where(mode[:, :, None], qd, q)
-        sym = (q + QMAX).to(torch.int64).permute(0, 1, 3, 2).reshape(-1, tokens)   # lanes = (l, P, C)
-        ctx = _contexts(stop - start, planes, channels, mode.reshape(-1))
-        hist = torch.zeros(2 * (stop - start) * planes, 2 * QMAX + 1, dtype=torch.int64)
-        hist.index_put_((ctx[:, None].expand(-1, tokens).reshape(-1), sym.reshape(-1)),
-                        torch.ones(sym.numel(), dtype=torch.int64), accumulate=True)
+            qd = _delta_quantize(dev, step)
+            mode = qd.abs().sum(dim=3) < q.abs().sum(dim=3)
+            q = torch.where(mode[..., None], qd, q)
+        alphabet = 2 * QMAX + 1
+        sym = q.add_(QMAX).to(torch.int32).view(-1, tokens)     # lanes = (l, P, C)
+        ctx = _contexts(n, planes, channels, mode.reshape(-1))
+        keys = (ctx.to(torch.int32) * alphabet)[:, None] + sym
+        hist = torch.bincount(keys.view(-1), minlength=2 * n * planes * alphabet).view(-1, alphabet)
         freqs = rans.quantize_freqs(hist)
-        states, counts, words = rans.encode(sym, ctx, freqs)
-        head = _FRAME.pack(start, stop - start, 0, QMAX, int(opts.delta), words.numel())
+        states, counts, words = _entropy_encode(sym, ctx, freqs)
+        head = _FRAME.pack(start, n, 0, QMAX, int(opts.delta), words.numel())
         return b"".join([head, tensor_to_bytes(mu.half()), tensor_to_bytes(step.half()),
                          tensor_to_bytes(_pack_bits(mode.reshape(-1))), _pack_tables(freqs),
                          tensor_to_bytes(states), tensor_to_bytes(counts.to(torch.int16)),
@@ -137,15 +140,43 @@ class CacheGenCodec(Codec):
         freqs = _unpack_tables(r, 2 * count * P, 2 * QMAX + 1)
         states = r.tensor(torch.int32, count * P * C)
         counts = r.tensor(torch.int16, count * P * C).to(torch.int32) & 0xFFFF
-        words = r.tensor(torch.int16, nwords).to(torch.int32) & 0xFFFF
+        words = r.tensor(torch.int16, nwords)  # uint16 values; the decoders mask
         r.done()
         if not (torch.isfinite(mu).all() and torch.isfinite(step).all()):
             raise CodecError("corrupt frame: non-finite quantization parameters")
         ctx = _contexts(count, P, C, mode)
         try:
-            sym = rans.decode(states, counts, words, ctx, freqs, T)  # [T, lanes]
+            if rans_cpu.AVAILABLE and (out is None or out.device.type == "cpu"):
+                x = self._decode_cpu(states, counts, words, ctx, freqs, mu, step, mode, T, C)
+            else:
+                x = self._decode_torch(states, counts, words, ctx, freqs, mu, step, mode, T, C)
         except rans.RansError as exc:
             raise CodecError(f"entropy-coded stream is corrupt: {exc}") from exc
+        x = x.reshape(count, P, T, lay.heads, lay.head_size)
+        if out is None:
+            return start, x
+        if tuple(out.shape) != tuple(x.shape):
+            raise CodecError(f"frame decodes to {tuple(x.shape)}, destination is {tuple(out.shape)}")
+        out.copy_(x)
+        return start, out
+
+    @staticmethod
+    def _decode_cpu(states, counts, words, ctx, freqs, mu, step, mode, T: int, C: int) -> torch.Tensor:
+        """Compiled decode with dequantization fused in, written straight in [l*P, T, C] order."""
+        rans.check_stream(states, counts, words)
+        fb_table, sym_table = rans.decode_tables(freqs)
+        buf = torch.empty(states.numel() // C, T, C)
+        ok = rans_cpu.decode_dequant(states.numpy(), counts.numpy(), words.numpy(), ctx.to(torch.int32).numpy(),
+                                     fb_table.numpy(), sym_table.numpy(), mu.numpy(), step.numpy(),
+                                     mode.numpy(), QMAX, T, C, buf.numpy())
+        if not ok:
+            raise rans.RansError("lanes did not decode back to their initial states (corrupt stream)")
+        return buf
+
+    @staticmethod
+    def _decode_torch(states, counts, words, ctx, freqs, mu, step, mode, T: int, C: int) -> torch.Tensor:
+        sym = rans.decode(states, counts.to(torch.int32) & 0xFFFF, words.to(torch.int32) & 0xFFFF,
+                          ctx, freqs, T)  # [T, lanes]
         # Dequantize in the decoder's step-major layout: a few passes, no transposes until the end.
         q = sym.float().sub_(QMAX)
         # Running sums on delta lanes only, row by row: torch.cumsum along a strided axis plus a
@@ -154,13 +185,7 @@ class CacheGenCodec(Codec):
         for t in range(1, T):
             q[t].addcmul_(q[t - 1], delta)
         x = torch.addcmul(mu, q, step)                              # [T, (l, P, C)]
-        x = x.view(T, count, P, lay.heads, lay.head_size).permute(1, 2, 0, 3, 4)
-        if out is None:
-            return start, x.contiguous()
-        if tuple(out.shape) != tuple(x.shape):
-            raise CodecError(f"frame decodes to {tuple(x.shape)}, destination is {tuple(out.shape)}")
-        out.copy_(x)
-        return start, out
+        return x.view(T, -1, C).transpose(0, 1)                     # [l*P, T, C], a view
 
     def iter_decode(self, payload: memoryview) -> Iterator[tuple[int, torch.Tensor]]:
         lay, frames = self.frames(payload)
@@ -216,17 +241,28 @@ def _contexts(layers: int, planes: int, channels: int, mode: torch.Tensor) -> to
     return torch.arange(layers * planes).repeat_interleave(channels) * 2 + mode.to(torch.int64)
 
 
-def _delta_quantize(x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def _delta_quantize(dev: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Closed-loop delta symbols: token t is coded against the reconstruction of token t-1, so
-    errors never accumulate (decode is mu + step * cumsum(q), exactly what the encoder tracks)."""
-    tokens = x.shape[2]
-    q = torch.empty_like(x)
-    total = torch.zeros_like(mu)
+    errors never accumulate (decode is mu + step * cumsum(q), exactly what the encoder tracks).
+    ``dev`` is ``[l, P, C, T]`` (deviation from the channel mean), ``step`` ``[l, P, C]``."""
+    tokens = dev.shape[-1]
+    if rans_cpu.AVAILABLE and dev.device.type == "cpu":
+        lanes = rans_cpu.delta_symbols(dev.reshape(-1, tokens).numpy(), step.reshape(-1).numpy(), QMAX)
+        return torch.from_numpy(lanes).view(dev.shape)
+    q = torch.empty_like(dev)
+    total = torch.zeros_like(step)
     for t in range(tokens):
-        qt = torch.round((x[:, :, t] - mu) / step - total).clamp_(-QMAX, QMAX)
-        q[:, :, t] = qt
+        qt = torch.round(dev[..., t] / step - total).clamp_(-QMAX, QMAX)
+        q[..., t] = qt
         total += qt
     return q
+
+
+def _entropy_encode(sym: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The compiled CPU coder when it is there (same bitstream, many times faster), else torch."""
+    if rans_cpu.AVAILABLE and sym.device.type == "cpu":
+        return tuple(torch.from_numpy(a) for a in rans_cpu.encode(sym.numpy(), ctx.numpy(), freqs.numpy()))
+    return rans.encode(sym, ctx, freqs)
 
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,19 @@ def decode_tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ((f[ctx, sym] << 16) | (slot - cum[ctx, sym])).to(torch.int32), sym.to(torch.int16)
 
 
+def check_stream(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor) -> None:
+    """What every decoder checks before its loop, so that no corrupt count or state can make it
+    read outside the word stream."""
+    lanes = states.numel()
+    if counts.numel() != lanes or bool((counts < 0).any()):
+        raise RansError("lane word counts do not match the lanes")
+    nwords = int(counts.sum()) if lanes else 0
+    if nwords != words.numel():
+        raise RansError(f"lanes claim {nwords} words, the stream has {words.numel()}")
+    if bool((states < RANS_L).any()):
+        raise RansError("lane state out of range")
+
+
 def decode(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor, ctx: torch.Tensor,
            freqs: torch.Tensor, steps: int) -> torch.Tensor:
     """Inverse of :func:`encode`: symbols as int16, laid out ``[steps, lanes]`` (step-major is
@@ -92,17 +105,12 @@ def decode(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor, ctx:
 
     Everything is int32 (states stay below 2^31), buffers are preallocated and every op writes
     in place: the loop is memory-bound, and fresh tensors per step would be page-faulted in."""
+    check_stream(states, counts, words)
     lanes = states.numel()
-    if counts.numel() != lanes or bool((counts < 0).any()):
-        raise RansError("lane word counts do not match the lanes")
-    nwords = int(counts.sum()) if lanes else 0
-    if nwords != words.numel():
-        raise RansError(f"lanes claim {nwords} words, the stream has {words.numel()}")
+    nwords = words.numel()
     fb_table, sym_table = decode_tables(freqs)
     base = ctx.to(torch.int32) * M
     x = states.to(torch.int32).clone()
-    if bool((x < RANS_L).any()):
-        raise RansError("lane state out of range")
     w = torch.cat([words.to(torch.int32), words.new_zeros(1, dtype=torch.int32)])  # pad: reads stay in range
     end = torch.cumsum(counts.to(torch.int32), dim=0, dtype=torch.int32)
     ptr = end - counts.to(torch.int32)
