@@ -124,6 +124,11 @@ class BlobStore:
             raise InvalidInputError(f"object names key {meta.key.hex()}, but was sent for {object_key.hex()}")
         return meta
 
+    def allocate(self, nbytes: int) -> memoryview:
+        """Writable memory to receive an object into before ``put`` (from the memory tier's
+        pre-faulted arena when it has one): the put then keeps it without a copy."""
+        return self.tiers[0].allocate(nbytes) if self.tiers else memoryview(bytearray(nbytes))
+
     def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None) -> int:
         """Store objects not already present; returns how many were new. All or nothing on quota."""
         new = [o for o, there in zip(objects, self.exists([o.storage_key for o in objects])) if not there]

@@ -23,6 +23,8 @@ def add_store_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-size", type=int, help="tokens per chunk (default 256)")
     g.add_argument("--tenant", help="tenant/namespace mixed into every key")
     g.add_argument("--cpu-capacity", metavar="SIZE", help="host memory tier budget, e.g. 4GiB")
+    g.add_argument("--cpu-prealloc", action="store_true", default=None,
+                   help="daemon: reserve and pre-fault the whole memory budget at start (faster puts)")
     g.add_argument("--disk-path", metavar="DIR", help="disk tier directory (default ~/.cache/kvstore)")
     g.add_argument("--disk-capacity", metavar="SIZE", help="disk tier budget, e.g. 20GiB")
     g.add_argument("--disk-codec", metavar="NAME", help="codec for the disk tier (raw, lz4, ...)")
@@ -36,7 +38,8 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag, key in (("chunk_size", "chunk_size"), ("tenant", "tenant")):
         if getattr(args, flag, None) is not None:
             over[key] = getattr(args, flag)
-    for flag, tier, opt in (("cpu_capacity", "cpu", "capacity"), ("disk_path", "disk", "path"),
+    for flag, tier, opt in (("cpu_capacity", "cpu", "capacity"), ("cpu_prealloc", "cpu", "prealloc"),
+                            ("disk_path", "disk", "path"),
                             ("disk_capacity", "disk", "capacity"), ("disk_codec", "disk", "codec"),
                             ("redis_url", "redis", "url")):
         if getattr(args, flag, None) is not None:

@@ -25,7 +25,7 @@ _MEMORY_KINDS = frozenset({"device", "cpu"})
 # Options each tier kind accepts; anything else is reported as a config error.
 _TIER_OPTIONS: dict[str, frozenset[str]] = {
     "device": frozenset({"capacity", "device", "pin_fraction"}),
-    "cpu": frozenset({"capacity", "pin_fraction", "write"}),
+    "cpu": frozenset({"capacity", "pin_fraction", "write", "prealloc"}),
     "disk": frozenset({"capacity", "path", "codec", "fsync", "pin_fraction", "write", "queue_size", "shared"}),
     "redis": frozenset({"url", "codec", "ttl_s", "write", "queue_size", "timeout_s", "key_prefix", "cluster"}),
     "remote": frozenset({"url", "api_key", "codec", "write", "queue_size", "timeout_s"}),
@@ -73,6 +73,9 @@ class TierConfig:
     fsync: bool = False
     # disk: other processes write this directory too; an index miss checks the file system.
     shared: bool = False
+    # cpu tier of the daemon: reserve and pre-fault the whole budget at start (kvstore.buffers):
+    # puts then never wait on page faults, at the price of holding the budget from the start.
+    prealloc: bool = False
     url: str | None = None
     ttl_s: float | None = None
     timeout_s: float = 2.0

@@ -21,6 +21,7 @@ TIER_COUNTERS = (
     "dropped_writes",  # async writes dropped because the queue was full
     "write_errors",    # writes that failed (I/O error, Redis down)
     "rejected",        # puts refused because everything left is pinned or in use
+    "arena_misses",    # daemon memory tier: objects that got fresh memory, no arena hole was free
     "unavailable",     # operations skipped while the backend was down (Redis)
     "load_seconds",    # wall time spent fetching, verifying and copying hits out of this tier
     "write_seconds",   # wall time spent writing into this tier (sync for the first, async below)

@@ -104,8 +104,8 @@ class LMCacheListener:
                 self._count(req.command.name.lower())
                 if req.command is Command.PUT:
                     # [room for the object header][info prefix][payload]: the object is built in place.
-                    buf = bytearray(_HEADER_ROOM + _INFO + req.length)
-                    if not _recv_into(conn, memoryview(buf)[_HEADER_ROOM + _INFO:]):
+                    buf = self.store.allocate(_HEADER_ROOM + _INFO + req.length)
+                    if not _recv_into(conn, buf[_HEADER_ROOM + _INFO:]):
                         raise ProtocolError(f"peer disconnected mid-payload ({req.length} bytes announced)")
                     self._put(req, buf)  # PUT gets no reply
                 elif req.command is Command.GET:
@@ -135,9 +135,9 @@ class LMCacheListener:
     def _skey(self, lm_key: str) -> bytes:
         return storage_key(self.tenant, object_key(lm_key))
 
-    def _put(self, req: Request, buf: bytearray) -> None:
+    def _put(self, req: Request, buf: memoryview) -> None:
         buf[_HEADER_ROOM:_HEADER_ROOM + _INFO] = ObjectInfo(req.fmt, req.dtype, req.shape).pack()
-        payload = memoryview(buf)[_HEADER_ROOM:]
+        payload = buf[_HEADER_ROOM:]
         key = object_key(req.key)
         meta = ObjectMeta(key=key, fingerprint=FINGERPRINT, shape=(1, 1, payload.nbytes), dtype="uint8",
                           num_tokens=payload.nbytes, partial=False, codec="raw")
@@ -147,7 +147,7 @@ class LMCacheListener:
         else:
             start = _HEADER_ROOM - len(head)
             buf[start:_HEADER_ROOM] = head
-            blob = memoryview(buf)[start:]  # no copy of the 32 MiB payload
+            blob = buf[start:]  # no copy of the 32 MiB payload
         try:
             self.store.put([StoredObject(self._skey(req.key), meta, blob)], self.tenant, self.quota)
         except QuotaExceededError as exc:

@@ -112,3 +112,35 @@ def test_objects_survive_a_daemon_restart(lm):
     s.sendall(header(GET))
     code, length, *_ = REP.unpack(recv_exact(s, 36))
     assert code == 200 and recv_exact(s, length) == b"abcdef"
+
+
+def test_preallocated_daemon_evicts_and_serves_exact_bytes(tmp_path):
+    """--cpu-prealloc: objects are received into the pre-faulted arena; 12 x 1 MiB through a
+    4 MiB budget evicts (to disk) and every GET still returns exactly what was PUT. The burst
+    outruns the disk writer, whose queued objects still hold their arena regions: those puts get
+    fresh memory instead (counted), never a region someone still reads."""
+    port = free_port()
+    d = Daemon(tmp_path, "--lmcache-port", str(port), "--cpu-capacity", "4MiB", "--cpu-prealloc")
+    try:
+        s = connect(port)
+        payloads = {f"m@1@0@{i:x}@bfloat16": bytes([i]) * (1 << 20) for i in range(12)}
+        for key, payload in payloads.items():
+            s.sendall(header(PUT, len(payload), key=key) + payload)
+        for key, payload in payloads.items():
+            for _ in range(100):  # the disk tier is written in the background
+                s.sendall(header(EXIST, key=key))
+                if REP.unpack(recv_exact(s, 36))[0] == 200:
+                    break
+                time.sleep(0.05)
+            s.sendall(header(GET, key=key))
+            code, length, *_ = REP.unpack(recv_exact(s, 36))
+            assert code == 200 and recv_exact(s, length) == payload
+        s.close()
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+        conn.request("GET", "/metrics")
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in conn.getresponse().read().decode().splitlines()
+                  if line.startswith("kvstore_tier_") and 'tier="cpu"' in line}
+        assert values['kvstore_tier_evictions{tier="cpu"}'] >= 8
+        assert values['kvstore_tier_arena_misses{tier="cpu"}'] <= 8  # at least the first 4 fit the arena
+    finally:
+        d.stop()

@@ -105,6 +105,11 @@ class BlobTier(Tier):
         """Store objects given as byte parts; returns how many were written (existing keys are
         skipped). Never raises on backend failure: failures are counted."""
 
+    def allocate(self, nbytes: int) -> memoryview:
+        """Writable memory to build an object in before putting it here; tiers that keep objects
+        in memory may hand out memory they can keep without a copy."""
+        return memoryview(bytearray(nbytes))
+
     def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:
         """Keep keys for at least ``ttl_s`` (backends with their own expiry, e.g. Redis)."""
 

@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from typing import Sequence
 
+from kvstore.buffers import Arena
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
 from kvstore.pins import PinRegistry
@@ -26,6 +27,27 @@ class MemoryBlobTier(BlobTier):
         self._lock = threading.Lock()
         self._blobs: OrderedDict[bytes, memoryview] = OrderedDict()
         self._used = 0
+        self.arena = Arena(self.capacity) if config.prealloc else None
+
+    def allocate(self, nbytes: int) -> memoryview:
+        """Writable memory for an object about to be put here: from the pre-faulted arena when
+        there is one, else fresh. When the arena is full this evicts what the put would evict
+        anyway (least recently used first), no more: an evicted object's memory only returns once
+        nobody reads it (a GET still sending it, a disk write still queued), and evicting further
+        to wait that out would empty the tier during a burst. Then it falls back to fresh memory
+        (counted as ``arena_misses``)."""
+        if self.arena is not None and nbytes <= self.capacity:
+            view = self.arena.allocate(nbytes)
+            if view is None:
+                with self._lock:
+                    victims = self._evict_lru(None, nbytes)
+                self._report(victims)
+                del victims  # the last references: their regions return to the arena (unless still read)
+                view = self.arena.allocate(nbytes)
+            if view is not None:
+                return view
+            self.counters.tier(self.name, "arena_misses")
+        return memoryview(bytearray(nbytes))
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         blobs = self._blobs
@@ -53,15 +75,7 @@ class MemoryBlobTier(BlobTier):
                 if size > self.capacity:
                     self.counters.tier(self.name, "rejected")
                     continue
-                victims = []
-                for key in list(self._blobs):
-                    if self._used + size <= self.capacity:
-                        break
-                    if self._pins.is_pinned(key):
-                        continue
-                    old = self._blobs.pop(key)
-                    self._used -= old.nbytes
-                    victims.append((key, old))
+                victims = self._evict_lru(None, size)
                 if self._used + size > self.capacity:
                     self.counters.tier(self.name, "rejected")
                     for key, old in victims:  # could not make room: put them back
@@ -71,14 +85,32 @@ class MemoryBlobTier(BlobTier):
                     continue
                 self._blobs[meta.key] = blob
                 self._used += size
-            for key, old in victims:
-                self.counters.tier(self.name, "evictions")
-                if self._on_evict is not None:
-                    self._on_evict(self, key, lambda b=old: b)
+            self._report(victims)
             written += 1
             self.counters.tier(self.name, "puts")
             self.counters.tier(self.name, "put_bytes", size)
         return written
+
+    def _evict_lru(self, count: int | None, room: int = 0) -> list[tuple[bytes, memoryview]]:
+        """Pop unpinned objects, least recently used first: ``count`` of them, or until ``room``
+        bytes fit. Caller holds the lock."""
+        victims = []
+        for key in list(self._blobs):
+            if (len(victims) == count) if count is not None else (self._used + room <= self.capacity):
+                break
+            if self._pins.is_pinned(key):
+                continue
+            old = self._blobs.pop(key)
+            self._used -= old.nbytes
+            victims.append((key, old))
+        return victims
+
+    def _report(self, victims: list[tuple[bytes, memoryview]]) -> None:
+        """Count and demote evicted objects (outside the lock: demotion submits to a writer)."""
+        for key, old in victims:
+            self.counters.tier(self.name, "evictions")
+            if self._on_evict is not None:
+                self._on_evict(self, key, lambda b=old: b)
 
     def touch(self, keys: Sequence[bytes]) -> None:
         with self._lock:
