@@ -9,7 +9,8 @@ after the last byte). Decode times are the measured ones.
     python bench/codecs.py [--layers 32] [--seed 0] [--ablation] [--model DIR]
 
 ``--model`` measures real KV instead: a 256-token chunk of Python source prefilled by the
-reference engine with that model (the packaged trained one: ``--model default``).
+reference engine with that model (the packaged trained one: ``--model default``), and adds what
+each codec does to that model's output: next-token KL and greedy agreement, through a real store.
 """
 
 from __future__ import annotations
@@ -114,13 +115,69 @@ def model_kv(model_dir: str, tokens: int = 256, seed: int = 0) -> torch.Tensor:
     return kv[:, :, 512:].contiguous()
 
 
+def model_quality(model_dir: str, names: list[str], prompts: int, seed: int = 0) -> None:
+    """What a codec does to the model: prompts of 3 stored chunks (768 tokens) + 1 computed
+    token, generated once with the KV computed here and once with the chunks loaded back through
+    a disk tier using the codec: next-token KL and greedy agreement over 32 generated tokens."""
+    import random
+    import statistics
+    import sysconfig
+    import tempfile
+    from pathlib import Path
+
+    from kvstore.connectors.hooks import KVHooks
+    from kvstore.connectors.reference import DEFAULT_MODEL, Engine, SamplingParams
+    from kvstore.connectors.reference.tokenizer import load_tokenizer
+    from kvstore.store import KVStore
+
+    path = DEFAULT_MODEL if model_dir == "default" else Path(model_dir)
+    engine = Engine.load(path)
+    tok = load_tokenizer(path)
+    rng = random.Random(seed)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    params = SamplingParams(max_new_tokens=32, stop_at_eos=False)
+    cases = []
+    while len(cases) < prompts:
+        ids = tok.encode(rng.choice(files).read_text(encoding="utf-8")).ids
+        if len(ids) >= 769:
+            start = rng.randrange(0, len(ids) - 769 + 1)
+            cases.append(ids[start:start + 769])
+    refs = [engine.generate(ids, params) for ids in cases]
+    rows = [["codec", "next-token KL", "KL max", "greedy agreement (32 tokens)", "hit tokens"]]
+    for name in names:
+        kls, agree, hits = [], [], []
+        with tempfile.TemporaryDirectory() as tmp, KVStore(engine.kv_spec(), {
+                "chunk_size": 256, "tiers": {"disk": {"path": tmp, "capacity": "1GiB", "codec": name}}}) as store:
+            for ids in cases:
+                kv, _ = engine.prefill_kv(ids[:768])
+                store.put(ids[:768], kv)
+            engine.attach(KVHooks(store))
+            try:
+                for ids, ref in zip(cases, refs):
+                    got = engine.generate(ids, params)
+                    p, q = torch.log_softmax(ref.first_logits.float(), -1), torch.log_softmax(got.first_logits.float(), -1)
+                    kls.append(float((p.exp() * (p - q)).sum()))
+                    agree.append(sum(a == b for a, b in zip(ref.tokens, got.tokens)) / len(ref.tokens))
+                    hits.append(got.hit_tokens)
+            finally:
+                engine.hooks.close()
+                engine.hooks = None
+        rows.append([name, f"{statistics.mean(kls):.2e}", f"{max(kls):.2e}", f"{100 * statistics.mean(agree):.1f}%",
+                     f"{min(hits)}-{max(hits)}"])
+    print(f"\nmodel quality on {path.name}: {prompts} prompts of 768 stored + 1 computed tokens, "
+          f"reference = the same model without kvstore")
+    print(table(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ablation", action="store_true", help="also answer the delta and scaling-axis questions")
-    ap.add_argument("--model", help="measure real KV from this model directory ('default': the packaged model)")
+    ap.add_argument("--model", help="measure real KV from this model directory ('default': the packaged model), "
+                    "and each codec's next-token KL and greedy agreement on that model")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts for the model-quality table (--model)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.model:
@@ -136,6 +193,7 @@ def main() -> None:
     raw_fetch: list[float] = []
     for name in CODECS:
         codec = get_codec(name)
+        codec.encode(kv)  # warm-up: the first call loads (or compiles) the CPU coder
         enc = best(lambda: codec.encode(kv), 1 if "cachegen" in name else args.repeat)
         blob = bytes(memoryview(codec.encode(kv)).cast("B"))
         dec_t = best(lambda: codec.decode(memoryview(blob), tuple(kv.shape), kv.dtype), args.repeat)
@@ -150,6 +208,8 @@ def main() -> None:
     print(table(rows))
     print("goals: cachegen >= 5x at attn err < 2%; int8 ~2x at < 0.5% error; cachegen decode >= 200 MB/s; "
           "fetch >= 1.5x raw at 1 Gb/s and >= 4x at 0.1 Gb/s")
+    if args.model:
+        model_quality(args.model, CODECS, args.prompts, args.seed)
     if args.ablation:
         print()
         ablation(kv if args.model else synthetic_kv(layers=min(args.layers, 8), seed=args.seed))

@@ -95,7 +95,9 @@ class CacheGenCodec(Codec):
         mode = torch.zeros_like(mu, dtype=torch.bool)
         if opts.delta and tokens > 1:
             qd = _delta_quantize(dev, step)
-            mode = qd.abs().sum(dim=3) < q.abs().sum(dim=3)
+            # Delta only where it is smaller AND never clamps: a clamped delta (a jump of more than
+            # QMAX steps) leaves the reconstruction behind for several tokens, far beyond step/2.
+            mode = (qd.abs().sum(dim=3) < q.abs().sum(dim=3)) & (qd.abs().amax(dim=3) < QMAX)
             q = torch.where(mode[..., None], qd, q)
         alphabet = 2 * QMAX + 1
         sym = q.add_(QMAX).to(torch.int32).view(-1, tokens)     # lanes = (l, P, C)

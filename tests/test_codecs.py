@@ -62,6 +62,20 @@ def test_cachegen_error_is_bounded_by_half_a_step():
     assert err[0, 0, :, 0, 3].max() < 0.02 * peak[0, 0, 0, 0, 3]  # the outlier channel kept its precision
 
 
+def test_cachegen_delta_never_lags_behind_a_jump():
+    """A flat channel (delta coding pays) that swings from its minimum to its maximum in one
+    token: that delta is ~2 x QMAX steps, would clamp, and the reconstruction would trail the
+    jump; the channel must use direct coding and stay within half a step everywhere."""
+    t = torch.linspace(0, 0.1, 64)
+    ch = torch.where(torch.arange(64) < 32, -10.0, 10.0) + t
+    kv = ch[None, None, :, None, None].expand(2, 2, 64, 1, 8).half().contiguous()
+    codec = CacheGenCodec(CacheGenOptions(level="high"))
+    out = codec.decode(memoryview(codec.encode(kv)), tuple(kv.shape), kv.dtype).float()
+    x = kv.float()
+    peak = (x - x.mean(dim=2, keepdim=True)).abs().amax(dim=2, keepdim=True)
+    assert ((out - x).abs() <= peak / 126.5 / 2 * 1.01 + 2e-3).all()
+
+
 def test_cachegen_delta_coding_is_exact_where_chosen():
     smooth = torch.linspace(0, 1, 64)[None, None, :, None, None].expand(2, 2, 64, 1, 8).half().contiguous()
     on = CacheGenCodec(CacheGenOptions(delta=True))
