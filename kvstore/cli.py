@@ -50,7 +50,11 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> StoreConfig:
-    cfg = load_config(getattr(args, "config", None), use_env=True, overrides=_flag_overrides(args))
+    return _without_disk(load_config(getattr(args, "config", None), use_env=True, overrides=_flag_overrides(args)),
+                         args)
+
+
+def _without_disk(cfg: StoreConfig, args: argparse.Namespace) -> StoreConfig:
     if getattr(args, "no_disk", False):
         cfg.tiers.pop("disk", None)
         if not cfg.tiers:
@@ -93,7 +97,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, name, None) is not None:
             section[name] = getattr(args, name)
     raw.setdefault("tiers", StoreConfig().to_dict()["tiers"])
-    store = load_config(merge(raw, env_overrides(os.environ)), overrides=_flag_overrides(args))
+    store = _without_disk(load_config(merge(raw, env_overrides(os.environ)), overrides=_flag_overrides(args)), args)
     serve(ServeConfig.from_mapping(section, store))
     return 0
 

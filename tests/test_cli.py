@@ -50,3 +50,20 @@ def test_serve_config_errors_are_clear(tmp_path):
     env = {**os.environ, "KVSTORE_SERVE_PORT": "eighty"}
     r = run("serve", "--no-disk", env=env, timeout=30)
     assert r.returncode == 2 and "serve.port: cannot use 'eighty'" in r.stderr
+
+
+def test_serve_no_disk_really_has_no_disk_tier(tmp_path):
+    """`serve --no-disk` once kept the default disk tier (writing to ~/.cache/kvstore)."""
+    import json
+    import urllib.request
+
+    from conftest import Daemon
+
+    d = Daemon(tmp_path, "--no-disk")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{d.port}/v1/stats", timeout=10) as r:
+            stats = json.loads(r.read())
+        assert list(stats["tiers"]) == ["cpu"]
+        assert not (tmp_path / "disk").exists()
+    finally:
+        d.stop()
