@@ -84,7 +84,7 @@ class CacheGenCodec(Codec):
         early = torch.arange(start, stop) < max(1, round(opts.early_fraction * layers))
         alpha[early] *= opts.early_factor
         mu = xl.mean(dim=3).half().float()                     # [l, P, C]
-        dev = xl.sub_(mu[..., None])                           # xl is ours: reuse its memory
+        dev = xl - mu[..., None]  # not in place: with 1 token or 1 channel, xl may view the caller's KV
         sd = dev.square().mean(dim=3).sqrt() if tokens > 1 else torch.zeros_like(mu)
         peak = dev.abs().amax(dim=3)
         step = torch.maximum(alpha * sd, peak / (QMAX - 0.5))
@@ -148,7 +148,7 @@ class CacheGenCodec(Codec):
             raise CodecError("corrupt frame: non-finite quantization parameters")
         ctx = _contexts(count, P, C, mode)
         try:
-            if rans_cpu.AVAILABLE and (out is None or out.device.type == "cpu"):
+            if rans_cpu.available() and (out is None or out.device.type == "cpu"):
                 x = self._decode_cpu(states, counts, words, ctx, freqs, mu, step, mode, T, C)
             else:
                 x = self._decode_torch(states, counts, words, ctx, freqs, mu, step, mode, T, C)
@@ -248,7 +248,7 @@ def _delta_quantize(dev: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     errors never accumulate (decode is mu + step * cumsum(q), exactly what the encoder tracks).
     ``dev`` is ``[l, P, C, T]`` (deviation from the channel mean), ``step`` ``[l, P, C]``."""
     tokens = dev.shape[-1]
-    if rans_cpu.AVAILABLE and dev.device.type == "cpu":
+    if rans_cpu.available() and dev.device.type == "cpu":
         lanes = rans_cpu.delta_symbols(dev.reshape(-1, tokens).numpy(), step.reshape(-1).numpy(), QMAX)
         return torch.from_numpy(lanes).view(dev.shape)
     q = torch.empty_like(dev)
@@ -262,7 +262,7 @@ def _delta_quantize(dev: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 def _entropy_encode(sym: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The compiled CPU coder when it is there (same bitstream, many times faster), else torch."""
-    if rans_cpu.AVAILABLE and sym.device.type == "cpu":
+    if rans_cpu.available() and sym.device.type == "cpu":
         return tuple(torch.from_numpy(a) for a in rans_cpu.encode(sym.numpy(), ctx.numpy(), freqs.numpy()))
     return rans.encode(sym, ctx, freqs)
 

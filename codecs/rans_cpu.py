@@ -15,6 +15,8 @@ against the lane's own range.
 from __future__ import annotations
 
 import logging
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -22,20 +24,39 @@ from kvstore.codecs.rans import _XMAX_SHIFT, M, RANS_L, SCALE_BITS, RansError
 
 log = logging.getLogger(__name__)
 
-try:  # numba is a dependency, but a broken install (numpy mismatch in an engine's venv) must not
-    import numba  # make the codecs unusable: the torch coder covers everything.
-except Exception as exc:  # pragma: no cover - depends on the environment
-    numba = None
-    log.info("numba unavailable (%s): rANS runs on the torch coder", exc)
+ENABLED = True
+"""Tests switch this off to exercise the torch coder on CPU."""
 
-AVAILABLE = numba is not None
-
-
-def _jit(fn):
-    return numba.njit(cache=True, nogil=True, boundscheck=False)(fn) if AVAILABLE else fn
+_lock = threading.Lock()
+_kernels: SimpleNamespace | None = None
+_failed = False
 
 
-@_jit
+def available() -> bool:
+    """Whether the compiled coder can run here. numba is imported (and the kernels loaded from
+    numba's cache or compiled) on first use, not when kvstore.codecs is imported: most processes
+    never touch cachegen, and importing llvmlite into an engine's process is not free (vLLM's
+    kernel-override scan trips over an llvmlite object)."""
+    return ENABLED and _load() is not None
+
+
+def _load() -> SimpleNamespace | None:
+    global _kernels, _failed
+    if _kernels is None and not _failed:
+        with _lock:
+            if _kernels is None and not _failed:
+                try:  # a dependency, but a broken install (a numpy mismatch in an engine's venv)
+                    import numba  # must not make the codecs unusable: the torch coder covers all
+                except Exception as exc:  # pragma: no cover - depends on the environment
+                    _failed = True
+                    log.info("numba unavailable (%s): rANS runs on the torch coder", exc)
+                    return None
+                jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+                _kernels = SimpleNamespace(decode=jit(_decode_dequant), encode=jit(_encode),
+                                           delta=jit(_delta_symbols))
+    return _kernels
+
+
 def _decode_dequant(states, counts, words, ctx, fb_table, sym_table, mu, step, delta, qmax, steps,
                     channels, out):  # pragma: no cover - compiled
     """Decode every lane and write ``mu + step * q`` (q summed along tokens on delta lanes) to
@@ -72,7 +93,6 @@ def _decode_dequant(states, counts, words, ctx, fb_table, sym_table, mu, step, d
     return 0
 
 
-@_jit
 def _encode(symbols, ctx, freqs, cum, states, counts, words):  # pragma: no cover - compiled
     """rANS-encode ``symbols[lane, t]`` backwards; words land lane-major in decode order.
     Returns the number of words written, or -1 when a symbol has no frequency in its table."""
@@ -101,7 +121,6 @@ def _encode(symbols, ctx, freqs, cum, states, counts, words):  # pragma: no cove
     return ptr
 
 
-@_jit
 def _delta_symbols(dev, step, qmax, out):  # pragma: no cover - compiled
     """Closed-loop delta symbols per lane: token t against the reconstruction of token t-1."""
     lanes, steps = dev.shape
@@ -119,8 +138,10 @@ def decode_dequant(states: np.ndarray, counts: np.ndarray, words: np.ndarray, ct
                    fb_table: np.ndarray, sym_table: np.ndarray, mu: np.ndarray, step: np.ndarray,
                    delta: np.ndarray, qmax: int, steps: int, channels: int, out: np.ndarray) -> bool:
     """False when the stream is corrupt (``out`` is then partly written garbage: discard it)."""
-    return _decode_dequant(states, counts, words, ctx, fb_table, sym_table, mu, step, delta,
-                           qmax, steps, channels, out) == 0
+    kernels = _load()
+    assert kernels is not None, "call available() first"
+    return kernels.decode(states, counts, words, ctx, fb_table, sym_table, mu, step, delta,
+                          qmax, steps, channels, out) == 0
 
 
 def encode(symbols: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,8 +154,10 @@ def encode(symbols: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> tuple[np.
     states = np.empty(lanes, np.int32)
     counts = np.empty(lanes, np.int32)
     words = np.empty(lanes * steps, np.int32)
-    n = _encode(np.ascontiguousarray(symbols, dtype=np.int32), ctx.astype(np.int64), f, cum,
-                states, counts, words)
+    kernels = _load()
+    assert kernels is not None, "call available() first"
+    n = kernels.encode(np.ascontiguousarray(symbols, dtype=np.int32), ctx.astype(np.int64), f, cum,
+                       states, counts, words)
     if n < 0:
         raise RansError("a symbol has zero frequency in its table")
     return states, counts, words[:n]
@@ -142,5 +165,7 @@ def encode(symbols: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> tuple[np.
 
 def delta_symbols(dev: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
     out = np.empty(dev.shape, np.float32)
-    _delta_symbols(np.ascontiguousarray(dev, dtype=np.float32), step.astype(np.float32), float(qmax), out)
+    kernels = _load()
+    assert kernels is not None, "call available() first"
+    kernels.delta(np.ascontiguousarray(dev, dtype=np.float32), step.astype(np.float32), float(qmax), out)
     return out

@@ -76,6 +76,15 @@ def test_cachegen_delta_never_lags_behind_a_jump():
     assert ((out - x).abs() <= peak / 126.5 / 2 * 1.01 + 2e-3).all()
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 64])
+def test_encoding_never_modifies_the_callers_kv(tokens):
+    kv = KV[:, :, :tokens].float().contiguous()
+    before = kv.clone()
+    for name in LOSSY:
+        get_codec(name).encode(kv)
+    assert torch.equal(kv, before)
+
+
 def test_cachegen_delta_coding_is_exact_where_chosen():
     smooth = torch.linspace(0, 1, 64)[None, None, :, None, None].expand(2, 2, 64, 1, 8).half().contiguous()
     on = CacheGenCodec(CacheGenOptions(delta=True))
@@ -195,11 +204,11 @@ def test_compiled_and_torch_coders_agree(monkeypatch):
     """The numba CPU coder and the torch coder (the CUDA path) write and read one bitstream."""
     from kvstore.codecs import rans_cpu
 
-    assert rans_cpu.AVAILABLE, "numba is a dependency: the compiled CPU coder must load"
+    assert rans_cpu.available(), "numba is a dependency: the compiled CPU coder must load"
     codec = get_codec("cachegen")
     fast = bytes(codec.encode(KV))
     fast_out = codec.decode(memoryview(fast), tuple(KV.shape), KV.dtype)
-    monkeypatch.setattr(rans_cpu, "AVAILABLE", False)
+    monkeypatch.setattr(rans_cpu, "ENABLED", False)
     slow = bytes(codec.encode(KV))
     assert slow == fast
     assert torch.equal(codec.decode(memoryview(fast), tuple(KV.shape), KV.dtype), fast_out)
@@ -220,12 +229,23 @@ def test_corrupt_frames_past_the_checksum_raise_codec_error(flips, compiled):
     frame = bytearray(frames[0])
     for pos, bit in flips:
         frame[pos % len(frame)] ^= bit
-    saved = rans_cpu.AVAILABLE
-    rans_cpu.AVAILABLE = compiled and saved
+    saved = rans_cpu.ENABLED
+    rans_cpu.ENABLED = compiled
     try:
         _start, out = codec.decode_frame(lay, memoryview(bytes(frame)))
         assert out.shape[1:] == small.shape[1:]
     except CodecError:
         pass
     finally:
-        rans_cpu.AVAILABLE = saved
+        rans_cpu.ENABLED = saved
+
+
+def test_importing_the_codecs_does_not_import_numba():
+    """numba (and llvmlite) load on the first cachegen call only: engines that never use cachegen
+    (the vLLM connector uses raw/lz4) must not carry them (vLLM's kernel scan trips over llvmlite)."""
+    import subprocess
+    import sys
+
+    code = "import sys, kvstore.codecs, kvstore.connectors.hooks; print('numba' in sys.modules, 'llvmlite' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr

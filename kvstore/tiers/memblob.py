@@ -40,7 +40,7 @@ class MemoryBlobTier(BlobTier):
             view = self.arena.allocate(nbytes)
             if view is None:
                 with self._lock:
-                    victims = self._evict_lru(None, nbytes)
+                    victims = self._evict_lru(nbytes)
                 self._report(victims)
                 del victims  # the last references: their regions return to the arena (unless still read)
                 view = self.arena.allocate(nbytes)
@@ -75,7 +75,7 @@ class MemoryBlobTier(BlobTier):
                 if size > self.capacity:
                     self.counters.tier(self.name, "rejected")
                     continue
-                victims = self._evict_lru(None, size)
+                victims = self._evict_lru(size)
                 if self._used + size > self.capacity:
                     self.counters.tier(self.name, "rejected")
                     for key, old in victims:  # could not make room: put them back
@@ -91,12 +91,12 @@ class MemoryBlobTier(BlobTier):
             self.counters.tier(self.name, "put_bytes", size)
         return written
 
-    def _evict_lru(self, count: int | None, room: int = 0) -> list[tuple[bytes, memoryview]]:
-        """Pop unpinned objects, least recently used first: ``count`` of them, or until ``room``
-        bytes fit. Caller holds the lock."""
+    def _evict_lru(self, room: int) -> list[tuple[bytes, memoryview]]:
+        """Pop unpinned objects, least recently used first, until ``room`` more bytes fit.
+        Caller holds the lock."""
         victims = []
         for key in list(self._blobs):
-            if (len(victims) == count) if count is not None else (self._used + room <= self.capacity):
+            if self._used + room <= self.capacity:
                 break
             if self._pins.is_pinned(key):
                 continue
