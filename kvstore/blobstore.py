@@ -20,7 +20,7 @@ from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError, CorruptObjectError, InvalidInputError
 from kvstore.objects import NeedMore, ObjectMeta, parse_header, read_meta
 from kvstore.pins import PinRegistry
-from kvstore.stats import Counters
+from kvstore.stats import TIER_COUNTERS, Counters
 from kvstore.tiers.base import BlobTier
 from kvstore.writer import PendingWrite, TierWriter
 
@@ -131,7 +131,9 @@ class BlobStore:
 
     def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None) -> int:
         """Store objects not already present; returns how many were new. All or nothing on quota."""
-        new = [o for o, there in zip(objects, self.exists([o.storage_key for o in objects])) if not there]
+        keys = [o.storage_key for o in objects]
+        anywhere = self.exists(keys)
+        new = [o for o, there in zip(objects, anywhere) if not there]
         size = sum(memoryview(o.blob).nbytes for o in new)
         with self._lock:
             used = self._usage.get(owner, 0)
@@ -142,6 +144,12 @@ class BlobStore:
                 self._owner[o.storage_key] = (owner, memoryview(o.blob).nbytes)
             self._usage[owner] = used + size
         first = self.tiers[0]
+        # An object only a lower tier holds (after a restart, or demoted) goes back into the
+        # first tier when a client puts it again: the client just showed it is hot, and its next
+        # GET then needs no disk read. The lower tiers already hold it: no write-through.
+        again = [o for o, there, top in zip(objects, anywhere, first.contains(keys)) if there and not top]
+        for o in again:
+            first.put_blobs([(_with_key(o.meta, o.storage_key), [o.blob])])
         for o in new:
             meta = _with_key(o.meta, o.storage_key)
             first.put_blobs([(meta, [o.blob])])
@@ -215,7 +223,8 @@ class BlobStore:
         tiers = {}
         for tier in self.tiers:
             st = tier.stats()
-            tiers[tier.name] = {**per_tier.get(tier.name, {}), "objects": st.objects, "bytes": st.bytes,
+            counters = {**dict.fromkeys(TIER_COUNTERS, 0), **per_tier.get(tier.name, {})}  # untouched: zeros
+            tiers[tier.name] = {**counters, "objects": st.objects, "bytes": st.bytes,
                                 "capacity": st.capacity, "pinned_bytes": st.pinned_bytes, "available": st.available}
         return {"tiers": tiers, "pinned_objects": len(self.pins.active()), "tenants": dict(self._usage)}
 

@@ -72,6 +72,22 @@ def test_daemon_restart_serves_disk(tmp_path):
     d.stop()
 
 
+def test_objects_put_again_after_a_restart_are_served_from_memory(tmp_path):
+    """After a restart the objects are on disk only; a client putting them again (LMCache
+    re-sends its chunks) brings them back into memory, so the next GET reads no file."""
+    d = Daemon(tmp_path)
+    keys = [bytes([i]) * 16 for i in range(5)]
+    DaemonClient(d.url).put([(k, obj(k)) for k in keys])
+    assert d.stop() == 0
+    d.start()
+    client = DaemonClient(d.url)
+    assert client.put([(k, obj(k)) for k in keys]) == 0  # nothing new: quota and disk untouched
+    assert all(b is not None for b in client.get(keys))
+    tiers = client.stats()["tiers"]
+    assert tiers["cpu"]["hits"] == 5 and tiers["disk"]["hits"] == 0
+    d.stop()
+
+
 @pytest.fixture
 def secured(tmp_path):
     kf = tmp_path / "keys.yaml"
