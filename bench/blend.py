@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import median, table, timed  # noqa: E402
+from _common import kl, median, table, timed  # noqa: E402
 
 from kvstore.connectors.blend import BlendConfig, Blender  # noqa: E402
 from kvstore.connectors.reference import DEFAULT_MODEL, Engine, SamplingParams, Transformer  # noqa: E402
@@ -47,11 +47,8 @@ class OracleBlender(Blender):
         super().__init__(engine, store, config)
         self.deviation = deviation
 
-    def _select(self, kv_layer, k, v, active, reused, ratio):  # type: ignore[no-untyped-def]
-        was_reused = reused[active]
-        dev = torch.where(was_reused, self.deviation[active], torch.full_like(self.deviation[active], float("inf")))
-        n_keep = int(round(ratio * int(reused.sum()))) + int((~was_reused).sum())
-        return torch.topk(dev, min(n_keep, dev.numel())).indices.sort().values
+    def _deviation(self, kv_layer, k, v, positions):  # type: ignore[no-untyped-def]
+        return self.deviation[positions]
 
 
 def oracle_deviation(engine: Engine, reused_kv: torch.Tensor, tokens: list[int]) -> torch.Tensor:
@@ -73,11 +70,6 @@ def corpus(model_dir: Path) -> list[list[int]]:
         if len(ids) > 1200:
             out.append(ids)
     return out
-
-
-def kl(ref: torch.Tensor, got: torch.Tensor) -> float:
-    p, q = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
-    return float((p.exp() * (p - q)).sum())
 
 
 def quality(args: argparse.Namespace) -> None:

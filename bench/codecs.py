@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import table  # noqa: E402
+from _common import kl, table  # noqa: E402
 
 from kvstore.codecs import get_codec  # noqa: E402
 from kvstore.codecs.cachegen import CacheGenCodec, CacheGenOptions  # noqa: E402
@@ -155,8 +155,7 @@ def model_quality(model_dir: str, names: list[str], prompts: int, seed: int = 0)
             try:
                 for ids, ref in zip(cases, refs):
                     got = engine.generate(ids, params)
-                    p, q = torch.log_softmax(ref.first_logits.float(), -1), torch.log_softmax(got.first_logits.float(), -1)
-                    kls.append(float((p.exp() * (p - q)).sum()))
+                    kls.append(kl(ref.first_logits, got.first_logits))
                     agree.append(sum(a == b for a, b in zip(ref.tokens, got.tokens)) / len(ref.tokens))
                     hits.append(got.hit_tokens)
             finally:

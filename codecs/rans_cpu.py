@@ -7,9 +7,9 @@ dequantization (mean, step, running sum for delta lanes) into the same pass. The
 the same: tests check both coders against each other, and the torch one remains the path for
 CUDA tensors and for machines where numba does not import.
 
-Corrupt input must never read out of bounds: the callers validate tables, lane counts and
-contexts (``rans.decode`` does the same checks), and the loops here check every word read
-against the lane's own range.
+Corrupt input must never read out of bounds: callers run ``rans.check_stream`` and
+``rans.decode_tables`` first (as ``rans.decode`` does), contexts come from the frame layout, and
+the loops here check every word read against the lane's own range.
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ def _load() -> SimpleNamespace | None:
                 _kernels = SimpleNamespace(decode=jit(_decode_dequant), encode=jit(_encode),
                                            delta=jit(_delta_symbols))
     return _kernels
+
+
+def _compiled() -> SimpleNamespace:
+    kernels = _load()
+    if kernels is None:
+        raise RuntimeError("the compiled rANS coder is unavailable: check available() first")
+    return kernels
 
 
 def _decode_dequant(states, counts, words, ctx, fb_table, sym_table, mu, step, delta, qmax, steps,
@@ -138,8 +145,7 @@ def decode_dequant(states: np.ndarray, counts: np.ndarray, words: np.ndarray, ct
                    fb_table: np.ndarray, sym_table: np.ndarray, mu: np.ndarray, step: np.ndarray,
                    delta: np.ndarray, qmax: int, steps: int, channels: int, out: np.ndarray) -> bool:
     """False when the stream is corrupt (``out`` is then partly written garbage: discard it)."""
-    kernels = _load()
-    assert kernels is not None, "call available() first"
+    kernels = _compiled()
     return kernels.decode(states, counts, words, ctx, fb_table, sym_table, mu, step, delta,
                           qmax, steps, channels, out) == 0
 
@@ -154,8 +160,7 @@ def encode(symbols: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> tuple[np.
     states = np.empty(lanes, np.int32)
     counts = np.empty(lanes, np.int32)
     words = np.empty(lanes * steps, np.int32)
-    kernels = _load()
-    assert kernels is not None, "call available() first"
+    kernels = _compiled()
     n = kernels.encode(np.ascontiguousarray(symbols, dtype=np.int32), ctx.astype(np.int64), f, cum,
                        states, counts, words)
     if n < 0:
@@ -165,7 +170,6 @@ def encode(symbols: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> tuple[np.
 
 def delta_symbols(dev: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
     out = np.empty(dev.shape, np.float32)
-    kernels = _load()
-    assert kernels is not None, "call available() first"
+    kernels = _compiled()
     kernels.delta(np.ascontiguousarray(dev, dtype=np.float32), step.astype(np.float32), float(qmax), out)
     return out

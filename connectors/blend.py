@@ -189,17 +189,22 @@ class Blender:
         reused tokens whose fresh K/V deviate most from the cached (re-rotated) ones."""
         was_reused = reused[active]
         idx = was_reused.nonzero().squeeze(1)
-        old_k = kv_layer[0].index_select(0, active[idx]).float()
-        old_v = kv_layer[1].index_select(0, active[idx]).float()
-        # Squared deviation, K and V each normalised by its own scale so neither dominates.
-        dk = (k[idx].float() - old_k).pow(2).sum((1, 2)) / old_k.pow(2).sum((1, 2)).mean().clamp_min(1e-12)
-        dv = (v[idx].float() - old_v).pow(2).sum((1, 2)) / old_v.pow(2).sum((1, 2)).mean().clamp_min(1e-12)
         # Tokens computed fresh (query, separators) are always kept.
         dev = torch.full((active.numel(),), float("inf"), device=k.device)
-        dev[idx] = dk + dv
+        dev[idx] = self._deviation(kv_layer, k[idx], v[idx], active[idx])
         n_keep = int(round(ratio * int(reused.sum()))) + int((~was_reused).sum())
         keep = torch.topk(dev, min(n_keep, dev.numel())).indices
         return keep.sort().values
+
+    def _deviation(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+        """How far each reused token's fresh K/V (at ``positions``) are from the cached ones:
+        squared deviation, K and V each normalised by its own scale so neither dominates."""
+        old_k = kv_layer[0].index_select(0, positions).float()
+        old_v = kv_layer[1].index_select(0, positions).float()
+        dk = (k.float() - old_k).pow(2).sum((1, 2)) / old_k.pow(2).sum((1, 2)).mean().clamp_min(1e-12)
+        dv = (v.float() - old_v).pow(2).sum((1, 2)) / old_v.pow(2).sum((1, 2)).mean().clamp_min(1e-12)
+        return dk + dv
 
     def _fallback(self, tokens: list[int], cache: ContiguousCache, computed_docs: int, t0: float) -> BlendResult:
         kv, logits = self.engine.prefill_kv(tokens)

@@ -20,7 +20,7 @@ from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError, CorruptObjectError, InvalidInputError
 from kvstore.objects import NeedMore, ObjectMeta, parse_header, read_meta
 from kvstore.pins import PinRegistry
-from kvstore.stats import TIER_COUNTERS, Counters
+from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
 from kvstore.writer import PendingWrite, TierWriter
 
@@ -144,18 +144,18 @@ class BlobStore:
                 self._owner[o.storage_key] = (owner, memoryview(o.blob).nbytes)
             self._usage[owner] = used + size
         first = self.tiers[0]
-        # An object only a lower tier holds (after a restart, or demoted) goes back into the
-        # first tier when a client puts it again: the client just showed it is hot, and its next
-        # GET then needs no disk read. The lower tiers already hold it: no write-through.
-        again = [o for o, there, top in zip(objects, anywhere, first.contains(keys)) if there and not top]
-        for o in again:
-            first.put_blobs([(_with_key(o.meta, o.storage_key), [o.blob])])
-        for o in new:
+        for o, there, top in zip(objects, anywhere, first.contains(keys)):
+            if top:
+                continue
+            # Also an object only a lower tier holds (after a restart, or demoted): the client
+            # just showed it is hot, and its next GET then needs no disk read. The lower tiers
+            # already hold it, so only new objects are written through.
             meta = _with_key(o.meta, o.storage_key)
             first.put_blobs([(meta, [o.blob])])
-            for tier in self.tiers[1:]:
-                if tier.config.write == "through":
-                    self._writers[tier.name].submit(PendingWrite(meta, blob=[o.blob]))
+            if not there:
+                for tier in self.tiers[1:]:
+                    if tier.config.write == "through":
+                        self._writers[tier.name].submit(PendingWrite(meta, blob=[o.blob]))
         return len(new)
 
     def _on_evict(self, tier: Any, key: bytes, fetch: Any) -> None:
@@ -219,12 +219,11 @@ class BlobStore:
         return all(w.flush(timeout_s) for w in self._writers.values())
 
     def stats(self) -> dict[str, Any]:
-        _store, per_tier = self.counters.snapshot()
+        _store, per_tier = self.counters.snapshot(t.name for t in self.tiers)
         tiers = {}
         for tier in self.tiers:
             st = tier.stats()
-            counters = {**dict.fromkeys(TIER_COUNTERS, 0), **per_tier.get(tier.name, {})}  # untouched: zeros
-            tiers[tier.name] = {**counters, "objects": st.objects, "bytes": st.bytes,
+            tiers[tier.name] = {**per_tier[tier.name], "objects": st.objects, "bytes": st.bytes,
                                 "capacity": st.capacity, "pinned_bytes": st.pinned_bytes, "available": st.available}
         return {"tiers": tiers, "pinned_objects": len(self.pins.active()), "tenants": dict(self._usage)}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from typing import Iterable
 
 TIER_COUNTERS = (
     "hits",            # chunks served from this tier
@@ -46,6 +47,10 @@ class Counters:
         with self._lock:
             self._store[name] += amount
 
-    def snapshot(self) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+    def snapshot(self, tiers: Iterable[str] = ()) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+        """Store counters and per-tier counters; every tier named in ``tiers`` has every counter,
+        zero where nothing was counted yet (an untouched tier still reports the full vocabulary)."""
         with self._lock:
-            return dict(self._store), {k: dict(v) for k, v in self._tier.items()}
+            per_tier = {name: dict(self._tier[name]) for name in tiers}
+            per_tier.update({k: dict(v) for k, v in self._tier.items() if k not in per_tier})
+            return dict(self._store), per_tier

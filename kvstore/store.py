@@ -22,7 +22,7 @@ from kvstore.hashing import ChunkHasher, ChunkRef, num_tokens
 from kvstore.objects import ObjectMeta, decode_object, encode_object, read_meta
 from kvstore.pins import PinRegistry, check_pin_budget
 from kvstore.spec import KVSpec, dtype_from_name, dtype_name
-from kvstore.stats import TIER_COUNTERS, Counters
+from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier
 from kvstore.tiers.disk import DiskTier, ReadResult
 from kvstore.tiers.factory import build_tier
@@ -456,12 +456,11 @@ class KVStore:
         return all(w.flush(timeout_s) for w in self._writers.values())
 
     def stats(self) -> dict[str, Any]:
-        store, per_tier = self.counters.snapshot()
+        store, per_tier = self.counters.snapshot(t.name for t in self.tiers)
         tiers: dict[str, Any] = {}
         for tier in self.tiers:
             st = tier.stats()
-            entry: dict[str, Any] = dict.fromkeys(TIER_COUNTERS, 0)  # an untouched tier still has every key
-            entry.update(per_tier.get(tier.name, {}))
+            entry: dict[str, Any] = per_tier[tier.name]
             entry.update(objects=st.objects, bytes=st.bytes, capacity=st.capacity,
                          pinned_bytes=st.pinned_bytes, available=st.available)
             if tier.name in self._writers:
