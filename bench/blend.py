@@ -1,6 +1,6 @@
 """CacheBlend quality and speed, each beside full prefill of the same prompt in the same run.
 
-quality: the packaged trained model; prompts of 2-8 stdlib-source documents plus a question.
+quality: a trained model (the packaged one unless --model); prompts of 2-8 stdlib-source documents plus a question.
   For full reuse (ratio 0) and CacheBlend at 5%, 15% and 30%: next-token KL divergence from
   full prefill and greedy agreement over the first 32 generated tokens. Also an oracle at 15%
   (tokens picked by their true deviation from full prefill): the bound on any selection rule.
@@ -73,10 +73,11 @@ def corpus(model_dir: Path) -> list[list[int]]:
 
 
 def quality(args: argparse.Namespace) -> None:
-    engine = Engine.load(DEFAULT_MODEL)
-    texts = corpus(DEFAULT_MODEL)
+    model_dir = Path(args.model)
+    engine = Engine.load(model_dir)
+    texts = corpus(model_dir)
     rng = random.Random(args.seed)
-    sep = load_tokenizer(DEFAULT_MODEL).token_to_id("<|sep|>")
+    sep = load_tokenizer(model_dir).token_to_id("<|sep|>")
 
     def cut(n: int) -> list[int]:
         ids = rng.choice(texts)
@@ -119,8 +120,9 @@ def quality(args: argparse.Namespace) -> None:
         rows.append([name, f"{statistics.mean(ks):.4f}", f"{ks[int(0.9 * (len(ks) - 1))]:.4f}",
                      f"{statistics.mean(ks) / base:.3f}x", f"{100 * statistics.mean(agree[r]):.1f}%",
                      f"{statistics.mean(fractions[r]):.3f}"])
-    print(f"\nquality on {DEFAULT_MODEL.name}: {4 * args.prompts} prompts of 2/4/6/8 documents x "
-          f"{args.doc_tokens} tokens + a 32-token question; reference = full prefill of the same prompt")
+    print(f"\nquality on {model_dir.name} ({engine.config.num_layers} layers): {4 * args.prompts} prompts of "
+          f"2/4/6/8 documents x {args.doc_tokens} tokens + a 32-token question; "
+          "reference = full prefill of the same prompt")
     print(table(rows))
     r15 = statistics.mean(kls[0.15]) / base
     a15 = statistics.mean(agree[0.15])
@@ -163,6 +165,8 @@ def main() -> None:
     ap.add_argument("what", nargs="?", default="all", choices=["quality", "speed", "all"])
     ap.add_argument("--prompts", type=int, default=5, help="prompts per document count (quality)")
     ap.add_argument("--doc-tokens", type=int, default=128, help="tokens per document (quality)")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL),
+                    help="trained model directory (quality), e.g. one from reference.train --layers 12")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -85,6 +85,8 @@ def evaluate(model: Transformer, data: torch.Tensor, seq: int, batches: int = 8)
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="model directory to write")
+    ap.add_argument("--layers", type=int, default=MODEL["num_layers"],
+                    help="decoder layers (CacheBlend's premise is measured on deeper models than the packaged one)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     train_ids, val_ids = encode(tok, train_texts), encode(tok, val_texts)
     log.info("corpus: %d train files (%d tokens), %d val files (%d tokens)",
              len(train_texts), train_ids.numel(), len(val_texts), val_ids.numel())
-    cfg = ModelConfig(**MODEL)  # type: ignore[arg-type]
+    cfg = ModelConfig(**{**MODEL, "num_layers": args.layers})  # type: ignore[arg-type]
     weights = {k: v.requires_grad_() for k, v in random_weights(cfg, args.seed, std=0.004).items()}
     model = Transformer(cfg, weights)
     opt = torch.optim.AdamW(list(weights.values()), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             log.info("step %d/%d loss %.3f lr %.2e %.0fs", step, args.steps, loss.item(), lr, time.time() - t0)
     val = evaluate(model, val_ids, args.seq)
     save_model(out, cfg, weights, dtype=torch.float16, tokenizer_dir=out)
-    report = {"bf16_autocast": args.bf16, "val_loss": round(val, 4), "val_ppl": round(math.exp(val), 2), "steps": args.steps,
+    report = {"layers": args.layers, "bf16_autocast": args.bf16, "val_loss": round(val, 4), "val_ppl": round(math.exp(val), 2), "steps": args.steps,
               "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
               "train_tokens": int(train_ids.numel()), "train_seconds": round(time.time() - t0, 1),
               "params": sum(v.numel() for v in weights.values())}
