@@ -100,12 +100,13 @@ class TierConfig:
             raise ConfigError("tiers.redis.url is required (for example redis://127.0.0.1:6379/0)")
         if self.kind == "remote" and not str(self.url or "").startswith(("kvstore://", "http://")):
             raise ConfigError("tiers.remote.url must be the daemon's address, e.g. kvstore://127.0.0.1:8765")
-        from kvstore.codecs import CodecError, available_codecs, get_codec
+        if self.codec != "raw":  # the default needs no check, and checking imports torch (the daemon has none)
+            from kvstore.codecs import CodecError, available_codecs, get_codec
 
-        try:
-            get_codec(self.codec)
-        except CodecError as exc:
-            raise ConfigError(f"tiers.{self.kind}.codec: {exc}{_suggest(self.codec, available_codecs())}") from None
+            try:
+                get_codec(self.codec)
+            except CodecError as exc:
+                raise ConfigError(f"tiers.{self.kind}.codec: {exc}{_suggest(self.codec, available_codecs())}") from None
         if self.write not in WRITE_POLICIES:
             raise ConfigError(f"tiers.{self.kind}.write must be one of {WRITE_POLICIES}, got {self.write!r}")
         if not 0.0 <= float(self.pin_fraction) <= 1.0:

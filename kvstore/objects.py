@@ -17,13 +17,18 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import msgpack
-import torch
 import xxhash
 
-from kvstore.codecs import CodecError, get_codec
 from kvstore.errors import CorruptObjectError, MismatchedObjectError
-from kvstore.spec import dtype_from_name, dtype_name
+
+if TYPE_CHECKING:
+    import torch
+
+# Encoding and decoding tensors (codecs, dtypes) need torch; the daemon only moves verified
+# bytes, so those imports happen inside the functions that use them.
 
 MAGIC = b"KVSO"
 FORMAT_VERSION = 1
@@ -46,6 +51,8 @@ class ObjectMeta:
 
 def encode_object(meta: ObjectMeta, kv: torch.Tensor, codec: str | None = None) -> list[bytes | memoryview]:
     """Serialise a chunk; returns parts (header, payload) so writers can avoid one big copy."""
+    from kvstore.codecs import get_codec
+
     codec_name = codec or meta.codec
     return pack_object(meta, get_codec(codec_name).encode(kv), codec_name)
 
@@ -138,6 +145,9 @@ def check_meta(meta: ObjectMeta, expect: ObjectMeta) -> None:
 
 def decode_object(blob: bytes | bytearray | memoryview, expect: ObjectMeta) -> torch.Tensor:
     """Verify ``blob`` is exactly the object ``expect`` describes and decode its tensor."""
+    from kvstore.codecs import CodecError, get_codec
+    from kvstore.spec import dtype_from_name
+
     meta, payload = read_meta(blob)
     check_meta(meta, expect)
     try:
@@ -147,5 +157,7 @@ def decode_object(blob: bytes | bytearray | memoryview, expect: ObjectMeta) -> t
 
 
 def meta_for(key: bytes, fingerprint: bytes, kv: torch.Tensor, partial: bool, codec: str = "raw") -> ObjectMeta:
+    from kvstore.spec import dtype_name
+
     return ObjectMeta(key=key, fingerprint=fingerprint, shape=tuple(kv.shape), dtype=dtype_name(kv.dtype),
                       num_tokens=int(kv.shape[2]), partial=partial, codec=codec)

@@ -12,13 +12,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from kvstore.objects import ObjectMeta, encode_object
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 _BATCH = 16

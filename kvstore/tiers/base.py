@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
 from kvstore.stats import Counters
+
+if TYPE_CHECKING:
+    import torch  # tensor tiers only; blob tiers (the daemon's) never touch tensors
 
 
 @dataclass(frozen=True)

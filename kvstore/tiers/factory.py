@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kvstore.config import TierConfig
 from kvstore.pins import PinRegistry
-from kvstore.spec import KVSpec
 from kvstore.stats import Counters
 from kvstore.tiers.base import EvictHandler, Tier
+
+if TYPE_CHECKING:
+    from kvstore.spec import KVSpec
 
 
 def build_tier(config: TierConfig, *, spec: KVSpec, chunk_size: int, counters: Counters,
