@@ -250,7 +250,7 @@ class Blender:
         fresh = (~was_reused).nonzero().squeeze(1)[-_QUERY_WINDOW:]
         qf = q[fresh].float() * self.model.scale                          # [F, H, D]
         future = torch.arange(T, device=k.device)[None, :] > active[fresh][:, None]   # [F, T] causal mask
-        old_k = kv_layer[0, :T].float()
+        old_k = kv_layer[0, :T].to(torch.float32, copy=True)  # never a view: the cache must not change here
         old_k[active[~was_reused]] = k[~was_reused].float()               # computed tokens have no cached K
         new_k = old_k.clone()
         new_k[active] = k.float()
