@@ -157,16 +157,22 @@ def test_limits_and_malformed_requests(secured):
     assert status == 400 and b"ttl_s" in data
 
 
-def test_the_daemon_process_does_not_load_torch(daemon):
+def test_the_daemon_process_does_not_load_torch(tmp_path):
     """The daemon moves verified bytes and never decodes a tensor: torch would add ~170 MiB of
     RSS and a second of start-up to every cache server for nothing."""
-    c = DaemonClient(daemon.url)
-    k = b"\x07" * 16
-    c.put([(k, obj(k))])
-    assert c.get([k])[0] is not None
-    with open(f"/proc/{daemon.proc.pid}/maps") as f:
-        libs = f.read()
-    assert "libtorch" not in libs and "/torch/" not in libs
+    from conftest import free_port
+
+    daemon = Daemon(tmp_path, "--lmcache-port", str(free_port()))
+    try:
+        c = DaemonClient(daemon.url)
+        k = b"\x07" * 16
+        c.put([(k, obj(k))])
+        assert c.get([k])[0] is not None
+        with open(f"/proc/{daemon.proc.pid}/maps") as f:
+            libs = f.read()
+        assert "libtorch" not in libs and "/torch/" not in libs
+    finally:
+        daemon.stop()
 
 
 def test_pin_lookup_delete_and_metrics(daemon):
