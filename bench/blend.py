@@ -85,17 +85,17 @@ def quality(args: argparse.Namespace) -> None:
     agree: dict[float | str, list[float]] = {r: [] for r in methods}
     fractions: dict[float | str, list[float]] = {r: [] for r in methods}
     concentration: list[float] = []
-    checks = tuple(int(x) for x in args.check_layers.split(",")) if args.check_layers else None
     with KVStore(engine.kv_spec(), {"chunk_size": 64, "tiers": {"cpu": {"capacity": "2GiB"}}}) as store:
         for n_docs in (2, 4, 6, 8):
             for _ in range(args.prompts):
                 docs = [cut(args.doc_tokens) for _ in range(n_docs)]
                 question = cut(32)
                 blenders: dict[float | str, Blender] = {
-                    r: Blender(engine, store, BlendConfig(recompute_ratio=r, separator=(sep,), check_layers=checks))
+                    r: Blender(engine, store, BlendConfig(recompute_ratio=r, separator=(sep,),
+                                                          check_layers=args.check_layers))
                     for r in RATIOS}
-                blenders[PAPER] = Blender(engine, store, BlendConfig(recompute_ratio=0.15, separator=(sep,),
-                                                                     check_layers=checks, selection="deviation"))
+                blenders[PAPER] = Blender(engine, store, BlendConfig(
+                    recompute_ratio=0.15, separator=(sep,), check_layers=args.check_layers, selection="deviation"))
                 tokens, segments = blenders[0.0].assemble(docs, question)
                 full = engine.generate(tokens, params)
                 for r in methods:
@@ -142,15 +142,14 @@ def speed(args: argparse.Namespace) -> None:
           f"question, documents in the cpu tier; {torch.get_num_threads()} threads; median of {args.repeat}")
     with KVStore(engine.kv_spec(), {"chunk_size": 256, "tiers": {"cpu": {"capacity": "4GiB"}}}) as store:
         rows = [["method", "prefill s", "vs full", "ideal compute", "recomputed"]]
-        checks = tuple(int(x) for x in args.check_layers.split(",")) if args.check_layers else None
-        blender = Blender(engine, store, BlendConfig(recompute_ratio=0.15, check_layers=checks))
+        blender = Blender(engine, store, BlendConfig(recompute_ratio=0.15, check_layers=args.check_layers))
         blender.precompute(docs)
         tokens, _ = blender.assemble(docs, question)
         engine.prefill_kv(tokens[:512])  # warm-up
         full = median(timed(lambda: engine.prefill_kv(tokens), args.repeat))
         rows.append(["full prefill", f"{full:.2f}", "1.00x", "1.000", f"{len(tokens)}"])
         for r in (0.0, 0.15, 0.30):
-            b = Blender(engine, store, BlendConfig(recompute_ratio=r, check_layers=checks))
+            b = Blender(engine, store, BlendConfig(recompute_ratio=r, check_layers=args.check_layers))
             runs = [b.blend(docs, question) for _ in range(args.repeat)]
             t = median([x.seconds for x in runs])
             rows.append([f"CacheBlend {100 * r:g}%", f"{t:.2f}", f"{t / full:.3f}x",
@@ -169,7 +168,8 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=128, help="tokens per document (quality)")
     ap.add_argument("--model", default=str(DEFAULT_MODEL),
                     help="trained model directory (quality), e.g. one from reference.train --layers 12")
-    ap.add_argument("--check-layers", default="", help="e.g. 1 or 1,2,3 (default: the library's)")
+    ap.add_argument("--check-layers", type=lambda text: tuple(int(x) for x in text.split(",")), default=None,
+                    help="e.g. 1 or 1,2,3 (default: the library's)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
