@@ -68,6 +68,18 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def ratio_interval(ratios: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
+    """Bootstrap interval of the median of per-round ratios. On these noisy VMs a ratio alone
+    cannot say whether 0.95x is slower or a tie: the interval can (resampling rounds, the unit
+    that drifts together; a fixed seed, so the same numbers always print the same interval)."""
+    import random
+
+    rng = random.Random(0)
+    meds = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    cut = (1 - level) / 2
+    return meds[int(cut * draws)], meds[int((1 - cut) * draws) - 1]
+
+
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

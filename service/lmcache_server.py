@@ -46,6 +46,20 @@ def _recv_into(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
+def _send_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Header and payload in one gathered send: one syscall instead of two, and the 36-byte
+    reply header never travels alone in its own segment (LMCache's client reads it with a single
+    recv(36))."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
 class LMCacheListener:
     def __init__(self, store: BlobStore, tenant: str, max_length: int, quota: int | None,
                  metrics: Any = None) -> None:
@@ -113,8 +127,7 @@ class LMCacheListener:
                     if payload is None:
                         conn.sendall(reply(FAIL))
                     else:
-                        conn.sendall(reply(SUCCESS, payload.nbytes, info))  # one send: LMCache does recv(36)
-                        conn.sendall(payload)
+                        _send_all(conn, [reply(SUCCESS, payload.nbytes, info), payload])
                 elif req.command is Command.EXIST:
                     present = self.store.exists([self._skey(req.key)])[0]
                     conn.sendall(reply(SUCCESS if present else FAIL))

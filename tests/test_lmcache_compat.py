@@ -64,6 +64,26 @@ def test_every_command(lm):
     s.close()
 
 
+def test_large_get_reaches_a_slow_reader_whole(lm):
+    """A GET reply far larger than the socket buffers (header and payload go out as one gathered
+    send, resumed after every partial write) arrives byte-exact to a reader that takes it in
+    small pieces, and the connection's framing still holds for the next command."""
+    s = connect(lm.lm_port)
+    payload = bytes(range(251)) * (24 * 1024 * 1024 // 251)  # not a multiple of any buffer size
+    s.sendall(header(PUT, len(payload)) + payload)
+    s.sendall(header(GET))
+    time.sleep(0.2)  # let the server fill the socket buffers and block mid-payload
+    code, length, *_ = REP.unpack(recv_exact(s, 36))
+    assert (code, length) == (200, len(payload))
+    got = bytearray()
+    while len(got) < length:
+        got += s.recv(min(65536, length - len(got)))
+    assert got == payload
+    s.sendall(header(HEALTH))
+    assert REP.unpack(recv_exact(s, 36))[0] == 200
+    s.close()
+
+
 @pytest.mark.parametrize("bad", [
     header(99),                                      # unknown command
     header(GET, key="no-at-signs"),                  # unparsable key
