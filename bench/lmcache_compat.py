@@ -11,8 +11,10 @@ How it ranks on a noisy VM: this machine has phases of seconds to minutes in whi
 runs up to 3x slower (perf: the kernel's socket copy itself slows), so servers measured one after
 another are often measured in different phases. Each round therefore starts all servers fresh,
 stores into each in turn, then gives each its own client engine and interleaves their retrieves
-one by one (a retrieve takes ~0.25 s). Ratios are taken within a round, retrieve k against
-retrieve k, and reported with a bootstrap interval over rounds.
+one by one in a fresh random order per pass (a retrieve takes ~0.25 s). Ratios are taken within
+a round, retrieve k against retrieve k, and reported with a bootstrap interval over rounds. A
+second copy of LMCache's server runs as an A/A control: identical code, so its distance from 1.0x
+is what noise alone does to a ratio in that run.
 
     python bench/lmcache_compat.py [--venv .venv-lmcache] [--chunks 16] [--rounds 6] [--retrieves 8]
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -144,8 +147,11 @@ def one_round(python: str, servers: dict[str, list[str]], ports: dict[str, int],
         quiesce([procs[name].pid for name in order])
         cpu0 = {name: cpu_seconds(procs[name].pid) for name in order}
         times: dict[str, list[float]] = {name: [] for name in order}
-        for k in range(retrieves):
-            for name in order[k % len(order):] + order[:k % len(order)]:
+        shuffle = random.Random(len(order) * 1000 + retrieves)
+        for _ in range(retrieves):
+            # A fresh random order per pass: a fixed rotation always runs the same server right
+            # after the same other one, and the A/A control below showed that costs a few %.
+            for name in shuffle.sample(order, len(order)):
                 got = clients[name].retrieve()
                 if not got["exact"] or got["retrieved"] != tokens:
                     raise RuntimeError(f"{name}: retrieve returned {got}")
@@ -173,6 +179,9 @@ def main() -> None:
     ap.add_argument("--retrieves", type=int, default=8,
                     help="retrieves per server and round, by one client engine each: the first is cold (fresh "
                          "process), the rest warm, as in a long-lived engine")
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="leave out the A/A control (a second LMCache server, ranked like the others: its ratio "
+                         "is how far this method's noise alone moves a ratio from 1.0)")
     args = ap.parse_args()
     python = os.path.join(args.venv, "bin", "python")
     if not os.path.exists(python):
@@ -184,16 +193,21 @@ def main() -> None:
         return [sys.executable, "-m", "kvstore", "serve", "--port", str(free_port()), "--lmcache-port", str(port),
                 "--cpu-capacity", args.cpu_capacity, "--cpu-prealloc", *tiers]
 
-    servers = {"LMCache server": lambda p: [python, "-m", "lmcache.v1.server", "127.0.0.1", str(p), "cpu"],
+    def lmcache(port: int) -> list[str]:
+        return [python, "-m", "lmcache.v1.server", "127.0.0.1", str(port), "cpu"]
+
+    servers = {"LMCache server": lmcache,
                f"kvstore serve (cpu {args.cpu_capacity} + disk)":
                    lambda p: kvstore(p, "--disk-path", os.path.join(work, f"disk{p}")),
                f"kvstore serve (cpu {args.cpu_capacity} only)": lambda p: kvstore(p, "--no-disk")}
+    if args.control:
+        servers["LMCache server, 2nd copy (A/A control)"] = lmcache
     names = list(servers)
     results: dict[str, list[Round]] = {name: [] for name in names}
     try:
         for i in tqdm(range(args.rounds), desc="rounds", leave=False):
             ports = {name: free_port() for name in names}
-            order = names[i % len(names):] + names[:i % len(names)]  # no server always goes first
+            order = random.Random(i).sample(names, len(names))  # which server stores first, and so on
             got = one_round(python, {n: servers[n](ports[n]) for n in names}, ports, order, tokens, args.retrieves)
             for name in names:
                 results[name].append(got[name])
