@@ -105,14 +105,20 @@ class Client:
     """A retrieving LMCache engine that waits for a go per retrieve (``--on-stdin``)."""
 
     def __init__(self, python: str, port: int, tokens: int, retrieves: int) -> None:
+        self.stderr = tempfile.TemporaryFile()  # its tail goes into any error below
         self.proc = subprocess.Popen([python, ENGINE, str(port), "retrieve", str(tokens), *SHAPE, "--repeat",
                                       str(retrieves), "--on-stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+                                     stderr=self.stderr, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+
+    def _failed(self) -> RuntimeError:
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-2000:].decode(errors="replace")
+        return RuntimeError(f"retrieving client exited with {self.proc.wait()}: {tail}")
 
     def wait_ready(self) -> None:
         assert self.proc.stdout is not None
         if not json.loads(self.proc.stdout.readline() or "{}").get("ready"):
-            raise RuntimeError(f"retrieving client exited with {self.proc.wait()}")
+            raise self._failed()
 
     def retrieve(self) -> dict:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -120,11 +126,13 @@ class Client:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"retrieving client exited with {self.proc.wait()}")
+            raise self._failed()
         return json.loads(line)
 
     def finish(self) -> dict:
         out, _ = self.proc.communicate(timeout=300)  # closing stdin ends its loop
+        if self.proc.returncode:
+            raise self._failed()
         return json.loads(out.strip().splitlines()[-1])
 
 
