@@ -70,15 +70,20 @@ class BlobStore:
     # ---- reads ---------------------------------------------------------------------------
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
-        present = [False] * len(keys)
+        return [pos is not None for pos in self._holders(keys)]
+
+    def _holders(self, keys: Sequence[bytes]) -> list[int | None]:
+        """Per key, the position of the highest tier holding it (None: no tier does)."""
+        where: list[int | None] = [None] * len(keys)
         todo = list(range(len(keys)))
-        for tier in self.tiers:
+        for pos, tier in enumerate(self.tiers):
             if not todo:
                 break
             for i, hit in zip(todo, tier.contains([keys[i] for i in todo])):
-                present[i] = present[i] or hit
-            todo = [i for i in todo if not present[i]]
-        return present
+                if hit:
+                    where[i] = pos
+            todo = [i for i in todo if where[i] is None]
+        return where
 
     def get(self, keys: Sequence[bytes], object_keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
         """Verified objects (None for a miss or an object that failed verification)."""
@@ -131,9 +136,8 @@ class BlobStore:
 
     def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None) -> int:
         """Store objects not already present; returns how many were new. All or nothing on quota."""
-        keys = [o.storage_key for o in objects]
-        anywhere = self.exists(keys)
-        new = [o for o, there in zip(objects, anywhere) if not there]
+        where = self._holders([o.storage_key for o in objects])
+        new = [o for o, pos in zip(objects, where) if pos is None]
         size = sum(memoryview(o.blob).nbytes for o in new)
         with self._lock:
             used = self._usage.get(owner, 0)
@@ -144,15 +148,15 @@ class BlobStore:
                 self._owner[o.storage_key] = (owner, memoryview(o.blob).nbytes)
             self._usage[owner] = used + size
         first = self.tiers[0]
-        for o, there, top in zip(objects, anywhere, first.contains(keys)):
-            if top:
+        for o, pos in zip(objects, where):
+            if pos == 0:
                 continue
             # Also an object only a lower tier holds (after a restart, or demoted): the client
             # just showed it is hot, and its next GET then needs no disk read. The lower tiers
             # already hold it, so only new objects are written through.
             meta = _with_key(o.meta, o.storage_key)
             first.put_blobs([(meta, [o.blob])])
-            if not there:
+            if pos is None:
                 for tier in self.tiers[1:]:
                     if tier.config.write == "through":
                         self._writers[tier.name].submit(PendingWrite(meta, blob=[o.blob]))
