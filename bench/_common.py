@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -72,8 +73,6 @@ def ratio_interval(ratios: list[float], level: float = 0.9, draws: int = 2000) -
     """Bootstrap interval of the median of per-round ratios. On these noisy VMs a ratio alone
     cannot say whether 0.95x is slower or a tie: the interval can (resampling rounds, the unit
     that drifts together; a fixed seed, so the same numbers always print the same interval)."""
-    import random
-
     rng = random.Random(0)
     meds = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
     cut = (1 - level) / 2

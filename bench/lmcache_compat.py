@@ -70,9 +70,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def engine_cmd(python: str, port: int, mode: str, tokens: int, *extra: str) -> list[str]:
+    return [python, ENGINE, str(port), mode, str(tokens), *SHAPE, *extra]
+
+
+# LMCache keys chunks with Python's hash when vLLM is absent: every client must hash alike.
+ENGINE_ENV = {**os.environ, "PYTHONHASHSEED": "0"}
+
+
 def engine(python: str, port: int, mode: str, tokens: int, *extra: str) -> dict:
-    out = subprocess.run([python, ENGINE, str(port), mode, str(tokens), *SHAPE, *extra], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, timeout=900, check=False)
+    out = subprocess.run(engine_cmd(python, port, mode, tokens, *extra), capture_output=True, text=True,
+                         env=ENGINE_ENV, timeout=900, check=False)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -106,9 +114,9 @@ class Client:
 
     def __init__(self, python: str, port: int, tokens: int, retrieves: int) -> None:
         self.stderr = tempfile.TemporaryFile()  # its tail goes into any error below
-        self.proc = subprocess.Popen([python, ENGINE, str(port), "retrieve", str(tokens), *SHAPE, "--repeat",
-                                      str(retrieves), "--on-stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+        self.proc = subprocess.Popen(engine_cmd(python, port, "retrieve", tokens, "--repeat", str(retrieves),
+                                                "--on-stdin"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, env=ENGINE_ENV)
 
     def _failed(self) -> RuntimeError:
         self.stderr.seek(0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import msgpack
