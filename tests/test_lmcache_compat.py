@@ -161,6 +161,8 @@ def test_preallocated_daemon_evicts_and_serves_exact_bytes(tmp_path):
         values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in conn.getresponse().read().decode().splitlines()
                   if line.startswith("kvstore_tier_") and 'tier="cpu"' in line}
         assert values['kvstore_tier_evictions{tier="cpu"}'] >= 8
-        assert values['kvstore_tier_arena_misses{tier="cpu"}'] <= 8  # at least the first 4 fit the arena
+        # Each object is 1 MiB plus its header, so the first 3 always fit the 4 MiB arena; whether a
+        # later put reuses an evicted region depends on how far the disk writer has got.
+        assert values['kvstore_tier_arena_misses{tier="cpu"}'] <= 9
     finally:
         d.stop()
