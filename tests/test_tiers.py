@@ -72,11 +72,11 @@ def test_pin_expires(spec):
     with KVStore(spec, mem_config(cpu=2 * CHUNK_BYTES, pin_sweep_s=0.05)) as store:
         s = seqs(3)
         store.put(s[0], causal_kv(spec, s[0]))
-        store.pin(s[0], ttl_s=0.2)
+        store.pin(s[0], ttl_s=1.0)  # long enough that a slow CI machine still puts twice within it
         store.put(s[1], causal_kv(spec, s[1]))
         store.put(s[2], causal_kv(spec, s[2]))  # evicts s[1], s[0] is pinned
         assert store.lookup(s[0]) == 16 and store.lookup(s[1]) == 0
-        time.sleep(0.3)
+        time.sleep(1.1)
         assert store.stats()["pinned_chunks"] == 0
         store.put(s[1], causal_kv(spec, s[1]))  # now s[0] is the LRU and unpinned
         assert store.lookup(s[0]) == 0
