@@ -142,7 +142,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER and not same_process:
             config = _shared_tiers_only(config)
         else:
-            config = _with_shared_disk(config)
+            config = config.with_shared_disk()
         self.store = _acquire_store(self.spec, config)
         self.hooks = KVHooks(self.store)
         # scheduler side
@@ -367,21 +367,13 @@ def _tp_rank() -> int:
 
 def _shared_tiers_only(config: StoreConfig) -> StoreConfig:
     """The scheduler's view when the worker is another process: memory tiers are the worker's own."""
-    config = _with_shared_disk(config)
+    config = config.with_shared_disk()
     tiers = {name: tc for name, tc in config.tiers.items() if not tc.is_memory}
     if not tiers:
         log.warning("kvstore: only memory tiers are configured and vLLM runs its worker in another "
                     "process; the scheduler cannot see them, so there will be no hits. Add a disk, "
                     "redis or remote tier.")
         tiers = {"cpu": dataclasses.replace(next(iter(config.tiers.values())), capacity=1 << 20)}
-    return dataclasses.replace(config, tiers=tiers)
-
-
-def _with_shared_disk(config: StoreConfig) -> StoreConfig:
-    """Disk tiers see objects other processes write (the scheduler's and worker's stores, or
-    several engines on one host, share a directory)."""
-    tiers = {name: dataclasses.replace(tc, shared=True) if tc.kind == "disk" else tc
-             for name, tc in config.tiers.items()}
     return dataclasses.replace(config, tiers=tiers)
 
 

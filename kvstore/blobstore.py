@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError, CorruptObjectError, InvalidInputError
-from kvstore.objects import NeedMore, ObjectMeta, parse_header, read_meta
+from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read_meta
 from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
@@ -39,7 +39,7 @@ class QuotaExceededError(InvalidInputError):
 
 
 class BlobStore:
-    def __init__(self, config: Any = None, namespace: bytes = b"kvstore-daemon") -> None:
+    def __init__(self, config: Any = None, namespace: bytes = b"kvstore-daemon", *, allow_remote: bool = False) -> None:
         self.config: StoreConfig = load_config(config)
         self.counters = Counters()
         self.pins = PinRegistry()
@@ -49,8 +49,10 @@ class BlobStore:
         self._owner: dict[bytes, tuple[str, int]] = {}
         self._usage: dict[str, int] = {}
         for kind, tc in self.config.tiers.items():
-            if kind in ("device", "remote"):
-                raise ConfigError(f"the daemon cannot have a {kind} tier (it stores bytes for many engines)")
+            if kind == "device":
+                raise ConfigError("a byte store cannot have a device tier (it holds encoded objects, not tensors)")
+            if kind == "remote" and not allow_remote:  # a daemon in front of a daemon could loop
+                raise ConfigError("the daemon cannot have a remote tier (it stores bytes for many engines)")
             if kind == "cpu":
                 from kvstore.tiers.memblob import MemoryBlobTier
 
@@ -59,10 +61,14 @@ class BlobStore:
                 from kvstore.tiers.disk import DiskTier
 
                 self.tiers.append(DiskTier(tc, self.counters, self.pins, namespace, self._on_evict))
-            else:
+            elif kind == "redis":
                 from kvstore.tiers.redis import RedisTier
 
                 self.tiers.append(RedisTier(tc, self.counters, namespace, self.pins))
+            else:
+                from kvstore.tiers.remote import RemoteTier
+
+                self.tiers.append(RemoteTier(tc, self.counters))
         for tier in self.tiers[1:]:
             self._writers[tier.name] = TierWriter(tier, self.counters, tier.config.queue_size,
                                                   self.config.queue_full == "block", self.config.put_timeout_s)
@@ -85,8 +91,11 @@ class BlobStore:
             todo = [i for i in todo if where[i] is None]
         return where
 
-    def get(self, keys: Sequence[bytes], object_keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
-        """Verified objects (None for a miss or an object that failed verification)."""
+    def get(self, keys: Sequence[bytes], object_keys: Sequence[bytes],
+            expect: Sequence[ObjectMeta] | None = None) -> list[bytes | memoryview | None]:
+        """Verified objects (None for a miss or an object that failed verification). With
+        ``expect``, an object must also match that meta (fingerprint, shape, dtype, tokens): one
+        for another model or geometry is treated like a corrupt one, in the tier that held it."""
         out: list[bytes | memoryview | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for pos, tier in enumerate(self.tiers):
@@ -103,6 +112,8 @@ class BlobStore:
                     meta = parse_header(blob, blob.nbytes).meta if tier.is_memory_blob else read_meta(blob)[0]
                     if meta.key != object_keys[i]:
                         raise CorruptObjectError(f"object names key {meta.key.hex()}, stored as {object_keys[i].hex()}")
+                    if expect is not None:
+                        check_meta(meta, expect[i])
                 except (CorruptObjectError, NeedMore) as exc:
                     log.warning("tier %s: object %s rejected: %s", tier.name, keys[i].hex(), exc)
                     self.counters.tier(tier.name, "corrupt")

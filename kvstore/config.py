@@ -34,6 +34,7 @@ WRITE_POLICIES = ("through", "demote")
 QUEUE_FULL_POLICIES = ("block", "drop")
 RESERVED_ENV = ("KVSTORE_CONFIG", "KVSTORE_LOG_LEVEL")
 RESERVED_ENV_PREFIXES = ("KVSTORE_SERVE_",)  # the daemon's own settings
+RESERVED_ENV_SUFFIXES = ("_TESTS", "_VENV")  # the test scripts' switches (KVSTORE_SGLANG_TESTS=1)
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
@@ -156,6 +157,14 @@ class StoreConfig:
         # Keep the hierarchy order regardless of how the user listed them.
         self.tiers = {k: self.tiers[k] for k in TIER_KINDS if k in self.tiers}
 
+    def with_shared_disk(self) -> "StoreConfig":
+        """The same config with its disk tier marked ``shared``: it then sees objects other
+        processes write (vLLM's scheduler and worker, SGLang's TP ranks, or several engines on
+        one host share a directory)."""
+        tiers = {name: dataclasses.replace(tc, shared=True) if tc.kind == "disk" else tc
+                 for name, tc in self.tiers.items()}
+        return dataclasses.replace(self, tiers=tiers)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["tiers"] = {k: {f: v for f, v in t.items() if f in _TIER_OPTIONS[k]} for k, t in out["tiers"].items()}
@@ -247,7 +256,8 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     tiers: dict[str, dict[str, Any]] = {}
     top = {f.name for f in dataclasses.fields(StoreConfig)} - {"tiers"}
     for name, raw in env.items():
-        if not name.startswith("KVSTORE_") or name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+        if (not name.startswith("KVSTORE_") or name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES)
+                or name.endswith(RESERVED_ENV_SUFFIXES)):
             continue
         key = name[len("KVSTORE_"):].lower()
         if key == "tiers":

@@ -1,0 +1,188 @@
+"""SGLang HiCache storage (its L3) backed by kvstore's tiers, loaded by SGLang's dynamic backend::
+
+    python -m sglang.launch_server --model-path ... --enable-hierarchical-cache \\
+        --hicache-storage-backend dynamic \\
+        --hicache-storage-backend-extra-config '{"backend_name": "kvstore",
+            "module_path": "kvstore.connectors.sglang", "class_name": "KVStoreHiCacheStorage",
+            "interface_v1": 1, "kvstore_config": "/etc/kvstore.yaml"}'
+
+SGLang keeps device (L1) and host (L2) copies itself and asks its L3 for pages by its own prefix
+hashes, so this backend is a :class:`~kvstore.pagestore.PageStore`: kvstore's disk, Redis and
+daemon tiers (a ``cpu`` tier works too, but duplicates SGLang's host pool). With
+``interface_v1`` SGLang hands host-pool indices and pages move between the pool and kvstore
+without SGLang's staging copy; without it, the older tensor-per-page calls work the same.
+
+Options under ``extra_config`` (anything else belongs to SGLang and is ignored here):
+``kvstore_config`` (a mapping or a config file; default: ``$KVSTORE_CONFIG`` and ``KVSTORE_*``)
+and ``kvstore_codec`` (``raw`` or ``lz4``). The disk tier is always ``shared``: every TP rank
+runs its own backend, and several engines on a host may point at one directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, List, Optional
+
+import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+
+from kvstore.config import load_config
+from kvstore.errors import ConfigError
+from kvstore.pagestore import PageStore, check_page_codec
+
+log = logging.getLogger(__name__)
+OPTIONS = frozenset({"kvstore_config", "kvstore_codec"})
+
+
+def storage_identity(config: HiCacheStorageConfig) -> dict[str, Any]:
+    """What makes two ranks' pages interchangeable, from SGLang's storage config. MLA KV is the
+    same on every TP rank, so those ranks share pages; otherwise each rank holds its heads."""
+    ident: dict[str, Any] = {
+        "engine": "sglang-hicache", "model": config.model_name or "", "pp": (config.pp_rank, config.pp_size),
+        "attn_cp": (config.attn_cp_rank, config.attn_cp_size), "mla": bool(config.is_mla_model),
+        "page_first": bool(config.is_page_first_layout),
+    }
+    if not config.is_mla_model:
+        ident["tp"] = (config.tp_rank, config.tp_size)
+    if config.should_split_heads:
+        ident["tp_lcm"] = config.tp_lcm_size
+    if config.dcp_size > 1:
+        ident["dcp"] = (config.dcp_rank, config.dcp_size, config.logical_page_size)
+    return ident
+
+
+def pool_identity(pool: Any) -> dict[str, Any]:
+    """The host pool's byte format: two pools with the same page size but another layout (say
+    ``page_first`` vs ``page_first_direct``) order the same numbers differently."""
+    ident = {"pool": type(pool).__name__, "layout": getattr(pool, "layout", None),
+             "dtype": str(getattr(pool, "dtype", None)), "page_size": getattr(pool, "page_size", None),
+             "format": getattr(pool, "storage_format_tag", None)}
+    for name in ("layer_num", "head_num", "head_dim", "v_head_dim", "kv_lora_rank", "qk_rope_head_dim"):
+        value = getattr(pool, name, None)
+        if isinstance(value, int):
+            ident[name] = value
+    return ident
+
+
+class KVStoreHiCacheStorage(HiCacheStorage):
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
+        extra = dict(storage_config.extra_config or {})
+        ours = {k: v for k, v in extra.items() if k.startswith("kvstore_")}
+        unknown = sorted(set(ours) - OPTIONS)
+        if unknown:
+            raise ConfigError(f"unknown kvstore options {unknown} in SGLang's storage extra_config; "
+                              f"kvstore takes {sorted(OPTIONS)}")
+        self.storage_config = storage_config
+        # Checked now so a bad config fails the attach, not the first prefetch.
+        self._config = load_config(ours.get("kvstore_config"), use_env=True).with_shared_disk()
+        self._codec = check_page_codec(str(ours.get("kvstore_codec", "raw")))
+        self._writer = storage_config.is_storage_writer
+        self._store: PageStore | None = None
+        self.mem_pool_host: Any = None
+
+    @property
+    def pages(self) -> PageStore:
+        """Opened on first use, or when SGLang registers its host pool (right after creating the
+        backend): the pool's layout and geometry are part of what a page is."""
+        if self._store is None:
+            self._open({})
+        assert self._store is not None
+        return self._store
+
+    def _open(self, pool_ident: dict[str, Any]) -> None:
+        if self._store is not None:
+            self._store.close()
+        self._store = PageStore(self._config, {**storage_identity(self.storage_config), **pool_ident},
+                                codec=self._codec, tokens_per_page=int(pool_ident.get("page_size") or 0))
+        log.info("kvstore HiCache storage: tiers %s, %s", [t.name for t in self._store.store.tiers], pool_ident)
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        super().register_mem_pool_host(mem_pool_host)
+        self._open(pool_identity(mem_pool_host))
+
+    # ---- zero-copy interface (extra_config interface_v1) --------------------------------------
+
+    def _page_starts(self, keys: List[str], host_indices: torch.Tensor) -> list[int]:
+        page_size = self.mem_pool_host.page_size
+        if host_indices.numel() < len(keys) * page_size:
+            raise ValueError(f"{len(keys)} pages need {len(keys) * page_size} host indices, got {host_indices.numel()}")
+        return [int(host_indices[i * page_size]) for i in range(len(keys))]
+
+    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        pool = self.mem_pool_host
+        starts = self._page_starts(keys, host_indices)
+        # A page the pool holds contiguously (page-first layouts) is filled in place; a
+        # layer-first page is scattered over the pool, so it is staged and copied in by the pool.
+        direct = [pool.get_data_page(start, flat=False) for start in starts]
+        outs = [p.view(-1) if p.is_contiguous() else pool.get_dummy_flat_data_page() for p in direct]
+        done = self._guarded(lambda: self.pages.get_into(keys, outs), [False] * len(keys))
+        for ok, start, page, out in zip(done, starts, direct, outs):
+            if ok and not page.is_contiguous():
+                pool.set_from_flat_data_page(start, out)
+        return done
+
+    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        if not self._writer:  # MLA: one rank writes the replicated pages, the others read them
+            return [True] * len(keys)
+        pool = self.mem_pool_host
+        pages = [pool.get_data_page(start, flat=True) for start in self._page_starts(keys, host_indices)]
+        ok = self._guarded(lambda: (self.pages.put(keys, pages), True)[1], False)
+        return [ok] * len(keys)
+
+    # ---- tensor-per-page interface -----------------------------------------------------------
+
+    def get(self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None) -> torch.Tensor | None:
+        return self.batch_get([key], [target_location])[0]
+
+    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
+                  target_sizes: Optional[Any] = None) -> List[torch.Tensor | None]:
+        if target_locations is None:
+            target_locations = [self.mem_pool_host.get_dummy_flat_data_page() for _ in keys]
+        done = self._guarded(lambda: self.pages.get_into(keys, target_locations), [False] * len(keys))
+        return [out if ok else None for ok, out in zip(done, target_locations)]
+
+    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
+            target_sizes: Optional[Any] = None) -> bool:
+        return self.batch_set([key], [value])
+
+    def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None,
+                  target_sizes: Optional[Any] = None) -> bool:
+        if not self._writer:
+            return True
+        return self._guarded(lambda: (self.pages.put(keys, list(values)), True)[1], False)
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+        return self._guarded(lambda: self.pages.leading_hits(keys), 0)
+
+    # ---- control -----------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """SGLang's flush_cache: empties this backend's local tiers (a shared daemon is never
+        cleared from an engine)."""
+        self.pages.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """kvstore's counters per tier (SGLang's own ``get_stats`` is for its metrics type)."""
+        return self.pages.stats()
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    @staticmethod
+    def _guarded(call: Any, fallback: Any) -> Any:
+        """SGLang's storage threads must not die on a cache failure: it becomes a miss (or a
+        failed backup, which SGLang retries later) and a log line."""
+        try:
+            return call()
+        except Exception:
+            log.exception("kvstore HiCache storage operation failed; treating it as a miss")
+            return fallback
+
+
+__all__ = ["KVStoreHiCacheStorage", "pool_identity", "storage_identity"]

@@ -1,0 +1,138 @@
+"""Pages under keys the engine computes itself, in kvstore's byte tiers.
+
+Some engines hash their own KV pages: SGLang's HiCache names each page by a hash of its token
+prefix and hands a storage backend only that string and the page's tensor, in whatever layout its
+host pool uses. kvstore cannot cut or decode such a page, so it stores it whole, losslessly, as a
+self-describing object. What makes a page interchangeable (model, parallel rank, layout, dtype)
+is the caller's ``identity``: it is folded into every key and recorded in every object as the
+fingerprint, and a read must match it, the page's shape and dtype, or it is a miss plus a
+``corrupt`` count, never another model's bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import msgpack
+import torch
+import xxhash
+
+from kvstore.blobstore import BlobStore, StoredObject
+from kvstore.codecs import CodecError, get_codec
+from kvstore.config import StoreConfig
+from kvstore.errors import ConfigError, InvalidInputError
+from kvstore.objects import ObjectMeta, encode_object, join_parts, parse_header
+from kvstore.spec import dtype_from_name, dtype_name
+
+log = logging.getLogger(__name__)
+
+# A page's byte order is the engine's, not kvstore's [layers, 2, tokens, heads, head_size]: lossy
+# codecs would quantize along the wrong axis, so only byte-exact ones are offered.
+LOSSLESS_CODECS = ("raw", "lz4")
+
+
+def check_page_codec(codec: str) -> str:
+    if codec not in LOSSLESS_CODECS:
+        raise ConfigError(f"page codec {codec!r} is not offered: pages are stored byte-exact, "
+                          f"choose one of {LOSSLESS_CODECS}")
+    return codec
+
+
+def identity_digest(identity: Mapping[str, Any]) -> bytes:
+    """A stable 16-byte digest of what makes pages interchangeable (sorted, so dict order is moot)."""
+    return xxhash.xxh3_128_digest(msgpack.packb(sorted((str(k), v) for k, v in identity.items()),
+                                                use_bin_type=True))
+
+
+class PageStore:
+    """Tensors ("pages") by engine-computed string key, in the tiers of a :class:`BlobStore`
+    (cpu, disk, redis, and the kvstore daemon as a remote tier)."""
+
+    def __init__(self, config: StoreConfig, identity: Mapping[str, Any], *, codec: str = "raw",
+                 tokens_per_page: int = 0) -> None:
+        self.codec = check_page_codec(codec)
+        self.fingerprint = identity_digest(identity)
+        self.tokens_per_page = tokens_per_page
+        self.store = BlobStore(config, namespace=b"kvstore-pages", allow_remote=True)
+
+    def object_key(self, key: str) -> bytes:
+        return xxhash.xxh3_128_digest(self.fingerprint + key.encode())
+
+    def _meta(self, key: bytes, page: torch.Tensor) -> ObjectMeta:
+        return ObjectMeta(key=key, fingerprint=self.fingerprint, shape=tuple(page.shape),
+                          dtype=dtype_name(page.dtype), num_tokens=self.tokens_per_page, partial=False,
+                          codec=self.codec)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        return self.store.exists([self.object_key(k) for k in keys])
+
+    def leading_hits(self, keys: Sequence[str]) -> int:
+        """How many leading keys are stored (a prefix is only usable up to its first gap)."""
+        for i, there in enumerate(self.exists(keys)):
+            if not there:
+                return i
+        return len(keys)
+
+    def get_into(self, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> list[bool]:
+        """Copy each stored page into its ``out`` (any device); False where it is missing or does
+        not verify as exactly that page for this identity, shape and dtype."""
+        if len(keys) != len(outs):
+            raise InvalidInputError(f"{len(keys)} keys but {len(outs)} output pages")
+        okeys = [self.object_key(k) for k in keys]
+        expect = [self._meta(k, out) for k, out in zip(okeys, outs)]
+        blobs = self.store.get(okeys, okeys, expect)
+        done = []
+        for key, okey, out, blob in zip(keys, okeys, outs, blobs):
+            if blob is None:
+                done.append(False)
+                continue
+            view = memoryview(blob).cast("B")
+            header = parse_header(view, view.nbytes)  # verified by get(); this finds the payload
+            try:
+                page = get_codec(header.meta.codec).decode(view[header.payload_offset:], header.meta.shape,
+                                                           dtype_from_name(header.meta.dtype))
+            except CodecError as exc:  # checksummed bytes that still fail to decode: drop them
+                log.warning("page %s rejected: %s", key, exc)
+                self.store.counters.tier(self.store.tiers[0].name, "corrupt")
+                self.store.delete([okey])
+                done.append(False)
+                continue
+            out.copy_(page)
+            done.append(True)
+        return done
+
+    # ---- writes --------------------------------------------------------------------------
+
+    def put(self, keys: Sequence[str], pages: Sequence[torch.Tensor]) -> int:
+        """Store the pages not already present; returns how many were new. The page's memory is
+        not kept (the engine reuses it), so every object is a copy."""
+        if len(keys) != len(pages):
+            raise InvalidInputError(f"{len(keys)} keys but {len(pages)} pages")
+        okeys = [self.object_key(k) for k in keys]
+        objects = []
+        for okey, page, there in zip(okeys, pages, self.store.exists(okeys)):
+            if there:  # encoding and checksumming a page nobody needs costs more than the lookup
+                continue
+            meta = self._meta(okey, page)
+            objects.append(StoredObject(okey, meta, join_parts(encode_object(meta, page))))
+        return self.store.put(objects) if objects else 0
+
+    # ---- control -------------------------------------------------------------------------
+
+    def delete(self, keys: Sequence[str]) -> int:
+        return self.store.delete([self.object_key(k) for k in keys])
+
+    def clear(self) -> None:
+        self.store.clear()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return self.store.flush(timeout_s)
+
+    def stats(self) -> dict[str, Any]:
+        return self.store.stats()
+
+    def close(self) -> None:
+        self.store.close()
