@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError, CorruptObjectError, InvalidInputError
-from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read_meta
+from kvstore.objects import NeedMore, ObjectMeta, check_meta, join_parts, parse_header, read_meta
 from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
@@ -31,7 +31,18 @@ log = logging.getLogger(__name__)
 class StoredObject:
     storage_key: bytes   # where it lives (tenant-scoped by the caller)
     meta: ObjectMeta     # what it says about itself (meta.key is the engine's chunk key)
-    blob: bytes | memoryview
+    # One buffer the store may keep as is (the daemon receives into memory it owns), or the
+    # object's parts (header, payload) in memory the caller keeps: written synchronously to the
+    # first tier and copied for anything kept (the memory tier joins them, queued writes get one
+    # joined copy), so an engine can hand its page without copying it first.
+    blob: bytes | memoryview | tuple[bytes | memoryview, ...]
+
+    def parts(self) -> list[bytes | memoryview]:
+        return list(self.blob) if isinstance(self.blob, tuple) else [self.blob]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(p).nbytes for p in self.parts())
 
 
 class QuotaExceededError(InvalidInputError):
@@ -127,6 +138,32 @@ class BlobStore:
             todo = [i for i in todo if out[i] is None]
         return out
 
+    def read_into(self, keys: Sequence[bytes], expect: Sequence[ObjectMeta],
+                  outs: Sequence[memoryview]) -> list[bool]:
+        """Raw-codec payloads straight into the caller's memory where the holding tier can do it
+        (disk: one read into ``out``, verified there), skipping the object buffer and its copy.
+        False where it could not (absent, another codec, a tier without the ability, or a hit
+        that a promotion should follow): the caller falls back to :meth:`get` for those."""
+        done = [False] * len(keys)
+        for i, pos in enumerate(self._holders(keys)):
+            if pos is None or (pos and self.config.promote):
+                continue
+            tier = self.tiers[pos]
+            reader = getattr(tier, "read_into", None)
+            if reader is None:
+                continue
+            status = reader(keys[i], expect[i], [outs[i]]).value
+            if status == "ok":
+                done[i] = True
+                self.counters.tier(tier.name, "hits")
+                self.counters.tier(tier.name, "hit_tokens", expect[i].num_tokens)
+            elif status == "corrupt":
+                log.warning("tier %s: object %s rejected: %s", tier.name, keys[i].hex(),
+                            getattr(tier, "last_error", ""))
+                self.counters.tier(tier.name, "corrupt")
+                tier.delete([keys[i]])
+        return done
+
     # ---- writes --------------------------------------------------------------------------
 
     @staticmethod
@@ -149,14 +186,14 @@ class BlobStore:
         """Store objects not already present; returns how many were new. All or nothing on quota."""
         where = self._holders([o.storage_key for o in objects])
         new = [o for o, pos in zip(objects, where) if pos is None]
-        size = sum(memoryview(o.blob).nbytes for o in new)
+        size = sum(o.nbytes for o in new)
         with self._lock:
             used = self._usage.get(owner, 0)
             if quota is not None and used + size > quota:
                 raise QuotaExceededError(
                     f"tenant {owner!r} quota exceeded: holds {used} bytes, this put adds {size}, quota is {quota}")
             for o in new:
-                self._owner[o.storage_key] = (owner, memoryview(o.blob).nbytes)
+                self._owner[o.storage_key] = (owner, o.nbytes)
             self._usage[owner] = used + size
         first = self.tiers[0]
         for o, pos in zip(objects, where):
@@ -166,11 +203,14 @@ class BlobStore:
             # just showed it is hot, and its next GET then needs no disk read. The lower tiers
             # already hold it, so only new objects are written through.
             meta = _with_key(o.meta, o.storage_key)
-            first.put_blobs([(meta, [o.blob])])
+            parts = o.parts()
+            first.put_blobs([(meta, parts)])
             if pos is None:
+                kept: list[bytes | memoryview] | None = None
                 for tier in self.tiers[1:]:
                     if tier.config.write == "through":
-                        self._writers[tier.name].submit(PendingWrite(meta, blob=[o.blob]))
+                        kept = kept or (parts if len(parts) == 1 else [join_parts(parts)])
+                        self._writers[tier.name].submit(PendingWrite(meta, blob=kept))
         return len(new)
 
     def _on_evict(self, tier: Any, key: bytes, fetch: Any) -> None:

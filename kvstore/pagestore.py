@@ -22,7 +22,7 @@ from kvstore.blobstore import BlobStore, StoredObject
 from kvstore.codecs import CodecError, get_codec
 from kvstore.config import StoreConfig
 from kvstore.errors import ConfigError, InvalidInputError
-from kvstore.objects import ObjectMeta, encode_object, join_parts, parse_header
+from kvstore.objects import ObjectMeta, encode_object, parse_header
 from kvstore.spec import dtype_from_name, dtype_name
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,24 @@ class PageStore:
 
     def get_into(self, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> list[bool]:
         """Copy each stored page into its ``out`` (any device); False where it is missing or does
-        not verify as exactly that page for this identity, shape and dtype."""
+        not verify as exactly that page for this identity, shape and dtype. A False page's
+        ``out`` holds undefined bytes (a disk hit is verified after it lands there)."""
         if len(keys) != len(outs):
             raise InvalidInputError(f"{len(keys)} keys but {len(outs)} output pages")
         okeys = [self.object_key(k) for k in keys]
         expect = [self._meta(k, out) for k, out in zip(okeys, outs)]
-        blobs = self.store.get(okeys, okeys, expect)
-        done = []
-        for key, okey, out, blob in zip(keys, okeys, outs, blobs):
+        done = [False] * len(keys)
+        if self.codec == "raw":  # a disk hit is read straight into a CPU page: no buffer, no copy
+            direct = [i for i, out in enumerate(outs) if out.device.type == "cpu" and out.is_contiguous()]
+            got = self.store.read_into([okeys[i] for i in direct], [expect[i] for i in direct],
+                                       [memoryview(outs[i].view(-1).view(torch.uint8).numpy()) for i in direct])
+            for i, ok in zip(direct, got):
+                done[i] = ok
+        rest = [i for i, ok in enumerate(done) if not ok]
+        blobs = self.store.get([okeys[i] for i in rest], [okeys[i] for i in rest], [expect[i] for i in rest])
+        for i, blob in zip(rest, blobs):
+            key, okey, out = keys[i], okeys[i], outs[i]
             if blob is None:
-                done.append(False)
                 continue
             view = memoryview(blob).cast("B")
             header = parse_header(view, view.nbytes)  # verified by get(); this finds the payload
@@ -98,17 +106,17 @@ class PageStore:
                 log.warning("page %s rejected: %s", key, exc)
                 self.store.counters.tier(self.store.tiers[0].name, "corrupt")
                 self.store.delete([okey])
-                done.append(False)
                 continue
             out.copy_(page)
-            done.append(True)
+            done[i] = True
         return done
 
     # ---- writes --------------------------------------------------------------------------
 
     def put(self, keys: Sequence[str], pages: Sequence[torch.Tensor]) -> int:
-        """Store the pages not already present; returns how many were new. The page's memory is
-        not kept (the engine reuses it), so every object is a copy."""
+        """Store the pages not already present; returns how many were new. The engine reuses a
+        page's memory once this returns: the objects go in as parts, which the store writes
+        synchronously to its first tier and copies for anything it keeps."""
         if len(keys) != len(pages):
             raise InvalidInputError(f"{len(keys)} keys but {len(pages)} pages")
         okeys = [self.object_key(k) for k in keys]
@@ -117,7 +125,7 @@ class PageStore:
             if there:  # encoding and checksumming a page nobody needs costs more than the lookup
                 continue
             meta = self._meta(okey, page)
-            objects.append(StoredObject(okey, meta, join_parts(encode_object(meta, page))))
+            objects.append(StoredObject(okey, meta, tuple(encode_object(meta, page))))
         return self.store.put(objects) if objects else 0
 
     # ---- control -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import stall_writes
 from kvstore.config import load_config
 from kvstore.errors import ConfigError, InvalidInputError
 from kvstore.pagestore import PageStore
@@ -64,9 +65,9 @@ def test_corrupt_page_on_disk_is_a_miss(tmp_path):
     raw[-7] ^= 0xFF
     files[0].write_bytes(bytes(raw))
     out = [torch.zeros_like(src[0])]
-    assert ps.get_into(["k"], out) == [False]
-    assert not out[0].any()  # nothing of the corrupt page reached the engine's buffer
+    assert ps.get_into(["k"], out) == [False]  # read in place, then refused: the engine must not use it
     assert ps.stats()["tiers"]["disk"]["corrupt"] == 1
+    assert ps.exists(["k"]) == [False]  # removed, so the next prefetch does not read it again
     ps.close()
 
 
@@ -93,3 +94,26 @@ def test_bad_input_names_the_problem(tmp_path):
     with pytest.raises(InvalidInputError, match="1 keys but 0 output pages"):
         ps.get_into(["a"], [])
     ps.close()
+
+
+def test_engine_reusing_its_page_memory_after_put_changes_nothing_stored(tmp_path):
+    """Pages go in without a copy up front; whatever the store keeps (memory tier, queued disk
+    writes) must be its own copy, because the engine overwrites the page right after."""
+    cfg = {"tiers": {"cpu": {"capacity": "1MiB"}, "disk": {"path": str(tmp_path), "capacity": "8MiB"}}}
+    ps = PageStore(load_config(cfg), IDENT)
+    src = pages(3, seed=5)
+    kept = [p.clone() for p in src]
+    with stall_writes(ps.store.tiers[1]):
+        assert ps.put(["a", "b", "c"], src) == 3
+        for p in src:
+            p.zero_()  # the engine reuses the memory before the disk writer has run
+    ps.flush()
+    outs = [torch.empty_like(p) for p in kept]
+    assert ps.get_into(["a", "b", "c"], outs) == [True] * 3  # from the memory tier
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(kept, outs))
+    ps.close()
+    disk = PageStore(load_config(disk_only(tmp_path, capacity="8MiB")), IDENT)
+    outs = [torch.empty_like(p) for p in kept]
+    assert disk.get_into(["a", "b", "c"], outs) == [True] * 3  # what the disk writer wrote
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(kept, outs))
+    disk.close()
