@@ -6,7 +6,9 @@ Pages are Llama-3-8B-shaped HiCache pages: 2 x 32 layers x 64 tokens x 8 KV head
 (random order, `os.sync()` between, so no backend's write-back lands on another's timing), then
 reads them back through the tensor-per-page calls, interleaved in a fresh random order per pass.
 Ratios are paired within a round against HiCacheFile and reported as the median with a 90%
-bootstrap interval. Every read is checked bit-exact outside the timed region.
+bootstrap interval. Every read is checked bit-exact outside the timed region. A last table shows
+what each local backend hands back after one byte of a stored page flips, and to an engine whose
+host pool has another layout.
 
 Runs in the venv scripts/test_sglang.sh builds:
 
@@ -137,6 +139,43 @@ def main() -> None:
         rows.append(row)
     print(table(rows))
     print("ratios: paired per round against HiCacheFile, median and 90% bootstrap interval (>1 = faster)")
+    print()
+    print(safety(pages[:2], keys[:2]))
+
+
+def safety(pages: list[torch.Tensor], keys: list[str]) -> str:
+    """What each local backend hands back (a) after one byte of a stored page flips on disk and
+    (b) to an engine whose host pool uses another layout (same model, same rank)."""
+    rows = [["backend", "after a flipped byte", "to a page_first pool"]]
+    for name in ("SGLang HiCacheFile", "kvstore disk"):
+        root = tempfile.mkdtemp(prefix="kvstore-sgl-safety-")
+        try:
+            backend = make_backends(root, None)[name]
+            assert backend.batch_set(keys, pages)
+            if isinstance(backend, KVStoreHiCacheStorage):
+                backend.pages.flush()
+            other_cfg = storage_config({} if name.startswith("SGLang") else backend.storage_config.extra_config)
+            other_cfg.is_page_first_layout = True
+            other = (HiCacheFile(other_cfg, file_path=os.path.join(root, "file")) if name.startswith("SGLang")
+                     else KVStoreHiCacheStorage(other_cfg))
+            wrong = other.batch_get(keys, [torch.empty_like(p) for p in pages])[0] is not None
+            victim = max((os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs), key=os.path.getsize)
+            with open(victim, "r+b") as f:
+                f.seek(os.path.getsize(victim) - 1000)
+                byte = f.read(1)
+                f.seek(-1, 1)
+                f.write(bytes([byte[0] ^ 0x55]))
+            outs = [torch.empty_like(p) for p in pages]
+            got = backend.batch_get(keys, outs)
+            served = [g is not None and not torch.equal(g.view(torch.int16), p.view(torch.int16)) for g, p in zip(got, pages)]
+            rows.append([name, "served corrupt KV" if any(served) else "miss (counted)",
+                         "served in the wrong layout" if wrong else "miss"])
+            for b in (backend, other):
+                if isinstance(b, KVStoreHiCacheStorage):
+                    b.close()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return table(rows)
 
 
 if __name__ == "__main__":
