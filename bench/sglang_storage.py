@@ -4,7 +4,9 @@ same calls, one run.
 Pages are Llama-3-8B-shaped HiCache pages: 2 x 32 layers x 64 tokens x 8 KV heads x 128 x bf16
 = 8 MiB each. Each round starts every backend on an empty directory, backs the pages up into each
 (random order, `os.sync()` between, so no backend's write-back lands on another's timing), then
-reads them back through the tensor-per-page calls, interleaved in a fresh random order per pass.
+reads them back through the tensor-per-page calls: once cold (each local backend's files dropped
+from the page cache first; the daemon keeps its copy in memory, so n/a), then warm passes
+interleaved in a fresh random order each.
 Ratios are paired within a round against HiCacheFile and reported as the median with a 90%
 bootstrap interval. Every read is checked bit-exact outside the timed region. A last table shows
 what each local backend hands back after one byte of a stored page flips, and to an engine whose
@@ -47,14 +49,30 @@ def storage_config(extra: dict) -> HiCacheStorageConfig:
 
 def make_backends(root: str, daemon_url: str | None) -> dict[str, object]:
     backends: dict[str, object] = {
-        "SGLang HiCacheFile": HiCacheFile(storage_config({}), file_path=os.path.join(root, "file")),
+        "SGLang HiCacheFile": HiCacheFile(storage_config({}), file_path=os.path.join(root, DIRS["SGLang HiCacheFile"])),
         "kvstore disk": KVStoreHiCacheStorage(storage_config({"kvstore_config": {"tiers": {"disk": {
-            "path": os.path.join(root, "kvstore"), "capacity": "8GiB"}}}})),
+            "path": os.path.join(root, DIRS["kvstore disk"]), "capacity": "8GiB"}}}})),
     }
     if daemon_url:
         backends["kvstore daemon"] = KVStoreHiCacheStorage(storage_config({"kvstore_config": {"tiers": {
             "remote": {"url": daemon_url, "timeout_s": 60}}}}))
     return backends
+
+
+LOCAL = ["SGLang HiCacheFile", "kvstore disk"]
+DIRS = {"SGLang HiCacheFile": "file", "kvstore disk": "kvstore"}
+
+
+def evict_page_cache(root: str) -> None:
+    """Drop a backend's files from the page cache (clean pages: the round already synced), so the
+    next read comes from the device."""
+    for d, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def put_all(backend: object, keys: list[str], pages: list[torch.Tensor]) -> float:
@@ -91,6 +109,7 @@ def main() -> None:
     put_s: dict[str, list[float]] = {}
     get_s: dict[str, list[list[float]]] = {}
     exists_s: dict[str, list[float]] = {}
+    cold_s: dict[str, list[float]] = {}
     rng = random.Random(1)
     for rnd in range(args.rounds):
         root = tempfile.mkdtemp(prefix="kvstore-sgl-bench-")
@@ -105,6 +124,9 @@ def main() -> None:
                 put_s.setdefault(name, []).append(put_all(backends[name], keys, pages))
                 os.sync()
             outs = {name: [torch.empty_like(p) for p in pages] for name in names}
+            for name in rng.sample(LOCAL, len(LOCAL)):  # cold: the pages leave the page cache first
+                evict_page_cache(os.path.join(root, DIRS[name]))
+                cold_s.setdefault(name, []).append(get_all(backends[name], keys, outs[name]))
             reads: dict[str, list[float]] = {name: [] for name in names}
             for _ in range(args.reads):
                 for name in rng.sample(names, len(names)):
@@ -127,12 +149,18 @@ def main() -> None:
         print(f"round {rnd + 1}/{args.rounds} done")
 
     base = "SGLang HiCacheFile"
-    rows = [["backend", "backup GiB/s", "prefetch GiB/s", f"exists ({args.pages} keys)", "backup vs file", "prefetch vs file"]]
+    rows = [["backend", "backup GiB/s", "prefetch warm", "prefetch cold", f"exists ({args.pages} keys)",
+             "backup vs file", "warm vs file", "cold vs file"]]
     for name in put_s:
         gets = [median(r) for r in get_s[name]]
+        cold = cold_s.get(name)
         row = [name, f"{nbytes / GIB / median(put_s[name]):.2f}", f"{nbytes / GIB / median(gets):.2f}",
-               f"{median(exists_s[name]) * 1e3:.2f} ms"]
-        for mine, theirs in ((put_s[name], put_s[base]), (gets, [median(r) for r in get_s[base]])):
+               f"{nbytes / GIB / median(cold):.2f}" if cold else "n/a", f"{median(exists_s[name]) * 1e3:.2f} ms"]
+        for mine, theirs in ((put_s[name], put_s[base]), (gets, [median(r) for r in get_s[base]]),
+                             (cold, cold_s[base])):
+            if not mine:
+                row.append("n/a")
+                continue
             ratios = [t / m for m, t in zip(mine, theirs)]
             lo, hi = ratio_interval(ratios)
             row.append(f"{median(ratios):.2f}x [{lo:.2f}-{hi:.2f}]")

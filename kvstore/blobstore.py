@@ -1,4 +1,5 @@
-"""A tiered store of self-describing objects by key: what the daemon serves.
+"""A tiered store of self-describing objects by key: what the daemon serves, and what holds the
+pages of engines that name their own pages (kvstore.pagestore).
 
 The daemon never sees a model spec or decodes a tensor; engines send objects already encoded
 and checksummed (kvstore.objects). This store verifies them on the way in and out, keeps them in
@@ -22,6 +23,7 @@ from kvstore.objects import NeedMore, ObjectMeta, check_meta, join_parts, parse_
 from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
+from kvstore.tiers.disk import DiskTier, ReadResult
 from kvstore.writer import PendingWrite, TierWriter
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,6 @@ class BlobStore:
 
                 self.tiers.append(MemoryBlobTier(tc, self.counters, self.pins, self._on_evict))
             elif kind == "disk":
-                from kvstore.tiers.disk import DiskTier
-
                 self.tiers.append(DiskTier(tc, self.counters, self.pins, namespace, self._on_evict))
             elif kind == "redis":
                 from kvstore.tiers.redis import RedisTier
@@ -149,17 +149,15 @@ class BlobStore:
             if pos is None or (pos and self.config.promote):
                 continue
             tier = self.tiers[pos]
-            reader = getattr(tier, "read_into", None)
-            if reader is None:
+            if not isinstance(tier, DiskTier):
                 continue
-            status = reader(keys[i], expect[i], [outs[i]]).value
-            if status == "ok":
+            status = tier.read_into(keys[i], expect[i], [outs[i]])
+            if status is ReadResult.OK:
                 done[i] = True
                 self.counters.tier(tier.name, "hits")
                 self.counters.tier(tier.name, "hit_tokens", expect[i].num_tokens)
-            elif status == "corrupt":
-                log.warning("tier %s: object %s rejected: %s", tier.name, keys[i].hex(),
-                            getattr(tier, "last_error", ""))
+            elif status is ReadResult.CORRUPT:
+                log.warning("tier %s: object %s rejected: %s", tier.name, keys[i].hex(), tier.last_error)
                 self.counters.tier(tier.name, "corrupt")
                 tier.delete([keys[i]])
         return done
