@@ -112,8 +112,9 @@ class KVStoreHiCacheStorage(HiCacheStorage):
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
         pool = self.mem_pool_host
         starts = self._page_starts(keys, host_indices)
-        # A page the pool holds contiguously (page-first layouts) is filled in place; a
-        # layer-first page is scattered over the pool, so it is staged and copied in by the pool.
+        # A page the pool holds in one piece (MLA's page_first) is filled in place; an MHA page
+        # is split over K and V (and over layers in layer_first), so it is staged and the pool
+        # copies it in.
         direct = [pool.get_data_page(start, flat=False) for start in starts]
         outs = [p.view(-1) if p.is_contiguous() else pool.get_dummy_flat_data_page() for p in direct]
         done = self._guarded(lambda: self.pages.get_into(keys, outs), [False] * len(keys))

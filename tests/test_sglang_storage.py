@@ -63,6 +63,27 @@ class HostPool:
         page.copy_(data_page.reshape(page.shape))
 
 
+class MLAHostPool:
+    """SGLang's MLA host pool, page_first layout (pool_host/mla.py): a page is one contiguous
+    block, which the backend fills in place."""
+
+    def __init__(self, pages: int, seed: int = 0) -> None:
+        self.page_size, self.layout, self.dtype = PAGE, "page_first", torch.bfloat16
+        self.layer_num, self.kv_cache_dim = LAYERS, DIM * 4
+        g = torch.Generator().manual_seed(seed)
+        self.kv_buffer = torch.randn((pages * PAGE, LAYERS, 1, DIM * 4), generator=g).to(self.dtype)
+
+    def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
+        page = self.kv_buffer[index:index + PAGE]
+        return page.flatten() if flat else page
+
+    def get_dummy_flat_data_page(self) -> torch.Tensor:
+        raise AssertionError("a page_first MLA page is read in place, never staged")
+
+    def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
+        raise AssertionError("a page_first MLA page is read in place, never staged")
+
+
 def storage_config(kvstore_config: object, tp_rank: int = 0, tp_size: int = 1, mla: bool = False,
                    page_first: bool = False, **extra: object) -> "HiCacheStorageConfig":
     return HiCacheStorageConfig(
@@ -144,15 +165,19 @@ def test_ranks_layouts_and_mla_decide_what_is_shared(tmp_path):
     assert rank0.batch_exists(keys) == 2
     assert rank1.batch_exists(keys) == 0         # another rank holds other heads
     assert other_layout.batch_exists(keys) == 0  # same numbers in another byte order
-    # MLA KV is the same on every rank: one rank writes, every rank reads.
-    mla0 = attach(storage_config(disk(tmp_path), tp_rank=0, tp_size=2, mla=True), HostPool(4, seed=7))
-    mla1 = attach(storage_config(disk(tmp_path), tp_rank=1, tp_size=2, mla=True), HostPool(4))
+    # MLA KV is the same on every rank: one rank writes, every rank reads (in place: page_first
+    # MLA pages are contiguous).
+    pool0, pool1 = MLAHostPool(4, seed=7), MLAHostPool(4, seed=8)
+    mla0 = attach(storage_config(disk(tmp_path), tp_rank=0, tp_size=2, mla=True, page_first=True), pool0)
+    mla1 = attach(storage_config(disk(tmp_path), tp_rank=1, tp_size=2, mla=True, page_first=True), pool1)
     assert mla1.batch_set_v1(keys, indices([0, 1])) == [True, True]  # not the writer: skipped
     mla1.pages.flush()
     assert mla0.batch_exists(keys) == 0
     mla0.batch_set_v1(keys, indices([0, 1]))
     mla0.pages.flush()
-    assert mla1.batch_get_v1(keys, indices([2, 3])) == [True, True]
+    assert mla1.batch_get_v1(keys, indices([3, 2])) == [True, True]
+    for s, d in ((0, 3), (1, 2)):
+        assert torch.equal(pool0.get_data_page(s * PAGE).view(torch.int16), pool1.get_data_page(d * PAGE).view(torch.int16))
     for b in (rank0, rank1, other_layout, mla0, mla1):
         b.close()
 
