@@ -24,7 +24,8 @@ import logging
 from typing import Any, List, Optional
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo,
+                                                  PoolName)
 
 from kvstore.config import load_config
 from kvstore.errors import ConfigError
@@ -99,6 +100,15 @@ class KVStoreHiCacheStorage(HiCacheStorage):
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
         self._open(pool_identity(mem_pool_host))
+
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        """Hybrid models (Mamba or SWA state, DSA indexers) add sidecar pools that SGLang moves
+        through the v2 calls, which this backend does not implement: refuse them at attach
+        rather than fail the first prefetch."""
+        if str(host_pool_name) != PoolName.KV.value:
+            raise ConfigError(f"kvstore's SGLang backend stores KV pages only; the {host_pool_name!s} pool of "
+                              "this hybrid model needs HiCache's v2 storage calls, which it does not implement")
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
 
     # ---- zero-copy interface (extra_config interface_v1) --------------------------------------
 

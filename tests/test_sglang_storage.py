@@ -21,7 +21,7 @@ import torch
 from conftest import Daemon
 
 try:
-    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig, PoolName
     from sglang.srt.mem_cache.storage import StorageBackendFactory
     from sglang.srt.mem_cache.utils import get_hash_str
 except ImportError:
@@ -215,5 +215,10 @@ def test_bad_options_fail_the_attach_with_a_named_problem(tmp_path):
         attach(storage_config(disk(tmp_path), kvstore_codex="lz4"), HostPool(2))
     with pytest.raises(Exception, match="cachegen"):
         attach(storage_config(disk(tmp_path), kvstore_codec="cachegen"), HostPool(2))
+    backend = attach(storage_config(disk(tmp_path)), HostPool(2))
+    backend.register_mem_host_pool_v2(HostPool(2), PoolName.KV)
+    with pytest.raises(ConfigError, match="mamba pool"):  # a hybrid model's sidecar (v2 calls only)
+        backend.register_mem_host_pool_v2(HostPool(2), PoolName.MAMBA)
+    backend.close()
     with pytest.raises(ConfigError, match="capacty"):
         KVStoreHiCacheStorage(storage_config({"tiers": {"disk": {"path": str(tmp_path), "capacty": 1}}}))
