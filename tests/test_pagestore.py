@@ -117,3 +117,46 @@ def test_engine_reusing_its_page_memory_after_put_changes_nothing_stored(tmp_pat
     assert disk.get_into(["a", "b", "c"], outs) == [True] * 3  # what the disk writer wrote
     assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(kept, outs))
     disk.close()
+
+
+def test_concurrent_backup_and_prefetch_threads_never_see_wrong_bytes(tmp_path):
+    """SGLang backs pages up and prefetches them from two threads at once. With a memory tier
+    small enough to evict (demoting to disk) all the time, every read is the exact page or a miss."""
+    import threading
+
+    cfg = {"put_timeout_s": 30,  # a loaded CI machine must not drop a queued disk write
+           "tiers": {"cpu": {"capacity": 6 * 4096 + 6 * 512}, "disk": {"path": str(tmp_path), "capacity": "8MiB"}}}
+    ps = PageStore(load_config(cfg), IDENT)
+    src = {f"k{i}": p for i, p in enumerate(pages(40, seed=11))}
+    errors: list[str] = []
+    hits = [0]
+
+    def writer() -> None:
+        keys = list(src)
+        for i in range(0, len(keys), 4):
+            ps.put(keys[i:i + 4], [src[k] for k in keys[i:i + 4]])
+
+    def reader(seed: int) -> None:
+        rng = __import__("random").Random(seed)
+        for _ in range(300):
+            keys = rng.sample(list(src), 3)
+            outs = [torch.empty_like(src[k]) for k in keys]
+            for key, ok, out in zip(keys, ps.get_into(keys, outs), outs):
+                if ok:
+                    hits[0] += 1
+                    if not torch.equal(out.view(torch.int16), src[key].view(torch.int16)):
+                        errors.append(key)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    ps.flush()
+    assert not errors
+    assert hits[0] > 0
+    assert ps.stats()["tiers"]["cpu"]["evictions"] > 0  # the memory tier really was churning
+    outs = [torch.empty_like(p) for p in src.values()]
+    assert ps.get_into(list(src), outs) == [True] * 40  # in the end everything is on disk, exact
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(src.values(), outs))
+    ps.close()
