@@ -13,13 +13,15 @@ daemon tiers (a ``cpu`` tier works too, but duplicates SGLang's host pool). With
 without SGLang's staging copy; without it, the older tensor-per-page calls work the same.
 
 Options under ``extra_config`` (anything else belongs to SGLang and is ignored here):
-``kvstore_config`` (a mapping or a config file; default: ``$KVSTORE_CONFIG`` and ``KVSTORE_*``)
-and ``kvstore_codec`` (``raw`` or ``lz4``). The disk tier is always ``shared``: every TP rank
+``kvstore_config`` (a mapping or a config file; default: ``$KVSTORE_CONFIG`` and ``KVSTORE_*``,
+else kvstore's default disk tier without its default memory tier) and ``kvstore_codec``
+(``raw`` or ``lz4``). The disk tier is always ``shared``: every TP rank
 runs its own backend, and several engines on a host may point at one directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, List, Optional
 
@@ -27,7 +29,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo,
                                                   PoolName)
 
-from kvstore.config import load_config
+from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError
 from kvstore.pagestore import PageStore, check_page_codec
 
@@ -75,7 +77,12 @@ class KVStoreHiCacheStorage(HiCacheStorage):
                               f"kvstore takes {sorted(OPTIONS)}")
         self.storage_config = storage_config
         # Checked now so a bad config fails the attach, not the first prefetch.
-        self._config = load_config(ours.get("kvstore_config"), use_env=True).with_shared_disk()
+        config = load_config(ours.get("kvstore_config"), use_env=True)
+        if ours.get("kvstore_config") is None and config.tiers.get("cpu") == StoreConfig().tiers["cpu"]:
+            # Nobody asked for kvstore's default memory tier, and SGLang's host pool already is
+            # one: holding every backed-up page twice would only cost RAM.
+            config = dataclasses.replace(config, tiers={k: t for k, t in config.tiers.items() if k != "cpu"})
+        self._config = config.with_shared_disk()
         self._codec = check_page_codec(str(ours.get("kvstore_codec", "raw")))
         self._writer = storage_config.is_storage_writer
         self._store: PageStore | None = None

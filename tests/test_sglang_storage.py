@@ -222,3 +222,13 @@ def test_bad_options_fail_the_attach_with_a_named_problem(tmp_path):
     backend.close()
     with pytest.raises(ConfigError, match="capacty"):
         KVStoreHiCacheStorage(storage_config({"tiers": {"disk": {"path": str(tmp_path), "capacty": 1}}}))
+
+
+def test_without_a_config_the_default_disk_tier_is_used_without_a_second_memory_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # kvstore's default disk path lives under it
+    for name in [n for n in os.environ if n.startswith("KVSTORE_") and not n.endswith("_TESTS")]:
+        monkeypatch.delenv(name)
+    backend = attach(storage_config(None), HostPool(2))
+    assert [t.name for t in backend.pages.store.tiers] == ["disk"]
+    assert str(tmp_path) in str(backend.pages.store.tiers[0].config.path)
+    backend.close()
