@@ -32,6 +32,7 @@ from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorage
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError
 from kvstore.pagestore import PageStore, check_page_codec
+from kvstore.spec import DTYPE_NAMES, DTYPES
 
 log = logging.getLogger(__name__)
 OPTIONS = frozenset({"kvstore_config", "kvstore_codec"})
@@ -105,6 +106,9 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         log.info("kvstore HiCache storage: tiers %s, %s", [t.name for t in self._store.store.tiers], pool_ident)
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        dtype = getattr(mem_pool_host, "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype not in DTYPE_NAMES:  # else every backup would fail
+            raise ConfigError(f"SGLang's host pool holds {dtype}; kvstore stores {sorted(DTYPES)}")
         super().register_mem_pool_host(mem_pool_host)
         self._open(pool_identity(mem_pool_host))
 

@@ -220,6 +220,10 @@ def test_bad_options_fail_the_attach_with_a_named_problem(tmp_path):
     with pytest.raises(ConfigError, match="mamba pool"):  # a hybrid model's sidecar (v2 calls only)
         backend.register_mem_host_pool_v2(HostPool(2), PoolName.MAMBA)
     backend.close()
+    odd = HostPool(2)
+    odd.dtype = torch.complex64
+    with pytest.raises(Exception, match="complex64"):
+        attach(storage_config(disk(tmp_path)), odd)
     with pytest.raises(ConfigError, match="capacty"):
         KVStoreHiCacheStorage(storage_config({"tiers": {"disk": {"path": str(tmp_path), "capacty": 1}}}))
 
