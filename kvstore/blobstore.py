@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from kvstore.buffers import unzeroed
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError, CorruptObjectError, InvalidInputError
 from kvstore.objects import NeedMore, ObjectMeta, check_meta, join_parts, parse_header, read_meta
@@ -178,7 +179,7 @@ class BlobStore:
     def allocate(self, nbytes: int) -> memoryview:
         """Writable memory to receive an object into before ``put`` (from the memory tier's
         pre-faulted arena when it has one): the put then keeps it without a copy."""
-        return self.tiers[0].allocate(nbytes) if self.tiers else memoryview(bytearray(nbytes))
+        return self.tiers[0].allocate(nbytes) if self.tiers else unzeroed(nbytes)
 
     def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None) -> int:
         """Store objects not already present; returns how many were new. All or nothing on quota."""

@@ -1,4 +1,5 @@
-"""A pre-faulted memory arena for the daemon's memory tier.
+"""Memory to receive objects into: unzeroed buffers, and a pre-faulted arena for the daemon's
+memory tier.
 
 Why: receiving a 32 MiB object into a fresh ``bytearray`` costs more than the copy itself, because
 the kernel faults the new pages in one by one inside ``recv_into`` (measured here: 16 LMCache
@@ -25,6 +26,13 @@ import numpy as np
 
 ALIGN = 64  # cache-line aligned regions
 PAGE = 4096
+
+
+def unzeroed(nbytes: int) -> memoryview:
+    """Writable memory whose contents are undefined until written. ``bytearray(n)`` memsets all
+    of it first, and a socket or file read overwrites every byte anyway: measured here, dropping
+    that memset doubled a 32 MiB GET from the daemon (0.99 -> 2.03 GiB/s, paired)."""
+    return memoryview(np.empty(nbytes, dtype=np.uint8))
 
 
 class Arena:

@@ -15,6 +15,7 @@ import time
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
+from kvstore.buffers import unzeroed
 from kvstore.errors import KVStoreError
 from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, pack_batch, pack_control, unpack_batch,
                           unpack_control)
@@ -27,25 +28,25 @@ class ServiceError(KVStoreError):
         self.message = message
 
 
-def _read_body(resp: http.client.HTTPResponse) -> bytes | bytearray:
+def _read_body(resp: http.client.HTTPResponse) -> bytes | memoryview:
     """The whole body; with a Content-Length, read straight into one buffer (``read()`` collects
-    chunks and joins them: an extra copy of every multi-MiB object)."""
+    chunks and joins them: an extra copy of every multi-MiB object), and not zeroed first."""
     length = resp.getheader("Content-Length")
     if length is None or int(length) < 65536:
         return resp.read()
-    buf = bytearray(int(length))
-    view = memoryview(buf)
+    view = unzeroed(int(length))
     got = 0
-    while got < len(buf):
+    while got < view.nbytes:
         n = resp.readinto(view[got:])
         if not n:
-            raise http.client.IncompleteRead(bytes(view[:got]), len(buf) - got)
+            raise http.client.IncompleteRead(bytes(view[:got]), view.nbytes - got)
         got += n
-    return buf
+    return view
 
 
-def decode_result(status: int, ctype: str, data: bytes) -> Any:
+def decode_result(status: int, ctype: str, data: bytes | memoryview) -> Any:
     """A control response's body, or ServiceError with the server's message."""
+    data = data.tobytes() if isinstance(data, memoryview) else data  # a large body arrives as a view
     if status >= 400:
         try:
             message = json.loads(data).get("error", data.decode(errors="replace"))
@@ -92,7 +93,7 @@ class DaemonClient:
             self._local.conn = None
 
     def request(self, method: str, path: str, body: bytes | Sequence[bytes | memoryview] | None = None,
-                content_type: str = MSGPACK_CONTENT_TYPE) -> tuple[int, str, bytes]:
+                content_type: str = MSGPACK_CONTENT_TYPE) -> tuple[int, str, bytes | memoryview]:
         headers = {"Content-Type": content_type}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -126,7 +127,7 @@ class DaemonClient:
         return self._result(status, ctype, data)
 
     @staticmethod
-    def _result(status: int, ctype: str, data: bytes) -> Any:
+    def _result(status: int, ctype: str, data: bytes | memoryview) -> Any:
         return decode_result(status, ctype, data)
 
     # ---- API -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+from kvstore.buffers import unzeroed
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
 from kvstore.stats import Counters
@@ -109,7 +110,7 @@ class BlobTier(Tier):
     def allocate(self, nbytes: int) -> memoryview:
         """Writable memory to build an object in before putting it here; tiers that keep objects
         in memory may hand out memory they can keep without a copy."""
-        return memoryview(bytearray(nbytes))
+        return unzeroed(nbytes)
 
     def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:
         """Keep keys for at least ``ttl_s`` (backends with their own expiry, e.g. Redis)."""

@@ -7,7 +7,7 @@ import threading
 from collections import OrderedDict
 from typing import Sequence
 
-from kvstore.buffers import Arena
+from kvstore.buffers import Arena, unzeroed
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
 from kvstore.pins import PinRegistry
@@ -47,7 +47,7 @@ class MemoryBlobTier(BlobTier):
             if view is not None:
                 return view
             self.counters.tier(self.name, "arena_misses")
-        return memoryview(bytearray(nbytes))
+        return unzeroed(nbytes)
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         blobs = self._blobs
