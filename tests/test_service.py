@@ -59,6 +59,20 @@ def test_two_processes_share_through_the_daemon(daemon):
         assert store.stats()["tiers"]["remote"]["hits"] == 7
 
 
+def test_large_objects_round_trip_byte_exact(daemon):
+    """Bodies of MiBs take the daemon's straight-into-one-buffer PUT read and the client's
+    unzeroed GET buffer: every byte must still be the one sent, in batches and alone."""
+    client = DaemonClient(daemon.url)
+    blobs = {bytes([i]) * 16: obj(bytes([i]) * 16, tokens=16 * 640) for i in range(3)}  # 1.25 MiB each
+    assert all(len(b) > 1 << 20 for b in blobs.values())
+    assert client.put(list(blobs.items())[:2]) == 2
+    assert client.put(list(blobs.items())[2:]) == 1
+    got = client.get(list(blobs))
+    assert [bytes(g) for g in got] == list(blobs.values())
+    assert bytes(client.get([bytes([2]) * 16])[0]) == blobs[bytes([2]) * 16]
+    client.close()
+
+
 def test_daemon_restart_serves_disk(tmp_path):
     d = Daemon(tmp_path)
     client = DaemonClient(d.url)
