@@ -34,7 +34,7 @@ def _read_body(resp: http.client.HTTPResponse) -> bytes | memoryview:
     length = resp.getheader("Content-Length")
     if length is None or int(length) < 65536:
         return resp.read()
-    view = unzeroed(int(length))
+    view = unzeroed(int(length), transient=True)
     got = 0
     while got < view.nbytes:
         n = resp.readinto(view[got:])
