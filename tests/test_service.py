@@ -59,9 +59,12 @@ def test_two_processes_share_through_the_daemon(daemon):
         assert store.stats()["tiers"]["remote"]["hits"] == 7
 
 
-def test_large_objects_round_trip_byte_exact(daemon):
-    """Bodies of MiBs take the daemon's straight-into-one-buffer PUT read and the client's
-    unzeroed GET buffer: every byte must still be the one sent, in batches and alone."""
+@pytest.mark.parametrize("prealloc", [False, True])
+def test_large_objects_round_trip_byte_exact(tmp_path, prealloc):
+    """Bodies of MiBs are read straight into one buffer (with --cpu-prealloc, a region of the
+    arena, here small enough that later bodies evict earlier objects to disk) and GETs into the
+    client's unzeroed buffer: every byte must still be the one sent, in batches and alone."""
+    daemon = Daemon(tmp_path, *(["--cpu-capacity", "3MiB", "--cpu-prealloc"] if prealloc else []))
     client = DaemonClient(daemon.url)
     blobs = {bytes([i]) * 16: obj(bytes([i]) * 16, tokens=16 * 640) for i in range(3)}  # 1.25 MiB each
     assert all(len(b) > 1 << 20 for b in blobs.values())
@@ -70,7 +73,10 @@ def test_large_objects_round_trip_byte_exact(daemon):
     got = client.get(list(blobs))
     assert [bytes(g) for g in got] == list(blobs.values())
     assert bytes(client.get([bytes([2]) * 16])[0]) == blobs[bytes([2]) * 16]
+    if prealloc:
+        assert client.stats()["tiers"]["cpu"]["evictions"] >= 1
     client.close()
+    daemon.stop()
 
 
 def test_daemon_restart_serves_disk(tmp_path):
