@@ -30,11 +30,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import median, ratio_interval, start_daemon, table  # noqa: E402
-
-from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConfig  # noqa: E402
-
-from kvstore.connectors.sglang import KVStoreHiCacheStorage  # noqa: E402
+from _common import median, ratio_interval, start_daemon, table
+from kvstore.connectors.sglang import KVStoreHiCacheStorage
+from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConfig
 
 LAYERS, PAGE, HEADS, DIM = 32, 64, 8, 128
 GIB = 2**30
@@ -99,7 +97,8 @@ def get_all(backend: object, keys: list[str], outs: list[torch.Tensor]) -> float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reads", type=int, default=3, help="read passes per round")
@@ -138,7 +137,8 @@ def main() -> None:
                 for name in rng.sample(names, len(names)):
                     reads[name].append(get_all(backends[name], keys, outs[name]))
             for name in names:
-                assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(pages, outs[name])), name
+                assert all(torch.equal(a.view(torch.int16), b.view(torch.int16))
+                           for a, b in zip(pages, outs[name])), name
                 get_s.setdefault(name, []).append(reads[name])
                 t0 = time.perf_counter()
                 for _ in range(20):
@@ -157,12 +157,12 @@ def main() -> None:
     base = "SGLang HiCacheFile"
     rows = [["backend", "backup GiB/s", "prefetch warm", "prefetch cold", f"exists ({args.pages} keys)",
              "backup vs file", "warm vs file", "cold vs file"]]
-    for name in put_s:
+    for name, puts in put_s.items():
         gets = [median(r) for r in get_s[name]]
         cold = cold_s.get(name)
-        row = [name, f"{nbytes / GIB / median(put_s[name]):.2f}", f"{nbytes / GIB / median(gets):.2f}",
+        row = [name, f"{nbytes / GIB / median(puts):.2f}", f"{nbytes / GIB / median(gets):.2f}",
                f"{nbytes / GIB / median(cold):.2f}" if cold else "n/a", f"{median(exists_s[name]) * 1e3:.2f} ms"]
-        for mine, theirs in ((put_s[name], put_s[base]), (gets, [median(r) for r in get_s[base]]),
+        for mine, theirs in ((puts, put_s[base]), (gets, [median(r) for r in get_s[base]]),
                              (cold, cold_s[base])):
             if not mine:
                 row.append("n/a")
@@ -201,7 +201,8 @@ def safety(pages: list[torch.Tensor], keys: list[str]) -> str:
                 f.write(bytes([byte[0] ^ 0x55]))
             outs = [torch.empty_like(p) for p in pages]
             got = backend.batch_get(keys, outs)
-            served = [g is not None and not torch.equal(g.view(torch.int16), p.view(torch.int16)) for g, p in zip(got, pages)]
+            served = [g is not None and not torch.equal(g.view(torch.int16), p.view(torch.int16))
+                      for g, p in zip(got, pages)]
             rows.append([name, "served corrupt KV" if any(served) else "miss (counted)",
                          "served in the wrong layout" if wrong else "miss"])
             for b in (backend, other):

@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo,
-                                                  PoolName)
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorage,
+    HiCacheStorageConfig,
+    HiCacheStorageExtraInfo,
+    PoolName,
+)
 
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError
@@ -69,7 +73,7 @@ def pool_identity(pool: Any) -> dict[str, Any]:
 
 
 class KVStoreHiCacheStorage(HiCacheStorage):
-    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None) -> None:
         extra = dict(storage_config.extra_config or {})
         ours = {k: v for k, v in extra.items() if k.startswith("kvstore_")}
         unknown = sorted(set(ours) - OPTIONS)
@@ -123,14 +127,14 @@ class KVStoreHiCacheStorage(HiCacheStorage):
 
     # ---- zero-copy interface (extra_config interface_v1) --------------------------------------
 
-    def _page_starts(self, keys: List[str], host_indices: torch.Tensor) -> list[int]:
+    def _page_starts(self, keys: list[str], host_indices: torch.Tensor) -> list[int]:
         page_size = self.mem_pool_host.page_size
         if host_indices.numel() < len(keys) * page_size:
             raise ValueError(f"{len(keys)} pages need {len(keys) * page_size} host indices, got {host_indices.numel()}")
         return [int(host_indices[i * page_size]) for i in range(len(keys))]
 
-    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         pool = self.mem_pool_host
         starts = self._page_starts(keys, host_indices)
         # A page the pool holds in one piece (MLA's page_first) is filled in place; an MHA page
@@ -144,8 +148,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
                 pool.set_from_flat_data_page(start, out)
         return done
 
-    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         if not self._writer:  # MLA: one rank writes the replicated pages, the others read them
             return [True] * len(keys)
         pool = self.mem_pool_host
@@ -155,22 +159,23 @@ class KVStoreHiCacheStorage(HiCacheStorage):
 
     # ---- tensor-per-page interface -----------------------------------------------------------
 
-    def get(self, key: str, target_location: Optional[Any] = None, target_sizes: Optional[Any] = None) -> torch.Tensor | None:
+    def get(self, key: str, target_location: Any | None = None,
+            target_sizes: Any | None = None) -> torch.Tensor | None:
         return self.batch_get([key], [target_location])[0]
 
-    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
-                  target_sizes: Optional[Any] = None) -> List[torch.Tensor | None]:
+    def batch_get(self, keys: list[str], target_locations: Any | None = None,
+                  target_sizes: Any | None = None) -> list[torch.Tensor | None]:
         if target_locations is None:
             target_locations = [self.mem_pool_host.get_dummy_flat_data_page() for _ in keys]
         done = self._guarded(lambda: self.pages.get_into(keys, target_locations), [False] * len(keys))
         return [out if ok else None for ok, out in zip(done, target_locations)]
 
-    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
-            target_sizes: Optional[Any] = None) -> bool:
+    def set(self, key: str, value: Any | None = None, target_location: Any | None = None,
+            target_sizes: Any | None = None) -> bool:
         return self.batch_set([key], [value])
 
-    def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None,
-                  target_sizes: Optional[Any] = None) -> bool:
+    def batch_set(self, keys: list[str], values: Any | None = None, target_locations: Any | None = None,
+                  target_sizes: Any | None = None) -> bool:
         if not self._writer:
             return True
         return self._guarded(lambda: (self.pages.put(keys, list(values)), True)[1], False)
@@ -178,7 +183,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
 
-    def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+    def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
         return self._guarded(lambda: self.pages.leading_hits(keys), 0)
 
     # ---- control -----------------------------------------------------------------------------

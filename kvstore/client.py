@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from kvstore.buffers import unzeroed
 from kvstore.errors import KVStoreError
-from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, pack_batch, pack_control, unpack_batch,
+from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, Blob, pack_batch, pack_control, unpack_batch,
                           unpack_control)
 
 
@@ -147,7 +147,8 @@ class DaemonClient:
         got = dict(unpack_batch(data))
         return [got.get(k) for k in keys]
 
-    def put(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
+    def put(self, items: Sequence[tuple[bytes, Blob | tuple[Blob, ...]]]) -> int:
+        """Store (key, object) pairs; an object may be given as its parts, sent without joining."""
         status, ctype, data = self.request("POST", "/v1/put", pack_batch(items), BATCH_CONTENT_TYPE)
         return int(self._result(status, ctype, data)["stored"])
 

@@ -12,7 +12,8 @@ fingerprint, and a read must match it, the page's shape and dtype, or it is a mi
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import msgpack
 import torch

@@ -59,11 +59,18 @@ def batch_header(keys: Sequence[bytes], sizes: Sequence[int]) -> bytes:
     return _LEN.pack(len(head)) + head
 
 
-def pack_batch(items: Sequence[tuple[bytes, bytes | memoryview | None]]) -> list[bytes | memoryview]:
+Blob = bytes | memoryview
+"""An object as one buffer or as its parts in order (header, payload: never joined to send)."""
+
+
+def pack_batch(items: Sequence[tuple[bytes, Blob | tuple[Blob, ...] | None]]) -> list[Blob]:
     """Parts of a batch body (write them in order; nothing is concatenated)."""
-    sizes = [-1 if blob is None else memoryview(blob).nbytes for _, blob in items]
-    parts: list[bytes | memoryview] = [batch_header([k for k, _ in items], sizes)]
-    parts.extend(blob for _, blob in items if blob is not None)
+    objects = [None if blob is None else (blob if isinstance(blob, tuple) else (blob,)) for _, blob in items]
+    sizes = [-1 if obj is None else sum(memoryview(p).nbytes for p in obj) for obj in objects]
+    parts: list[Blob] = [batch_header([k for k, _ in items], sizes)]
+    for obj in objects:
+        if obj is not None:
+            parts.extend(obj)
     return parts
 
 

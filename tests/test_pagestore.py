@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import stall_writes
+
 from kvstore.config import load_config
 from kvstore.errors import ConfigError, InvalidInputError
 from kvstore.pagestore import PageStore

@@ -17,7 +17,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import Daemon
 
 try:
@@ -29,8 +28,9 @@ except ImportError:
         raise
     pytest.skip("sglang not installed here: scripts/test_sglang.sh runs this file", allow_module_level=True)
 
-from kvstore.connectors.sglang import KVStoreHiCacheStorage  # noqa: E402
-from kvstore.errors import ConfigError  # noqa: E402
+from kvstore.connectors.sglang import KVStoreHiCacheStorage
+
+from kvstore.errors import ConfigError
 
 PAGE, LAYERS, HEADS, DIM = 16, 4, 2, 8
 
@@ -85,7 +85,7 @@ class MLAHostPool:
 
 
 def storage_config(kvstore_config: object, tp_rank: int = 0, tp_size: int = 1, mla: bool = False,
-                   page_first: bool = False, **extra: object) -> "HiCacheStorageConfig":
+                   page_first: bool = False, **extra: object) -> HiCacheStorageConfig:
     return HiCacheStorageConfig(
         tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=mla,
         enable_storage_metrics=False, is_page_first_layout=page_first, model_name="tiny/model",
@@ -94,7 +94,7 @@ def storage_config(kvstore_config: object, tp_rank: int = 0, tp_size: int = 1, m
                       **extra})
 
 
-def attach(config: "HiCacheStorageConfig", pool: HostPool) -> KVStoreHiCacheStorage:
+def attach(config: HiCacheStorageConfig, pool: HostPool) -> KVStoreHiCacheStorage:
     """What SGLang's cache controller does when it attaches a storage backend."""
     backend = StorageBackendFactory.create_backend("dynamic", config, pool)
     backend.register_mem_pool_host(pool)
@@ -177,7 +177,8 @@ def test_ranks_layouts_and_mla_decide_what_is_shared(tmp_path):
     mla0.pages.flush()
     assert mla1.batch_get_v1(keys, indices([3, 2])) == [True, True]
     for s, d in ((0, 3), (1, 2)):
-        assert torch.equal(pool0.get_data_page(s * PAGE).view(torch.int16), pool1.get_data_page(d * PAGE).view(torch.int16))
+        assert torch.equal(pool0.get_data_page(s * PAGE).view(torch.int16),
+                           pool1.get_data_page(d * PAGE).view(torch.int16))
     for b in (rank0, rank1, other_layout, mla0, mla1):
         b.close()
 

@@ -39,11 +39,11 @@ class RemoteTier(GuardedCalls, BlobTier):
     def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
         if not items:
             return 0
-        batch = [(meta.key, parts[0] if len(parts) == 1 else b"".join(parts)) for meta, parts in items]
+        batch = [(meta.key, tuple(parts)) for meta, parts in items]  # sent part by part, never joined
         stored = self._call(lambda: self.client.put(batch), 0)
         if stored:
             self.counters.tier(self.name, "puts", stored)
-            self.counters.tier(self.name, "put_bytes", sum(memoryview(b).nbytes for _k, b in batch))
+            self.counters.tier(self.name, "put_bytes", sum(memoryview(p).nbytes for _k, ps in batch for p in ps))
         return stored
 
     def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:
