@@ -144,11 +144,16 @@ def check_meta(meta: ObjectMeta, expect: ObjectMeta) -> None:
 
 def decode_object(blob: bytes | bytearray | memoryview, expect: ObjectMeta) -> torch.Tensor:
     """Verify ``blob`` is exactly the object ``expect`` describes and decode its tensor."""
+    meta, payload = read_meta(blob)
+    check_meta(meta, expect)
+    return decode_payload(meta, payload)
+
+
+def decode_payload(meta: ObjectMeta, payload: bytes | memoryview) -> torch.Tensor:
+    """The tensor of a payload already verified against ``meta``; a codec failure is corruption."""
     from kvstore.codecs import CodecError, get_codec
     from kvstore.spec import dtype_from_name
 
-    meta, payload = read_meta(blob)
-    check_meta(meta, expect)
     try:
         return get_codec(meta.codec).decode(payload, meta.shape, dtype_from_name(meta.dtype))
     except CodecError as exc:

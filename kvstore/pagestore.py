@@ -20,11 +20,10 @@ import torch
 import xxhash
 
 from kvstore.blobstore import BlobStore, StoredObject
-from kvstore.codecs import CodecError, get_codec
 from kvstore.config import StoreConfig
-from kvstore.errors import ConfigError, InvalidInputError
-from kvstore.objects import ObjectMeta, encode_object, parse_header
-from kvstore.spec import dtype_from_name, dtype_name
+from kvstore.errors import ConfigError, CorruptObjectError, InvalidInputError
+from kvstore.objects import ObjectMeta, decode_payload, encode_object, parse_header
+from kvstore.spec import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +100,8 @@ class PageStore:
             view = memoryview(blob).cast("B")
             header = parse_header(view, view.nbytes)  # verified by get(); this finds the payload
             try:
-                page = get_codec(header.meta.codec).decode(view[header.payload_offset:], header.meta.shape,
-                                                           dtype_from_name(header.meta.dtype))
-            except CodecError as exc:  # checksummed bytes that still fail to decode: drop them
+                page = decode_payload(header.meta, view[header.payload_offset:])
+            except CorruptObjectError as exc:  # checksummed bytes that still fail to decode: drop them
                 log.warning("page %s rejected: %s", key, exc)
                 self.store.counters.tier(self.store.tiers[0].name, "corrupt")
                 self.store.delete([okey])
