@@ -154,8 +154,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             return [True] * len(keys)
         pool = self.mem_pool_host
         pages = [pool.get_data_page(start, flat=True) for start in self._page_starts(keys, host_indices)]
-        ok = self._guarded(lambda: (self.pages.put(keys, pages), True)[1], False)
-        return [ok] * len(keys)
+        return [self._put(keys, pages)] * len(keys)
 
     # ---- tensor-per-page interface -----------------------------------------------------------
 
@@ -176,9 +175,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
 
     def batch_set(self, keys: list[str], values: Any | None = None, target_locations: Any | None = None,
                   target_sizes: Any | None = None) -> bool:
-        if not self._writer:
-            return True
-        return self._guarded(lambda: (self.pages.put(keys, list(values)), True)[1], False)
+        return self._put(keys, list(values)) if self._writer else True
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
@@ -200,6 +197,13 @@ class KVStoreHiCacheStorage(HiCacheStorage):
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+    def _put(self, keys: list[str], pages: list[torch.Tensor]) -> bool:
+        """True once the pages are stored (new or already there), False if the store failed."""
+        def put() -> bool:
+            self.pages.put(keys, pages)
+            return True
+        return self._guarded(put, False)
 
     @staticmethod
     def _guarded(call: Any, fallback: Any) -> Any:

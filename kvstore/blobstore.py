@@ -25,6 +25,7 @@ from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
 from kvstore.tiers.disk import DiskTier, ReadResult
+from kvstore.wire import Blob, as_parts, parts_nbytes
 from kvstore.writer import PendingWrite, TierWriter
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,14 @@ class StoredObject:
     # object's parts (header, payload) in memory the caller keeps: written synchronously to the
     # first tier and copied for anything kept (the memory tier joins them, queued writes get one
     # joined copy), so an engine can hand its page without copying it first.
-    blob: bytes | memoryview | tuple[bytes | memoryview, ...]
+    blob: Blob | tuple[Blob, ...]
 
-    def parts(self) -> list[bytes | memoryview]:
-        return list(self.blob) if isinstance(self.blob, tuple) else [self.blob]
+    def parts(self) -> list[Blob]:
+        return list(as_parts(self.blob))
 
     @property
     def nbytes(self) -> int:
-        return sum(memoryview(p).nbytes for p in self.parts())
+        return parts_nbytes(as_parts(self.blob))
 
 
 class QuotaExceededError(InvalidInputError):

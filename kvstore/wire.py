@@ -60,13 +60,22 @@ def batch_header(keys: Sequence[bytes], sizes: Sequence[int]) -> bytes:
 
 
 Blob = bytes | memoryview
-"""An object as one buffer or as its parts in order (header, payload: never joined to send)."""
+"""An object as one buffer, or as a tuple of its parts in order (header, payload: never joined
+just to send or write them)."""
+
+
+def as_parts(blob: Blob | tuple[Blob, ...]) -> tuple[Blob, ...]:
+    return blob if isinstance(blob, tuple) else (blob,)
+
+
+def parts_nbytes(parts: Sequence[Blob]) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
 
 
 def pack_batch(items: Sequence[tuple[bytes, Blob | tuple[Blob, ...] | None]]) -> list[Blob]:
     """Parts of a batch body (write them in order; nothing is concatenated)."""
-    objects = [None if blob is None else (blob if isinstance(blob, tuple) else (blob,)) for _, blob in items]
-    sizes = [-1 if obj is None else sum(memoryview(p).nbytes for p in obj) for obj in objects]
+    objects = [None if blob is None else as_parts(blob) for _, blob in items]
+    sizes = [-1 if obj is None else parts_nbytes(obj) for obj in objects]
     parts: list[Blob] = [batch_header([k for k, _ in items], sizes)]
     for obj in objects:
         if obj is not None:

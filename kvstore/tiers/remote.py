@@ -13,6 +13,7 @@ from kvstore.objects import ObjectMeta
 from kvstore.stats import Counters
 from kvstore.tiers.backoff import Backoff, GuardedCalls
 from kvstore.tiers.base import BlobTier, TierStats
+from kvstore.wire import parts_nbytes
 
 
 
@@ -43,7 +44,7 @@ class RemoteTier(GuardedCalls, BlobTier):
         stored = self._call(lambda: self.client.put(batch), 0)
         if stored:
             self.counters.tier(self.name, "puts", stored)
-            self.counters.tier(self.name, "put_bytes", sum(memoryview(p).nbytes for _k, ps in batch for p in ps))
+            self.counters.tier(self.name, "put_bytes", sum(parts_nbytes(ps) for _k, ps in batch))
         return stored
 
     def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:
