@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
 # The LMCache compatibility test against the real lmcache 0.5.6 package, in its own venv
 # (lmcache pins packages the main environment should not get). Run after scripts/test.sh.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+. "$(dirname "$0")/engine_venv.sh"
 VENV=${KVSTORE_LMCACHE_VENV:-.venv-lmcache}
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv --system-site-packages "$VENV"
-fi
+engine_venv "$VENV"
 # --no-deps: its CUDA-only requirements (cupy-cuda13x, cuda-python, cufile-python) cannot install
 # here; these are the pure-Python ones the engine and its lm:// connector import on CPU.
 "$VENV/bin/python" -m pip install --quiet --no-deps lmcache==0.5.6

