@@ -8,31 +8,35 @@ the reuse an inference server gives, with greedy outputs identical to a run with
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvstore.connectors.hooks import KVHooks
-from kvstore.connectors.reference.weights import weights_digest
+from kvstore.connectors.hooks import KVHooks, LoadFailed
 from kvstore.errors import InvalidInputError
+from kvstore.fingerprint import config_digest, tensors_digest
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
 
+log = logging.getLogger(__name__)
+
 
 def spec_for(model: Any, model_id: str | None = None) -> KVSpec:
-    """The KVSpec of a transformers causal LM, with its checkpoint's digest when it came from a
-    local directory (so two fine-tunes of one architecture never share KV)."""
+    """The KVSpec of a transformers causal LM. Its identity is what the model computes with:
+    the weights in memory (a fine-tune, a merged adapter or a quantized load differ from the
+    files they came from) and the whole config, RoPE and attention layout included."""
     cfg = model.config
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     source = Path(str(getattr(cfg, "_name_or_path", "") or ""))
-    digest = weights_digest(source) if source.is_dir() else ""
     rope = f"theta={getattr(cfg, 'rope_theta', None)},scaling={getattr(cfg, 'rope_scaling', None)}"
     return KVSpec(model_id=model_id or (source.name or type(model).__name__), num_layers=cfg.num_hidden_layers,
                   num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_size=head_dim,
-                  dtype=model.dtype, rope=rope, weights_digest=digest,
-                  extra=(("engine", "transformers"),))
+                  dtype=model.dtype, rope=rope, weights_digest=tensors_digest(model.state_dict().items()),
+                  extra=(("engine", "transformers"), ("config", config_digest(cfg.to_dict())),
+                         ("attn", str(getattr(cfg, "_attn_implementation", None)))))
 
 
 def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,18 +61,27 @@ class HFConnector:
     def _prefix_cache(self, tokens: list[int]) -> Any:
         from transformers import DynamicCache
 
-        hit, kv = self.store.get(tokens)
-        hit = min(hit, len(tokens) - 1)  # generate() must compute at least one token for logits
-        self.last_hit_tokens = hit
+        self.last_hit_tokens = 0
+        load = self.hooks.load(tokens)
+        hit = min(load.hit_tokens, len(tokens) - 1)  # generate() must compute at least one token
         if hit <= 0:
+            load.finish()
             return None
         cache = DynamicCache(config=self.model.config)
         device = self.model.device
-        for layer in range(self.spec.num_layers):
-            # store layout [2, T, H, D] -> transformers' [batch, H, T, D]
-            k = kv[layer, 0, :hit].transpose(0, 1).unsqueeze(0).to(device)
-            v = kv[layer, 1, :hit].transpose(0, 1).unsqueeze(0).to(device)
-            cache.update(k, v, layer)
+        try:
+            for layer in range(self.spec.num_layers):
+                kv = load.wait(layer)
+                # store layout [2, T, H, D] -> transformers' [batch, H, T, D]
+                k = kv[0, :hit].transpose(0, 1).unsqueeze(0).to(device)
+                v = kv[1, :hit].transpose(0, 1).unsqueeze(0).to(device)
+                cache.update(k, v, layer)
+        except LoadFailed:  # the prompt is computed whole: none of the half-built cache is kept
+            log.warning("kvstore: load failed; transformers computes the whole prompt")
+            return None
+        finally:
+            load.finish()
+        self.last_hit_tokens = hit
         return cache
 
     def _save(self, tokens: list[int], cache: Any) -> None:

@@ -103,7 +103,12 @@ class KVHooks:
              kv_start: int = 0) -> Future:
         """Store the chunks of ``tokens`` in the background. ``kv`` holds the KV of
         ``tokens[kv_start:]`` (``[L, 2, >= len(tokens) - kv_start, H, D]``); ``kv_start`` is a
-        chunk boundary, for engines that computed only a suffix. Stored chunks are skipped."""
+        chunk boundary, for engines that computed only a suffix. Stored chunks are skipped.
+
+        The caller's promise, which the store cannot check: every token's KV up to the end of
+        ``tokens`` was computed in this request or loaded and verified. A load that failed
+        (``LoadFailed``, or fewer tokens than the lookup said) taints everything computed over
+        it; such KV is the wrong tokens' KV under a valid key and must not be saved."""
         n = len(tokens) - kv_start
         kv = kv[:, :, :n]
         self.spec.check_kv(kv, num_tokens=n)

@@ -22,7 +22,9 @@ runs its own backend, and several engines on a host may point at one directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError
+from kvstore.fingerprint import checkpoint_digest, config_digest
 from kvstore.pagestore import PageStore, check_page_codec
 from kvstore.spec import DTYPE_NAMES, DTYPES
 
@@ -57,6 +60,37 @@ def storage_identity(config: HiCacheStorageConfig) -> dict[str, Any]:
     if config.dcp_size > 1:
         ident["dcp"] = (config.dcp_rank, config.dcp_size, config.logical_page_size)
     return ident
+
+
+# SGLang's server arguments that change the K/V a checkpoint computes for the same tokens.
+_MODEL_ARGS = ("revision", "load_format", "model_loader_extra_config", "model_impl", "json_model_override_args",
+               "dtype", "quantization", "kv_cache_dtype")
+
+
+def model_identity(server_args: Any = None) -> dict[str, Any]:
+    """What the served model computes K/V with, beyond the name SGLang's storage config carries
+    (its served model name, which two checkpoints may share): every weight byte and the
+    effective config (``config.json`` plus ``--json-model-override-args``), dtype, KV dtype,
+    quantization. Read from SGLang's published server arguments."""
+    if server_args is None:
+        try:
+            from sglang.srt.runtime_context import get_server_args
+
+            server_args = get_server_args()
+        except Exception as exc:  # not inside a running server (or SGLang moved the accessor)
+            log.warning("kvstore HiCache storage: SGLang's server arguments are not available (%s); pages "
+                        "are keyed by the served model name only: set a 'salt' in the kvstore config when "
+                        "the weights or the model config change", exc)
+            return {}
+    ident: dict[str, Any] = {name: getattr(server_args, name, None) for name in _MODEL_ARGS}
+    path = Path(str(getattr(server_args, "model_path", "") or ""))
+    if path.is_dir():
+        ident["weights"] = checkpoint_digest(path)
+        config = path / "config.json"
+        ident["config"] = config_digest(json.loads(config.read_text())) if config.is_file() else None
+    else:  # a hub id: SGLang resolved it to a snapshot we cannot see from here
+        ident["model_path"] = str(path)
+    return {"model_identity": config_digest(ident)}
 
 
 def pool_identity(pool: Any) -> dict[str, Any]:
@@ -88,6 +122,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             # one: holding every backed-up page twice would only cost RAM.
             config = dataclasses.replace(config, tiers={k: t for k, t in config.tiers.items() if k != "cpu"})
         self._config = config.with_shared_disk()
+        self._model = model_identity()
         self._codec = check_page_codec(str(ours.get("kvstore_codec", "raw")))
         self._writer = storage_config.is_storage_writer
         self._store: PageStore | None = None
@@ -105,7 +140,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
     def _open(self, pool_ident: dict[str, Any]) -> None:
         if self._store is not None:
             self._store.close()
-        self._store = PageStore(self._config, {**storage_identity(self.storage_config), **pool_ident},
+        identity = {**storage_identity(self.storage_config), **self._model, **pool_ident}
+        self._store = PageStore(self._config, identity,
                                 codec=self._codec, tokens_per_page=int(pool_ident.get("page_size") or 0))
         log.info("kvstore HiCache storage: tiers %s, %s", [t.name for t in self._store.store.tiers], pool_ident)
 
@@ -216,4 +252,4 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             return fallback
 
 
-__all__ = ["KVStoreHiCacheStorage", "pool_identity", "storage_identity"]
+__all__ = ["KVStoreHiCacheStorage", "model_identity", "pool_identity", "storage_identity"]

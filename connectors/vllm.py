@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvstore.config import StoreConfig, load_config
 from kvstore.connectors.hooks import KVHooks, LoadFailed
-from kvstore.connectors.reference.weights import weights_digest
 from kvstore.errors import ConfigError
+from kvstore.fingerprint import checkpoint_digest, config_digest
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
 
@@ -69,6 +70,9 @@ class Transfer:
 class KVStoreConnectorMetadata(KVConnectorMetadata):
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
+    # Failed blocks the scheduler has seen reported (block id -> reports), so it has rewound
+    # every request that read them: saves planned from now on recompute them first.
+    acked_bad_blocks: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class _Tracked:
     tokens: list[int]
     block_ids: list[int]
     saved_upto: int
+    scheduled_upto: int = 0  # computed tokens once the last scheduled step has run
 
 
 # One store per (spec, config) per process: the scheduler and worker halves share it when vLLM
@@ -149,17 +154,35 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._tracked: dict[str, _Tracked] = {}
         self._load_after_alloc: dict[str, tuple[int, int]] = {}
         self._local_hits: dict[str, int] = {}
+        self._bypass: set[str] = set()
+        self._bypass_logged: set[str] = set()
         # worker side
         self._layers: list[tuple[str, torch.Tensor]] = []
         self._layer_index: dict[str, int] = {}
         self._loading: list[tuple[Transfer, Any]] = []
+        # Blocks whose load failed: this step's (reported to vLLM at the step's end), and earlier
+        # steps' not yet acknowledged by the scheduler (block id -> reports). A save that covers
+        # any of them holds KV never loaded or computed over KV never loaded: it is dropped.
         self._load_errors: set[int] = set()
+        self._bad_blocks: Counter[int] = Counter()
+        self.dropped_saves = 0
+        # scheduler side: failed blocks reported by the workers, acknowledged in the next meta
+        self._reported_bad: Counter[int] = Counter()
         log.info("kvstore connector (%s): spec %s, tiers %s", role.name, self.spec.model_id,
                  [t.name for t in self.store.tiers])
 
     # ==== scheduler side ==================================================================
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        reason = _uncacheable(request)
+        if reason is not None:
+            # Its KV is not a function of its token ids alone: never looked up, never saved.
+            self._bypass.add(request.request_id)
+            if reason not in self._bypass_logged:
+                self._bypass_logged.add(reason)
+                log.info("kvstore: requests with %s bypass the cache (their tokens do not determine their KV)",
+                         reason)
+            return 0, False
         tokens = list(request.prompt_token_ids or [])
         # At least one prompt token is always computed (it yields the first logits).
         limit = _align(len(tokens) - 1, self.block_size)
@@ -178,6 +201,8 @@ class KVStoreConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KVStoreConnectorMetadata()
         for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id in self._bypass:
+                continue
             tokens = list(new.prompt_token_ids or [])
             blocks = list(new.block_ids[0])
             start, end = self._load_after_alloc.pop(new.req_id, (0, 0))
@@ -194,19 +219,29 @@ class KVStoreConnector(KVConnectorBase_V1):
             if tracked is None:
                 continue
             new_blocks = cached.new_block_ids[i]
+            computed = cached.num_computed_tokens[i]
             if req_id in cached.resumed_req_ids and new_blocks is not None:
                 tracked.block_ids = list(new_blocks[0])  # a resumed request gets all its blocks anew
-                tracked.saved_upto = min(tracked.saved_upto, cached.num_computed_tokens[i])
             elif new_blocks is not None:
                 tracked.block_ids.extend(new_blocks[0])
-            self._plan_save(meta, req_id, cached.num_computed_tokens[i]
-                            + scheduler_output.num_scheduled_tokens.get(req_id, 0))
+            if req_id in cached.resumed_req_ids or computed < tracked.scheduled_upto:
+                # Resumed, or rewound by vLLM after a failed load: what it computes again from
+                # here is new KV, worth saving once it has been recomputed.
+                tracked.saved_upto = min(tracked.saved_upto, computed)
+            self._plan_save(meta, req_id, computed + scheduler_output.num_scheduled_tokens.get(req_id, 0))
         self._load_after_alloc.clear()
+        meta.acked_bad_blocks, self._reported_bad = dict(self._reported_bad), Counter()
         return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """The workers' failed blocks: vLLM rewinds every request that read one before it
+        schedules again; the next meta tells the workers so, and they stop dropping saves."""
+        self._reported_bad.update(getattr(connector_output, "invalid_block_ids", None) or ())
 
     def _plan_save(self, meta: KVStoreConnectorMetadata, req_id: str, computed: int) -> None:
         """Save the prompt chunks this step completes (chunked prefill completes them over steps)."""
         tracked = self._tracked[req_id]
+        tracked.scheduled_upto = computed
         end = _align(min(computed, len(tracked.tokens)), self.chunk_size)
         start = _align(tracked.saved_upto, self.chunk_size)
         if end <= start:
@@ -221,9 +256,18 @@ class KVStoreConnector(KVConnectorBase_V1):
         # Saves copy their blocks inside the step that computed them: nothing holds blocks here.
         for state in (self._tracked, self._load_after_alloc, self._local_hits):
             state.pop(request.request_id, None)
+        self._bypass.discard(request.request_id)
         return False, None
 
     # ==== worker side =====================================================================
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Every step, forward pass or not: where the scheduler's acknowledgements arrive."""
+        super().bind_connector_metadata(connector_metadata)
+        acked = getattr(connector_metadata, "acked_bad_blocks", None)
+        if acked:
+            self._bad_blocks.subtract(acked)
+            self._bad_blocks = +self._bad_blocks  # keep only blocks with unacknowledged reports
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._layers = list(kv_caches.items())
@@ -305,6 +349,13 @@ class KVStoreConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVStoreConnectorMetadata)
         for t in meta.saves:
+            if not self._load_errors.isdisjoint(t.block_ids) or any(b in self._bad_blocks for b in t.block_ids):
+                # The request read a block that failed to load (this step, or an earlier one
+                # vLLM has not rewound yet): these chunks are not its tokens' KV.
+                self.dropped_saves += 1
+                log.warning("kvstore: not saving tokens [%d, %d) of request %s: they were computed over "
+                            "blocks that failed to load", t.start, t.end, t.req_id)
+                continue
             b0, b1 = t.start // self.block_size, t.end // self.block_size
             ids = torch.tensor(t.block_ids[b0:b1], dtype=torch.int64)
             # Copy the blocks now (they are vLLM's to reuse after this step), store in the background.
@@ -314,6 +365,7 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
+        self._bad_blocks.update(errors)  # bad until the scheduler acknowledges this report
         return errors
 
     def shutdown(self) -> None:
@@ -324,19 +376,60 @@ class KVStoreConnector(KVConnectorBase_V1):
 
 # ---- spec and config ---------------------------------------------------------------------
 
+def _uncacheable(request: "Request") -> str | None:
+    """Why a request's KV is not determined by its token ids and the model, if it is not."""
+    if getattr(request, "lora_request", None) is not None:
+        return "a LoRA adapter"
+    if getattr(request, "mm_features", None):
+        return "multimodal inputs"
+    if getattr(request, "prompt_embeds", None) is not None:
+        return "prompt embeddings"
+    if getattr(request, "cache_salt", None):
+        return "a cache_salt"
+    return None
+
+
 def _spec_for(vllm_config: "VllmConfig") -> KVSpec:
-    """The same spec on the scheduler and worker sides, computed from the config alone."""
+    """The same spec on the scheduler and worker sides, computed from the config alone.
+
+    Besides shapes, dtype, parallelism and block layout it covers what changes K or V for the
+    same tokens: every weight file's full content and the effective HF config after
+    ``hf_overrides`` (RoPE, sliding window, norm epsilon, head layout), plus vLLM's own knobs
+    that change the computed KV (quantization, model implementation, KV cache dtype)."""
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     dtype = mc.dtype if cc.cache_dtype in (None, "auto") else _cache_dtype(cc.cache_dtype)
     head_size = mc.get_head_size()
     path = Path(mc.model)
-    digest = weights_digest(path) if path.is_dir() else f"revision={mc.revision}"
+    knobs = {"hf_config": mc.hf_config.to_dict(), "quantization": mc.quantization,
+             "quantization_config": mc.quantization_config, "model_impl": mc.model_impl,
+             "disable_sliding_window": mc.disable_sliding_window, "compute_dtype": str(mc.dtype),
+             "model_class_overrides": mc.model_class_overrides, "cache_dtype": cc.cache_dtype,
+             "kv_cache_dtype_skip_layers": cc.kv_cache_dtype_skip_layers,
+             "calculate_kv_scales": getattr(cc, "calculate_kv_scales", None)}
     layout = _layout_tag(dtype, cc.block_size, head_size, cc.cache_dtype)
     return KVSpec(model_id=path.name if path.is_dir() else str(mc.model), num_layers=mc.get_num_layers(pc),
                   num_kv_heads=mc.get_num_kv_heads(pc), head_size=head_size, dtype=dtype,
-                  weights_digest=digest, tp_size=pc.tensor_parallel_size,
+                  weights_digest=_weights_identity(mc), tp_size=pc.tensor_parallel_size,
                   tp_rank=_tp_rank() if pc.tensor_parallel_size > 1 else 0,
-                  extra=(("layout", layout), ("engine", "vllm")))
+                  extra=(("layout", layout), ("engine", "vllm"), ("config", config_digest(knobs))))
+
+
+def _weights_identity(mc: Any) -> str:
+    """The checkpoint's full-content digest; for a hub id, that of its local snapshot (which
+    vLLM has downloaded before any connector exists). Only a snapshot that cannot be found
+    falls back to the id and revision, with a warning: a moving revision would then share KV."""
+    weights = Path(getattr(mc, "model_weights", "") or mc.model)
+    if weights.is_dir():
+        return checkpoint_digest(weights)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return checkpoint_digest(snapshot_download(str(mc.model), revision=mc.revision, local_files_only=True))
+    except Exception as exc:  # no snapshot on this machine, or no huggingface_hub
+        log.warning("kvstore: cannot find %s's weights on disk (%s); keying its KV by name and revision %s "
+                    "only: set a 'salt' in the kvstore config when the weights change", mc.model, exc,
+                    mc.revision)
+        return f"revision={mc.revision}"
 
 
 def _cache_dtype(name: str) -> torch.dtype:

@@ -80,11 +80,14 @@ class DaemonClient:
 
     # ---- transport -----------------------------------------------------------------------
 
-    def _conn(self) -> http.client.HTTPConnection:
+    def _conn(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, and whether it has served a request before (a kept-alive
+        connection the daemon may have dropped, by a restart or an idle timeout)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
-        return conn
+            self._local.used = False
+        return conn, self._local.used
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -100,9 +103,10 @@ class DaemonClient:
         if isinstance(body, (list, tuple)):
             headers["Content-Length"] = str(sum(memoryview(p).nbytes for p in body))
         delay = self.backoff_s
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
+            conn, reused = self._conn()
             try:
-                conn = self._conn()
                 if isinstance(body, (list, tuple)):
                     conn.putrequest(method, path)
                     for k, v in headers.items():
@@ -113,14 +117,18 @@ class DaemonClient:
                 else:
                     conn.request(method, path, body=body, headers=headers)
                 resp = conn.getresponse()
-                return resp.status, resp.getheader("Content-Type", ""), _read_body(resp)
+                result = resp.status, resp.getheader("Content-Type", ""), _read_body(resp)
+                self._local.used = True
+                return result
             except (OSError, http.client.HTTPException):
                 self._drop()
+                if reused:  # a stale kept-alive connection: one fresh one at once, not a failure
+                    continue
                 if attempt == self.retries:
                     raise
+                attempt += 1
                 time.sleep(delay)
                 delay *= 2
-        raise AssertionError("unreachable")
 
     def _call(self, path: str, payload: dict[str, Any] | None = None, method: str = "POST") -> Any:
         status, ctype, data = self.request(method, path, None if payload is None else pack_control(payload))

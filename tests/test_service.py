@@ -92,6 +92,26 @@ def test_daemon_restart_serves_disk(tmp_path):
     d.stop()
 
 
+@pytest.mark.parametrize("sig", [15, 9])
+def test_a_kept_alive_connection_survives_a_daemon_restart(tmp_path, sig):
+    """The remote tier's client does not retry (a miss is cheaper than a stall), so a connection
+    the restarted daemon no longer knows must not cost a failure: it is replaced at once."""
+    d = Daemon(tmp_path)
+    client = DaemonClient(d.url, retries=0)
+    keys = [bytes([i]) * 16 for i in range(3)]
+    client.put([(k, obj(k)) for k in keys])
+    d.stop(sig)
+    d.start()
+    present = client.exists(keys)  # the first call after the restart: no error
+    if sig == 15:  # SIGTERM flushed the disk writes; SIGKILL may have lost some
+        assert present == [True] * 3
+    client.put([(k, obj(k)) for k in keys])
+    assert client.exists(keys) == [True] * 3
+    d.stop()
+    with pytest.raises(OSError):  # a daemon that is down is still a failure, at once
+        client.exists(keys)
+
+
 def test_objects_put_again_after_a_restart_are_served_from_memory(tmp_path):
     """After a restart the objects are on disk only; a client putting them again (LMCache
     re-sends its chunks) brings them back into memory, so the next GET reads no file."""

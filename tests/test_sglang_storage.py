@@ -237,3 +237,43 @@ def test_without_a_config_the_default_disk_tier_is_used_without_a_second_memory_
     assert [t.name for t in backend.pages.store.tiers] == ["disk"]
     assert str(tmp_path) in str(backend.pages.store.tiers[0].config.path)
     backend.close()
+
+
+def test_the_served_models_weights_and_config_decide_what_is_shared(tmp_path, monkeypatch):
+    """SGLang's storage config names the model by its served name only, which two checkpoints
+    may share: the backend adds the checkpoint's digest and config from SGLang's server args."""
+    import json
+    import shutil
+    import types
+
+    from kvstore.connectors.reference.weights import DEFAULT_MODEL
+
+    def served(model_dir, **args):
+        ns = types.SimpleNamespace(**{"model_path": str(model_dir), "dtype": "auto", "kv_cache_dtype": "auto", **args})
+        monkeypatch.setattr("sglang.srt.runtime_context.get_server_args", lambda: ns)
+
+    copy = shutil.copytree(DEFAULT_MODEL, tmp_path / "copy" / "m")
+    tuned = shutil.copytree(DEFAULT_MODEL, tmp_path / "tuned" / "m")
+    data = bytearray((tuned / "model.safetensors").read_bytes())
+    data[-100] ^= 1  # one weight, deep in the file
+    (tuned / "model.safetensors").write_bytes(bytes(data))
+    theta = shutil.copytree(DEFAULT_MODEL, tmp_path / "theta" / "m")
+    cfg = json.loads((theta / "config.json").read_text())
+    cfg["rope_theta"] = 1234.0
+    (theta / "config.json").write_text(json.dumps(cfg))
+
+    keys = page_keys(3, seed=11)
+    served(DEFAULT_MODEL)
+    writer = attach(storage_config(disk(tmp_path / "kv")), HostPool(4, seed=1))
+    assert writer.batch_set_v1(keys, indices([0, 1, 2])) == [True] * 3
+    writer.pages.flush()
+    writer.close()
+    seen = {}
+    for name, model_dir, extra in [("copy", copy, {}), ("tuned", tuned, {}), ("theta", theta, {}),
+                                   ("override", DEFAULT_MODEL, {"json_model_override_args": '{"rope_theta": 5}'}),
+                                   ("fp8 kv", DEFAULT_MODEL, {"kv_cache_dtype": "fp8_e4m3"})]:
+        served(model_dir, **extra)
+        reader = attach(storage_config(disk(tmp_path / "kv")), HostPool(4, seed=2))
+        seen[name] = reader.batch_exists(keys)
+        reader.close()
+    assert seen == {"copy": 3, "tuned": 0, "theta": 0, "override": 0, "fp8 kv": 0}

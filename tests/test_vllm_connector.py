@@ -6,30 +6,19 @@ runs this file (CI runs that step). Elsewhere it skips, unless KVSTORE_VLLM_TEST
 run. vLLM's own prefix cache is off in these engines, so every reused token came from kvstore.
 """
 
-import json
-import os
 import random
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-try:
-    import vllm  # noqa: F401
-except ImportError:
-    if os.environ.get("KVSTORE_VLLM_TESTS") == "1":
-        raise
-    pytest.skip("vllm not installed here: scripts/test_vllm.sh runs this file", allow_module_level=True)
+from vllm_harness import require_vllm
 
-from kvstore.connectors.reference.weights import DEFAULT_MODEL
+require_vllm()
+
+from vllm_harness import disk_config, run
 
 # Five vLLM engines start in the module fixture (5-40 s each): far beyond the suite's 120 s default.
 pytestmark = pytest.mark.timeout(1500)
-
-DRIVER = os.path.join(os.path.dirname(__file__), "vllm_driver.py")
-CHUNK, BLOCK = 64, 32  # the driver runs vLLM with block_size=32 (the CPU backend needs multiples of 32)
 
 rng = random.Random(7)
 BASE = [rng.randrange(6, 4000) for _ in range(600)]
@@ -43,35 +32,16 @@ PROBES = {                                          # prompt -> kvstore hit toke
 }
 
 
-def run(tmp: Path, name: str, prompts: list, cache_dir: Path | None, multiprocessing: bool = False,
-        *extra: str) -> list:
-    (tmp / f"{name}.prompts.json").write_text(json.dumps(prompts))
-    cmd = [sys.executable, DRIVER, "--model", str(DEFAULT_MODEL), "--prompts", str(tmp / f"{name}.prompts.json"),
-           "--out", str(tmp / f"{name}.out.json")]
-    cmd += list(extra)
-    if cache_dir is not None:
-        cfg = {"chunk_size": CHUNK, "tiers": {"cpu": {"capacity": "64MiB"},
-                                              "disk": {"capacity": "256MiB", "path": str(cache_dir)}}}
-        cmd += ["--kvstore-config", json.dumps(cfg)]
-    # KVSTORE_* variables configure the connector's store (an unknown one is an error): pass none.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocessing else "0", VLLM_CPU_KVCACHE_SPACE="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-6000:]
-    (tmp / f"{name}.log").write_text(out.stdout + out.stderr)
-    return json.loads((tmp / f"{name}.out.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm")
     probes = [p for p, _ in PROBES.values()]
     cache = tmp / "kv"
     out = {"baseline": run(tmp, "baseline", probes, None)}
-    out["store"] = run(tmp, "store", STORED, cache)
+    out["store"] = run(tmp, "store", STORED, disk_config(cache))
     # A fresh engine, with vLLM's multiprocess executor: scheduler and worker in two processes.
     shutil.copytree(cache, tmp / "kv_pristine")
-    out["load"] = run(tmp, "load", probes, cache, multiprocessing=True)
+    out["load"] = run(tmp, "load", probes, disk_config(cache), multiprocessing=True)
     out["load_log"] = (tmp / "load.log").read_text()
     # Corrupt every stored object: lookups still see them, loads fail verification.
     corrupt = tmp / "kv_corrupt"
@@ -82,15 +52,14 @@ def runs(tmp_path_factory):
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
         f.write_bytes(bytes(data))
-    out["corrupt"] = run(tmp, "corrupt", probes, corrupt)
+    out["corrupt"] = run(tmp, "corrupt", probes, disk_config(corrupt))
     out["files"] = len(files)
     # With vLLM's own prefix cache on, kvstore supplies only what follows vLLM's local hit: the
     # first prompt leaves 128 tokens of BASE in vLLM's cache, the second then needs 448 from kvstore.
     shutil.copytree(tmp / "kv_pristine", tmp / "kv_apc")
-    out["apc"] = run(tmp, "apc", [BASE[:128] + [11] * 100, BASE], tmp / "kv_apc", False,
-                     "--sequential", "--prefix-caching")
-    out["apc_baseline"] = run(tmp, "apc_baseline", [BASE[:128] + [11] * 100, BASE], None, False,
-                              "--sequential", "--prefix-caching")
+    apc = [BASE[:128] + [11] * 100, BASE]
+    out["apc"] = run(tmp, "apc", apc, disk_config(tmp / "kv_apc"), sequential=True, prefix_caching=True)
+    out["apc_baseline"] = run(tmp, "apc_baseline", apc, None, sequential=True, prefix_caching=True)
     return out
 
 

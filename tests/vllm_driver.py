@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 
 def main() -> None:
@@ -17,6 +18,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--sequential", action="store_true", help="one generate() call per prompt, in order")
     ap.add_argument("--prefix-caching", action="store_true", help="keep vLLM's own prefix cache on")
+    ap.add_argument("--connector", default="kvstore.connectors.vllm:KVStoreConnector",
+                    help="MODULE:CLASS of the connector (tests/vllm_faults.py injects faults)")
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds to wait between sequential prompts")
+    ap.add_argument("--hf-overrides", default="{}", help="JSON hf_overrides for the model config")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
@@ -24,21 +29,27 @@ def main() -> None:
 
     kv = None
     if args.kvstore_config:
-        kv = KVTransferConfig(kv_connector="KVStoreConnector", kv_role="kv_both",
-                              kv_connector_module_path="kvstore.connectors.vllm",
+        module, cls = args.connector.split(":")
+        kv = KVTransferConfig(kv_connector=cls, kv_role="kv_both", kv_connector_module_path=module,
                               kv_connector_extra_config={"kvstore_config": json.loads(args.kvstore_config)})
     # vLLM's own prefix cache is off unless asked, so every reused token is one kvstore supplied.
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32", block_size=32, max_model_len=2048,
               enforce_eager=True, enable_prefix_caching=args.prefix_caching, kv_transfer_config=kv, seed=0,
-              max_num_seqs=4)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, detokenize=False)
+              max_num_seqs=4, hf_overrides=json.loads(args.hf_overrides))
+    # logprobs=0: the chosen token's logprob, to compare with an engine without kvstore
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, detokenize=False,
+                            logprobs=0)
     prompts = json.load(open(args.prompts))
     batches = [[p] for p in prompts] if args.sequential else [prompts]
     results = []
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if i and args.pause:
+            time.sleep(args.pause)
         outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
         for o in outs:
-            results.append({"tokens": list(o.outputs[0].token_ids), "num_cached_tokens": o.num_cached_tokens})
+            c = o.outputs[0]
+            results.append({"tokens": list(c.token_ids), "num_cached_tokens": o.num_cached_tokens,
+                            "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]})
     json.dump(results, open(args.out, "w"))
     del llm
 

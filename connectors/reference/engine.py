@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -19,8 +19,8 @@ import torch
 from kvstore.connectors.hooks import KVHooks, LayerLoad, LoadFailed
 from kvstore.connectors.reference.kvcache import BlockPool, ContiguousCache, PagedCache
 from kvstore.connectors.reference.model import Transformer
-from kvstore.connectors.reference.weights import weights_digest
 from kvstore.errors import InvalidInputError
+from kvstore.fingerprint import checkpoint_digest, config_digest, tensors_digest
 from kvstore.spec import KVSpec, dtype_name
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ class Engine:
         self.kv_dtype = kv_dtype
         self.paged = paged
         self.model_id = model_id or f"reference/{self.config.family}"
-        self.digest = digest
+        # A model built in memory has no files to digest: its weights are digested instead, so
+        # two random test models never share KV.
+        self.digest = digest or tensors_digest(model.named_weights())
         self.save_generated = save_generated
         c = self.config
         self.pool = (BlockPool(c.num_layers, c.num_kv_heads, c.head_dim, num_blocks, block_size,
@@ -82,18 +84,19 @@ class Engine:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = Transformer.load(model_dir, dtype=dtype, device=device)
         kwargs.setdefault("model_id", Path(model_dir).resolve().name)
-        kwargs.setdefault("digest", weights_digest(model_dir))
+        kwargs.setdefault("digest", checkpoint_digest(model_dir))
         return cls(model, hooks, **kwargs)  # type: ignore[arg-type]
 
     def kv_spec(self) -> KVSpec:
-        """The store spec for this engine's KV. The compute dtype is part of it: K/V computed in
-        bf16 differ from fp32 ones, and must never be served to each other."""
+        """The store spec for this engine's KV: the weights, the whole model config (RoPE, norm
+        epsilon, sliding window, head layout) and the compute dtype (K/V computed in bf16 differ
+        from fp32 ones, and must never be served to each other)."""
         c = self.config
         return KVSpec(model_id=self.model_id, num_layers=c.num_layers, num_kv_heads=c.num_kv_heads,
                       head_size=c.head_dim, dtype=self.kv_dtype,
                       rope=f"theta={c.rope_theta}", weights_digest=self.digest,
                       extra=(("compute_dtype", dtype_name(self.model.dtype)),
-                             ("sliding_window", str(c.sliding_window))))
+                             ("config", config_digest(asdict(c)))))
 
     def attach(self, hooks: KVHooks) -> None:
         if hooks.spec != self.kv_spec():

@@ -110,6 +110,13 @@ class Transformer:
         self.rope = Rope(c.head_dim, c.rope_theta, self.device)
         self.scale = 1.0 / math.sqrt(c.head_dim)
 
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Every weight the forward pass reads, as computed with (for in-memory digests)."""
+        out = [("embed", self.embed), ("norm", self.norm), ("lm_head", self.lm_head)]
+        for i, lw in enumerate(self.layers):
+            out += [(f"{i}.{f}", getattr(lw, f)) for f in lw.__dataclass_fields__ if getattr(lw, f) is not None]
+        return out
+
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> "Transformer":

@@ -1,4 +1,4 @@
-"""Model directories: write one (config.json + model.safetensors + tokenizer), digest one, and
+"""Model directories: write one (config.json + model.safetensors + tokenizer), and
 build tiny ones with deterministic random weights for tests and benchmarks."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import xxhash
 from safetensors.torch import save_file
 
 from kvstore.connectors.reference.config import ModelConfig
@@ -16,23 +15,6 @@ from kvstore.connectors.reference.config import ModelConfig
 # The committed trained model (see train.py); its tokenizer is reused by tiny test models.
 PACKAGED_MODELS = Path(__file__).parent / "models"
 DEFAULT_MODEL = PACKAGED_MODELS / "pylm-6l"
-
-
-def weights_digest(model_dir: str | Path) -> str:
-    """A fingerprint of the checkpoint's bytes that stays cheap for multi-GB models: each file's
-    safetensors header (names, shapes, dtypes, offsets) plus 16 evenly spaced 64 KiB samples.
-    Fine-tunes with identical shapes differ in the samples with overwhelming probability."""
-    h = xxhash.xxh3_128()
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f.name.encode() + size.to_bytes(8, "little"))
-        with f.open("rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(header_len, size)))
-            for i in range(16):
-                fh.seek(size * i // 16)
-                h.update(fh.read(65536))
-    return h.hexdigest()
 
 
 def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
