@@ -52,7 +52,9 @@ class PageStore:
     def __init__(self, config: StoreConfig, identity: Mapping[str, Any], *, codec: str = "raw",
                  tokens_per_page: int = 0) -> None:
         self.codec = check_page_codec(codec)
-        self.fingerprint = identity_digest(identity)
+        # The config's salt names what the identity cannot see (a patched kernel, a changed model
+        # behind the same name): pages stored under another salt are never read.
+        self.fingerprint = identity_digest({**identity, "salt": config.salt} if config.salt else identity)
         self.tokens_per_page = tokens_per_page
         self.store = BlobStore(config, namespace=b"kvstore-pages", allow_remote=True)
 

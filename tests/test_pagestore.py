@@ -54,6 +54,17 @@ def test_another_identity_or_geometry_never_gets_these_pages(tmp_path):
     ps.close()
 
 
+def test_a_salt_separates_pages_the_identity_cannot_tell_apart(tmp_path):
+    ps = PageStore(load_config(disk_only(tmp_path)), IDENT, tokens_per_page=16)
+    ps.put(["a"], pages(1))
+    ps.flush()
+    salted = PageStore(load_config({**disk_only(tmp_path), "salt": "patched-rope"}), IDENT, tokens_per_page=16)
+    same = PageStore(load_config(disk_only(tmp_path)), IDENT, tokens_per_page=16)
+    assert salted.exists(["a"]) == [False] and same.exists(["a"]) == [True]
+    for store in (ps, salted, same):
+        store.close()
+
+
 def test_corrupt_page_on_disk_is_a_miss(tmp_path):
     ps = PageStore(load_config(disk_only(tmp_path)), IDENT)
     src = pages(1)
