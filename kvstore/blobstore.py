@@ -19,14 +19,12 @@ from typing import Any, Sequence
 
 from kvstore.buffers import unzeroed
 from kvstore.config import StoreConfig, load_config
-from kvstore.errors import ConfigError, CorruptObjectError, InvalidInputError
-from kvstore.objects import NeedMore, ObjectMeta, check_meta, join_parts, parse_header, read_meta
-from kvstore.pins import PinRegistry
-from kvstore.stats import Counters
+from kvstore.errors import CorruptObjectError, InvalidInputError
+from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read_meta
 from kvstore.tiers.base import BlobTier
 from kvstore.tiers.disk import DiskTier, ReadResult
+from kvstore.tierstack import TierStack, rekey
 from kvstore.wire import Blob, as_parts, parts_nbytes
-from kvstore.writer import PendingWrite, TierWriter
 
 log = logging.getLogger(__name__)
 
@@ -54,55 +52,23 @@ class QuotaExceededError(InvalidInputError):
 
 
 class BlobStore:
+    """Verified objects by key over a :class:`~kvstore.tierstack.TierStack` of byte tiers, with
+    bytes accounted per owner. Opaque: it never decodes or re-encodes what it holds."""
+
     def __init__(self, config: Any = None, namespace: bytes = b"kvstore-daemon", *, allow_remote: bool = False) -> None:
         self.config: StoreConfig = load_config(config)
-        self.counters = Counters()
-        self.pins = PinRegistry()
-        self.tiers: list[BlobTier] = []
-        self._writers: dict[str, TierWriter] = {}
         self._lock = threading.Lock()
         self._owner: dict[bytes, tuple[str, int]] = {}
         self._usage: dict[str, int] = {}
-        for kind, tc in self.config.tiers.items():
-            if kind == "device":
-                raise ConfigError("a byte store cannot have a device tier (it holds encoded objects, not tensors)")
-            if kind == "remote" and not allow_remote:  # a daemon in front of a daemon could loop
-                raise ConfigError("the daemon cannot have a remote tier (it stores bytes for many engines)")
-            if kind == "cpu":
-                from kvstore.tiers.memblob import MemoryBlobTier
-
-                self.tiers.append(MemoryBlobTier(tc, self.counters, self.pins, self._on_evict))
-            elif kind == "disk":
-                self.tiers.append(DiskTier(tc, self.counters, self.pins, namespace, self._on_evict))
-            elif kind == "redis":
-                from kvstore.tiers.redis import RedisTier
-
-                self.tiers.append(RedisTier(tc, self.counters, namespace, self.pins))
-            else:
-                from kvstore.tiers.remote import RemoteTier
-
-                self.tiers.append(RemoteTier(tc, self.counters))
-        for tier in self.tiers[1:]:
-            self._writers[tier.name] = TierWriter(tier, self.counters, tier.config.queue_size,
-                                                  self.config.queue_full == "block", self.config.put_timeout_s)
+        self.stack = TierStack(self.config, namespace=namespace, allow_remote=allow_remote, on_drop=self._forget_one)
+        self.tiers = self.stack.tiers
+        self.counters = self.stack.counters
+        self.pins = self.stack.pins
 
     # ---- reads ---------------------------------------------------------------------------
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
-        return [pos is not None for pos in self._holders(keys)]
-
-    def _holders(self, keys: Sequence[bytes]) -> list[int | None]:
-        """Per key, the position of the highest tier holding it (None: no tier does)."""
-        where: list[int | None] = [None] * len(keys)
-        todo = list(range(len(keys)))
-        for pos, tier in enumerate(self.tiers):
-            if not todo:
-                break
-            for i, hit in zip(todo, tier.contains([keys[i] for i in todo])):
-                if hit:
-                    where[i] = pos
-            todo = [i for i in todo if where[i] is None]
-        return where
+        return [pos is not None for pos in self.stack.holders(keys)]
 
     def get(self, keys: Sequence[bytes], object_keys: Sequence[bytes],
             expect: Sequence[ObjectMeta] | None = None) -> list[bytes | memoryview | None]:
@@ -114,6 +80,7 @@ class BlobStore:
         for pos, tier in enumerate(self.tiers):
             if not todo:
                 break
+            assert isinstance(tier, BlobTier)
             blobs = tier.get_blobs([keys[i] for i in todo])
             for i, blob in zip(todo, blobs):
                 if blob is None:
@@ -135,8 +102,7 @@ class BlobStore:
                 out[i] = blob
                 self.counters.tier(tier.name, "hits")
                 self.counters.tier(tier.name, "hit_tokens", meta.num_tokens)
-                if pos and self.config.promote:
-                    self.tiers[0].put_blobs([(_with_key(meta, keys[i]), [blob])])
+                self.stack.promote(pos, rekey(meta, keys[i]), blob=blob)
             todo = [i for i in todo if out[i] is None]
         return out
 
@@ -147,7 +113,7 @@ class BlobStore:
         False where it could not (absent, another codec, a tier without the ability, or a hit
         that a promotion should follow): the caller falls back to :meth:`get` for those."""
         done = [False] * len(keys)
-        for i, pos in enumerate(self._holders(keys)):
+        for i, pos in enumerate(self.stack.holders(keys)):
             if pos is None or (pos and self.config.promote):
                 continue
             tier = self.tiers[pos]
@@ -180,11 +146,13 @@ class BlobStore:
     def allocate(self, nbytes: int) -> memoryview:
         """Writable memory to receive an object into before ``put`` (from the memory tier's
         pre-faulted arena when it has one): the put then keeps it without a copy."""
-        return self.tiers[0].allocate(nbytes) if self.tiers else unzeroed(nbytes)
+        first = self.tiers[0] if self.tiers else None
+        return first.allocate(nbytes) if isinstance(first, BlobTier) else unzeroed(nbytes)
 
     def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None) -> int:
-        """Store objects not already present; returns how many were new. All or nothing on quota."""
-        where = self._holders([o.storage_key for o in objects])
+        """Store objects not already present; returns how many new ones some tier took. All or
+        nothing on quota."""
+        where = self.stack.holders([o.storage_key for o in objects])
         new = [o for o, pos in zip(objects, where) if pos is None]
         size = sum(o.nbytes for o in new)
         with self._lock:
@@ -195,42 +163,24 @@ class BlobStore:
             for o in new:
                 self._owner[o.storage_key] = (owner, o.nbytes)
             self._usage[owner] = used + size
-        first = self.tiers[0]
+        stored = 0
         for o, pos in zip(objects, where):
             if pos == 0:
                 continue
             # Also an object only a lower tier holds (after a restart, or demoted): the client
             # just showed it is hot, and its next GET then needs no disk read. The lower tiers
             # already hold it, so only new objects are written through.
-            meta = _with_key(o.meta, o.storage_key)
-            parts = o.parts()
-            first.put_blobs([(meta, parts)])
+            took = self.stack.write(rekey(o.meta, o.storage_key), parts=o.parts(),
+                                    keep_parts=not isinstance(o.blob, tuple), through=pos is None)
             if pos is None:
-                kept: list[bytes | memoryview] | None = None
-                for tier in self.tiers[1:]:
-                    if tier.config.write == "through":
-                        kept = kept or (parts if len(parts) == 1 else [join_parts(parts)])
-                        self._writers[tier.name].submit(PendingWrite(meta, blob=kept))
-        return len(new)
+                if took:
+                    stored += 1
+                else:
+                    self._forget([o.storage_key])
+        return stored
 
-    def _on_evict(self, tier: Any, key: bytes, fetch: Any) -> None:
-        pos = self.tiers.index(tier)
-        for lower in self.tiers[pos + 1:]:
-            if lower.contains([key])[0]:
-                return
-            blob = fetch()
-            if blob is None:
-                break
-            try:
-                meta, _ = read_meta(blob)
-            except CorruptObjectError:
-                break
-            if self._writers[lower.name].submit(PendingWrite(_with_key(meta, key), blob=[bytes(blob)])):
-                self.counters.tier(tier.name, "demotions")
-                return
-            break
-        if not any(t.contains([key])[0] for t in self.tiers if t is not tier and not t.is_remote):
-            self._forget([key])
+    def _forget_one(self, key: bytes) -> None:
+        self._forget([key])
 
     def _forget(self, keys: Sequence[bytes]) -> None:
         with self._lock:
@@ -242,27 +192,21 @@ class BlobStore:
     # ---- control -------------------------------------------------------------------------
 
     def pin(self, keys: Sequence[bytes], ttl_s: float) -> int:
+        """Pin the keys present; raises PinLimitError, pinning nothing, past a tier's cap."""
         present = [k for k, there in zip(keys, self.exists(keys)) if there]
-        self.pins.pin(present, ttl_s)
-        for tier in self.tiers:
-            tier.expire(present, ttl_s)
+        self.stack.pin(present, ttl_s)
         return len(present)
 
     def unpin(self, keys: Sequence[bytes]) -> int:
-        return self.pins.unpin(keys)
+        return self.stack.unpin(keys)
 
     def delete(self, keys: Sequence[bytes]) -> int:
-        self.flush()
-        removed = [t.delete(keys) for t in self.tiers]
-        self.pins.unpin(keys)
+        removed = self.stack.delete(keys)
         self._forget(keys)
-        return max(removed) if removed else 0
+        return removed
 
     def clear(self) -> None:
-        self.flush()
-        for tier in self.tiers:
-            tier.clear()
-        self.pins.unpin(self.pins.active())
+        self.stack.clear()
         with self._lock:
             self._owner.clear()
             self._usage.clear()
@@ -271,24 +215,13 @@ class BlobStore:
         return self._usage.get(owner, 0)
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        return all(w.flush(timeout_s) for w in self._writers.values())
+        return self.stack.flush(timeout_s)
 
     def stats(self) -> dict[str, Any]:
-        _store, per_tier = self.counters.snapshot(t.name for t in self.tiers)
-        tiers = {}
-        for tier in self.tiers:
-            st = tier.stats()
-            tiers[tier.name] = {**per_tier[tier.name], "objects": st.objects, "bytes": st.bytes,
-                                "capacity": st.capacity, "pinned_bytes": st.pinned_bytes, "available": st.available}
+        _store, tiers = self.stack.tier_stats()
+        for entry in tiers.values():
+            entry.pop("queued_writes", None)
         return {"tiers": tiers, "pinned_objects": len(self.pins.active()), "tenants": dict(self._usage)}
 
     def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        for tier in self.tiers:
-            tier.close()
-
-
-def _with_key(meta: ObjectMeta, key: bytes) -> ObjectMeta:
-    return ObjectMeta(key=key, fingerprint=meta.fingerprint, shape=meta.shape, dtype=meta.dtype,
-                      num_tokens=meta.num_tokens, partial=meta.partial, codec=meta.codec)
+        self.stack.close()

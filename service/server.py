@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstore.blobstore import BlobStore, QuotaExceededError, StoredObject
 from kvstore.config import StoreConfig, parse_size
-from kvstore.errors import ConfigError, InvalidInputError, KVStoreError
+from kvstore.errors import ConfigError, InvalidInputError, KVStoreError, PinLimitError
 from kvstore.service.auth import KeyFile, Principal, storage_key
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
@@ -118,6 +118,9 @@ class Daemon:
         except asyncio.TimeoutError:
             status = 503
             return _error(503, f"request took longer than {self.config.request_timeout_s}s")
+        except PinLimitError as exc:  # the tier's pinned-bytes cap: a conflict, nothing was pinned
+            status = 409
+            return _error(409, str(exc))
         except KVStoreError as exc:
             status = 400
             return _error(400, str(exc))

@@ -112,6 +112,23 @@ def test_a_kept_alive_connection_survives_a_daemon_restart(tmp_path, sig):
         client.exists(keys)
 
 
+def test_a_pin_past_the_pin_cap_is_a_409_naming_the_cap(tmp_path):
+    cfg = tmp_path / "kvstore.yaml"
+    cfg.write_text("tiers:\n  cpu: {pin_fraction: 0.1}\n")
+    d = Daemon(tmp_path, "--config", str(cfg), "--cpu-capacity", "64KiB")
+    try:
+        client = DaemonClient(d.url)
+        keys = [bytes([i]) * 16 for i in range(4)]
+        client.put([(k, obj(k)) for k in keys])  # ~2 KiB each, against a 6.4 KiB pin cap
+        assert client.pin(keys[:2], ttl_s=60) == 2
+        with pytest.raises(ServiceError) as err:
+            client.pin(keys, ttl_s=60)
+        assert err.value.status == 409 and "pin cap" in str(err.value)
+        assert client.unpin(keys) == 2  # the refused pin pinned nothing
+    finally:
+        d.stop()
+
+
 def test_objects_put_again_after_a_restart_are_served_from_memory(tmp_path):
     """After a restart the objects are on disk only; a client putting them again (LMCache
     re-sends its chunks) brings them back into memory, so the next GET reads no file."""

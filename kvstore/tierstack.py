@@ -1,0 +1,291 @@
+"""The tiers of one store, fastest first, and everything done across them.
+
+Every store is a view over one ``TierStack``: ``KVStore`` (tensor chunks under prefix hashes),
+``BlobStore`` (verified opaque objects, what the daemon serves) and through it ``PageStore``
+(engine-named pages). The stack builds the tiers (only through ``tiers/factory.py``) and their
+writer threads, finds the tier holding each key, writes new objects down the tiers, promotes
+hits and demotes evictions, pins within each tier's cap, and counts. The views only decide what
+a key is and what a valid object is.
+
+Data moves between tiers in whichever form it is at hand: a tensor (a memory tier's slot, or a
+decoded object) or an encoded object. A tier that needs the other form gets it converted here,
+never in a view. An opaque stack (``spec=None``, the daemon's) never decodes or re-encodes: it
+moves objects as they came.
+
+Blocking: lookups, ``write`` to the first tier and promotion into memory tiers run on the
+caller's thread; writes to slower tiers go through each tier's bounded queue (``queue_full``
+decides between waiting up to ``put_timeout_s`` and dropping, both counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from kvstore.config import StoreConfig
+from kvstore.errors import ConfigError, CorruptObjectError
+from kvstore.objects import ObjectMeta, decode_payload, encode_object, join_parts, read_meta
+from kvstore.pins import PinRegistry, check_pin_budget
+from kvstore.stats import Counters
+from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier
+from kvstore.tiers.factory import build_tier
+from kvstore.writer import PendingWrite, TierWriter
+
+if TYPE_CHECKING:  # the daemon's opaque stack never loads torch
+    import torch
+
+    from kvstore.spec import KVSpec
+
+log = logging.getLogger(__name__)
+
+Blob = Any  # bytes | bytearray | memoryview
+
+
+def rekey(meta: ObjectMeta, key: bytes) -> ObjectMeta:
+    """The meta under which a tier stores an object: the daemon stores an engine's object
+    (whose header names the engine's chunk key) under a tenant-scoped key."""
+    if meta.key == key:
+        return meta
+    return ObjectMeta(key=key, fingerprint=meta.fingerprint, shape=meta.shape, dtype=meta.dtype,
+                      num_tokens=meta.num_tokens, partial=meta.partial, codec=meta.codec)
+
+
+class TierStack:
+    def __init__(self, config: StoreConfig, *, namespace: bytes, spec: KVSpec | None = None,
+                 allow_remote: bool = True, on_drop: Callable[[bytes], None] | None = None) -> None:
+        self.config = config
+        self.spec = spec
+        self.opaque = spec is None
+        self.counters = Counters()
+        self.pins = PinRegistry()
+        self.tiers: list[Tier] = []
+        self.writers: dict[str, TierWriter] = {}
+        self._on_drop = on_drop
+        self._stop = threading.Event()
+        try:
+            for tc in config.tiers.values():
+                if tc.kind == "remote" and not allow_remote:  # a daemon in front of a daemon could loop
+                    raise ConfigError("the daemon cannot have a remote tier (it stores bytes for many engines)")
+                self.tiers.append(build_tier(tc, spec=spec, chunk_size=config.chunk_size, counters=self.counters,
+                                             pins=self.pins, namespace=namespace, on_evict=self._on_evict))
+            for tier in self.tiers[1:]:
+                if isinstance(tier, BlobTier):
+                    self.writers[tier.name] = TierWriter(tier, self.counters, tier.config.queue_size,
+                                                         config.queue_full == "block", config.put_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="kvstore-pin-sweeper", daemon=True)
+        self._sweeper.start()
+
+    # ---- where things are ----------------------------------------------------------------
+
+    def holders(self, keys: Sequence[bytes]) -> list[int | None]:
+        """Per key, the position of the fastest tier holding it (None: no tier does), asked
+        one batched call per tier, fastest first, for the keys still unplaced."""
+        where: list[int | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for pos, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            for i, hit in zip(todo, tier.contains([keys[i] for i in todo])):
+                if hit:
+                    where[i] = pos
+            todo = [i for i in todo if where[i] is None]
+        return where
+
+    def held_locally(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether an in-process or on-disk tier holds each key (remote tiers dedupe in their
+        writer, so a put does not pay a round trip to ask)."""
+        present = [False] * len(keys)
+        for tier in self.tiers:
+            if not tier.is_remote:
+                present = [p or hit for p, hit in zip(present, tier.contains(keys))]
+        return present
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Mark keys most recently used in every local tier, the last key most recent."""
+        for tier in self.tiers:
+            if not tier.is_remote:
+                tier.touch(keys)
+
+    # ---- moving data between tiers -------------------------------------------------------
+
+    @staticmethod
+    def _tensor(meta: ObjectMeta, blob: Blob) -> torch.Tensor:
+        return decode_payload(meta, read_meta(blob)[1])
+
+    def _pending(self, tier: Tier, meta: ObjectMeta, kv: torch.Tensor | None, blob: Blob | None) -> PendingWrite:
+        """A write for a slower tier that owns its data (the caller's buffers are reused)."""
+        if blob is not None and (self.opaque or tier.config.codec == meta.codec):
+            return PendingWrite(meta, blob=[bytes(blob)])
+        if kv is None:
+            kv = self._tensor(meta, blob)  # another codec: decoded here, encoded by the writer
+            return PendingWrite(meta, kv)
+        return PendingWrite(meta, kv.detach().to("cpu", copy=True))
+
+    def copy_into(self, pos: int, meta: ObjectMeta, kv: torch.Tensor | None = None,
+                  blob: Blob | None = None) -> bool:
+        """Put one object into tier ``pos`` (a promotion or a demotion), from a tensor or an
+        encoded object, whichever the tier can take; queued for tiers with a writer. True if it
+        was stored or queued. Never raises: a corrupt source is counted and skipped."""
+        tier = self.tiers[pos]
+        try:
+            if isinstance(tier, MemoryTierBase):
+                return tier.put(meta, kv if kv is not None else self._tensor(meta, blob)) is not None
+            writer = self.writers.get(tier.name)
+            if writer is not None:
+                return writer.submit(self._pending(tier, meta, kv, blob))
+            assert isinstance(tier, BlobTier)
+            parts = [blob] if blob is not None and (self.opaque or tier.config.codec == meta.codec) \
+                else encode_object(meta, kv if kv is not None else self._tensor(meta, blob), tier.config.codec)
+            return tier.put_blobs([(meta, parts)]) > 0
+        except CorruptObjectError as exc:
+            log.warning("object %s not copied into tier %s: %s", meta.key.hex(), tier.name, exc)
+            return False
+
+    def promote(self, pos: int, meta: ObjectMeta, kv: torch.Tensor | None = None, blob: Blob | None = None) -> None:
+        """A hit in tier ``pos``: copy it into every faster tier that lacks it."""
+        if not self.config.promote:
+            return
+        for faster in range(pos):
+            tier = self.tiers[faster]
+            if tier.contains([meta.key])[0]:
+                continue
+            if self.copy_into(faster, meta, kv, blob):
+                self.counters.tier(tier.name, "promotions")
+
+    def _on_evict(self, tier: Tier, key: bytes, fetch: Callable[[], Any]) -> None:
+        """Demote an object a tier is dropping to the next tier down that lacks it."""
+        pos = self.tiers.index(tier)
+        demoted = False
+        for lower in range(pos + 1, len(self.tiers)):
+            if self.tiers[lower].contains([key])[0]:
+                demoted = True  # already there: nothing to copy
+                break
+            data = fetch()
+            if data is None:
+                break
+            if isinstance(data, tuple):  # a memory tier's (slot view, meta): the slot is reused next
+                view, meta = data
+                demoted = self.copy_into(lower, meta, kv=view)
+            else:
+                try:
+                    meta = rekey(read_meta(data)[0], key)
+                except CorruptObjectError:
+                    self.counters.tier(tier.name, "corrupt")
+                    break
+                demoted = self.copy_into(lower, meta, blob=data)
+            if demoted:
+                self.counters.tier(tier.name, "demotions")
+            break
+        if not demoted and self._on_drop is not None and not any(
+                t.contains([key])[0] for t in self.tiers if t is not tier and not t.is_remote):
+            self._on_drop(key)
+
+    # ---- writing new objects -------------------------------------------------------------
+
+    def write(self, meta: ObjectMeta, kv: torch.Tensor | None = None, parts: list[Blob] | None = None, *,
+              keep_parts: bool = False, through: bool = True) -> bool:
+        """Store a new object: synchronously in the first tier, then (``through``) in every
+        ``write: through`` tier, memory tiers at once and slower ones through their writers.
+        Give the tensor ``kv``, the encoded object as byte ``parts``, or both. ``parts`` are the
+        caller's memory unless ``keep_parts`` (one buffer the store may keep as it is): queued
+        writes get a copy. True if some tier took it (stored, or queued for a writer)."""
+        first = self.tiers[0]
+        t0 = time.perf_counter()
+        view: torch.Tensor | None = None
+        if isinstance(first, MemoryTierBase):
+            assert kv is not None, "a memory tier of tensors needs the tensor"
+            slow = sum(1 for t in self.tiers[1:] if through and t.config.write == "through" and t.name in self.writers)
+            view = first.put(meta, kv, hold=slow)
+            if view is None and first.contains([meta.key])[0]:
+                return True  # a concurrent put of the same object won the race
+            took = view is not None
+        else:
+            assert isinstance(first, BlobTier)
+            took = first.put_blobs([(meta, parts if parts is not None else
+                                     encode_object(meta, kv, first.config.codec))]) > 0
+        self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
+        if not through:
+            return took
+        kept: list[Blob] | None = None
+        owned: torch.Tensor | None = None
+        for tier in self.tiers[1:]:
+            if tier.config.write != "through":
+                continue
+            if isinstance(tier, MemoryTierBase):
+                took = tier.put(meta, kv) is not None or took
+                continue
+            if view is not None:  # the writer reads the leased slot and releases its lease
+                item = PendingWrite(meta, view, release=lambda k=meta.key: first.release(k))
+            elif parts is not None and (self.opaque or tier.config.codec == meta.codec):
+                kept = kept or (list(parts) if keep_parts else [join_parts(parts)])
+                item = PendingWrite(meta, blob=kept)
+            else:
+                assert kv is not None, "an object in another codec needs the tensor"
+                owned = owned if owned is not None else kv.detach().to("cpu", copy=True).contiguous()
+                item = PendingWrite(meta, owned)
+            took = self.writers[tier.name].submit(item) or took
+        return took
+
+    # ---- pins ----------------------------------------------------------------------------
+
+    def pin(self, keys: Sequence[bytes], ttl_s: float) -> None:
+        """Pin keys for ``ttl_s``; raises PinLimitError, pinning nothing, past any tier's cap."""
+        check_pin_budget(self.tiers, self.pins.active(), keys)
+        self.pins.pin(keys, ttl_s)
+        for tier in self.tiers:
+            if isinstance(tier, BlobTier):
+                tier.expire(keys, ttl_s)
+
+    def unpin(self, keys: Sequence[bytes]) -> int:
+        return self.pins.unpin(keys)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.config.pin_sweep_s):
+            self.pins.sweep()
+
+    # ---- housekeeping --------------------------------------------------------------------
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        self.flush()
+        removed = [t.delete(keys) for t in self.tiers]
+        self.pins.unpin(keys)
+        return max(removed) if removed else 0
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued write has reached its tier."""
+        return all(w.flush(timeout_s) for w in self.writers.values())
+
+    def tier_stats(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(store-wide counters, per tier: counters plus what the tier holds)."""
+        store, per_tier = self.counters.snapshot(t.name for t in self.tiers)
+        tiers: dict[str, Any] = {}
+        for tier in self.tiers:
+            st = tier.stats()
+            entry: dict[str, Any] = per_tier[tier.name]
+            entry.update(objects=st.objects, bytes=st.bytes, capacity=st.capacity,
+                         pinned_bytes=st.pinned_bytes, available=st.available)
+            if tier.name in self.writers:
+                entry["queued_writes"] = self.writers[tier.name].pending
+            tiers[tier.name] = entry
+        return store, tiers
+
+    def clear(self) -> None:
+        self.flush()
+        self.pins.unpin(self.pins.active())
+        for tier in self.tiers:
+            tier.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        for writer in self.writers.values():
+            writer.close()
+        for tier in self.tiers:
+            tier.close()
+
+
+__all__ = ["TierStack", "rekey"]
