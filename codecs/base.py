@@ -34,6 +34,19 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
 
+    # A codec whose payload splits into independently decodable layer groups ("frames") says so
+    # and implements the two methods below: a layer-wise load then hands layer 0 over after the
+    # first frame, not after the whole chunk.
+    layer_frames: ClassVar[bool] = False
+
+    def frames(self, payload: memoryview) -> tuple[object, list[memoryview]]:
+        """``(layout, frames)``: what ``decode_frame`` takes, frames in layer order."""
+        raise CodecError(f"codec {self.name!r} has no layer frames")
+
+    def decode_frame(self, layout: object, frame: memoryview) -> tuple[int, torch.Tensor]:
+        """``(first layer, kv of the frame's layers)``."""
+        raise CodecError(f"codec {self.name!r} has no layer frames")
+
 
 _REGISTRY: dict[str, Codec] = {}
 

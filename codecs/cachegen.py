@@ -49,6 +49,7 @@ class CacheGenOptions:
 class CacheGenCodec(Codec):
     name = "cachegen"
     lossless = False
+    layer_frames = True
 
     def __init__(self, options: CacheGenOptions | None = None) -> None:
         self.options = options or CacheGenOptions()

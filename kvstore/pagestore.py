@@ -27,15 +27,19 @@ from kvstore.spec import dtype_name
 
 log = logging.getLogger(__name__)
 
-# A page's byte order is the engine's, not kvstore's [layers, 2, tokens, heads, head_size]: lossy
-# codecs would quantize along the wrong axis, so only byte-exact ones are offered.
-LOSSLESS_CODECS = ("raw", "lz4")
-
-
 def check_page_codec(codec: str) -> str:
-    if codec not in LOSSLESS_CODECS:
+    """A page's byte order is the engine's, not kvstore's [layers, 2, tokens, heads, head_size]:
+    lossy codecs would quantize along the wrong axis, so only lossless ones are offered."""
+    from kvstore.codecs import CodecError, available_codecs, get_codec
+
+    lossless = [name for name in available_codecs() if get_codec(name).lossless]
+    try:
+        ok = get_codec(codec).lossless
+    except CodecError:
+        ok = False
+    if not ok:
         raise ConfigError(f"page codec {codec!r} is not offered: pages are stored byte-exact, "
-                          f"choose one of {LOSSLESS_CODECS}")
+                          f"choose one of {lossless}")
     return codec
 
 

@@ -17,7 +17,7 @@ from kvstore.connectors.blend import BlendConfig, Blender
 from kvstore.connectors.hooks import KVHooks
 from kvstore.connectors.reference import Engine, SamplingParams, build_tiny_model
 from kvstore.errors import CorruptObjectError
-from kvstore.layerwise import LayerwiseGet
+from kvstore.reads import ChunkRead
 from kvstore.objects import decode_payload, read_meta
 from kvstore.store import KVStore
 
@@ -49,21 +49,17 @@ def corrupt_disk(tmp_path):
 def garbage_after_layer_0(monkeypatch):
     """The next load copies layer 0, scribbles over every later layer of the engine's buffer,
     then fails: the worst a broken transfer can leave behind."""
-    real = LayerwiseGet._copy_layers
+    real = ChunkRead.copy_layer
     armed = [True]
 
-    def broken(self):
-        if not armed[0]:
-            return real(self)
+    def broken(self, layer):
+        if not armed[0] or layer == 0:
+            return real(self, layer)
         armed[0] = False
-        for (ref, src, _tier), _name in zip(self._sources, self._tier_of):
-            part = src[0] if isinstance(src, torch.Tensor) else src.layer(0)
-            self.out[0, :, ref.start:ref.end].copy_(part)
-        self._ready[0].set()
         self.out[1:, :, :self.hit_tokens].fill_(1e4)
         raise RuntimeError("transfer broke after layer 0")
 
-    monkeypatch.setattr(LayerwiseGet, "_copy_layers", broken)
+    monkeypatch.setattr(ChunkRead, "copy_layer", broken)
     return armed
 
 

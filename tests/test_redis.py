@@ -140,7 +140,7 @@ def test_pin_before_async_write_still_reaches_redis_ttl(spec, redis_url):
         with stall_writes(store.tiers[1]):
             store.put(toks, causal_kv(spec, toks))
             store.pin(toks, ttl_s=100)  # before the SET: EXPIRE finds no key
-            assert store._writers["redis"].pending == 1 and not client.keys("kvstore:*")
+            assert store.stack.writers["redis"].pending == 1 and not client.keys("kvstore:*")
         store.flush()
         (key,) = client.keys("kvstore:*")
         assert client.ttl(key) > 50

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from kvstore.buffers import unzeroed
@@ -88,6 +89,15 @@ class MemoryTierBase(Tier):
     def release(self, key: bytes) -> None: ...
 
 
+class ReadResult(Enum):
+    """What :meth:`BlobTier.read_into` did."""
+
+    OK = "ok"              # the payload is in the caller's buffer, verified
+    MISSING = "missing"    # no such object (any more)
+    CORRUPT = "corrupt"    # it failed verification; the caller's buffer holds garbage
+    FALLBACK = "fallback"  # fine, but not readable this way (another codec, or a tier that cannot)
+
+
 class BlobTier(Tier):
     """A tier of serialized objects (disk, Redis, the daemon): SGLang-HiCache-style batch API."""
 
@@ -106,6 +116,12 @@ class BlobTier(Tier):
     def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
         """Store objects given as byte parts; returns how many were written (existing keys are
         skipped). Never raises on backend failure: failures are counted."""
+
+    def read_into(self, key: bytes, expect: ObjectMeta, segments: list[memoryview]) -> ReadResult:
+        """Read a raw-codec object's payload straight into ``segments`` (the caller's memory, in
+        payload order) and verify it there, skipping an object buffer and its copy. A tier that
+        can do this overrides it (the disk tier); the rest answer FALLBACK and are read whole."""
+        return ReadResult.FALLBACK
 
     def allocate(self, nbytes: int) -> memoryview:
         """Writable memory to build an object in before putting it here; tiers that keep objects

@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from enum import Enum
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -23,7 +22,7 @@ from kvstore.errors import CorruptObjectError
 from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header
 from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
-from kvstore.tiers.base import BlobTier, EvictHandler, TierStats
+from kvstore.tiers.base import BlobTier, EvictHandler, ReadResult, TierStats
 
 log = logging.getLogger(__name__)
 _SUFFIX = ".kvo"
@@ -312,13 +311,6 @@ class DiskTier(BlobTier):
     def pinned_bytes_of(self, keys: Sequence[bytes]) -> int:
         index = self._index
         return sum(index.get(k, 0) for k in keys)
-
-
-class ReadResult(Enum):
-    OK = "ok"
-    MISSING = "missing"
-    CORRUPT = "corrupt"
-    FALLBACK = "fallback"
 
 
 _IOV_MAX = 512

@@ -1,8 +1,5 @@
-"""Drift between the two tier stacks (KVStore and BlobStore), each pinned by a test (issue #15).
-
-Tests marked ``xfail(strict=True)`` fail on the code as it is: each one flips to a pass (and
-the strict marker then fails the suite until it is removed) as the one tier stack lands.
-"""
+"""Bugs of the time when KVStore and BlobStore each had their own tier stack (issue #15), one
+test each: all failed before both became views over one TierStack and one read path."""
 
 from __future__ import annotations
 
@@ -15,8 +12,6 @@ from kvstore.blobstore import BlobStore, StoredObject
 from kvstore.errors import ConfigError, PinLimitError
 from kvstore.objects import encode_object, join_parts, meta_for
 from kvstore.tiers.memory import MemoryTier
-
-pending = pytest.mark.xfail(strict=True, reason="issue #15: one tier stack not built yet")
 
 
 def _objects(n: int, size: int = 256) -> list[StoredObject]:
@@ -38,7 +33,6 @@ def test_daemon_pins_respect_pin_fraction(tmp_path):
     store.close()
 
 
-@pending
 def test_layerwise_get_promotes_a_disk_hit_like_get(tmp_path, spec):
     toks = list(range(64))
     for method in ("get", "get_layers"):
@@ -54,7 +48,6 @@ def test_layerwise_get_promotes_a_disk_hit_like_get(tmp_path, spec):
             assert s.stats()["tiers"]["cpu"]["promotions"] == 4, method
 
 
-@pending
 def test_a_chunk_evicted_between_locate_and_copy_is_read_from_the_lower_tier(tmp_path, spec, monkeypatch):
     toks = list(range(64))
     with KVStore(spec, disk_config(tmp_path / "kv", chunk=16, cpu="1MiB", disk="8MiB")) as s:
@@ -75,13 +68,11 @@ def test_a_chunk_evicted_between_locate_and_copy_is_read_from_the_lower_tier(tmp
         assert hit == 64 and torch.equal(kv, causal_kv(spec, toks))
 
 
-@pending
 def test_a_disk_budget_below_one_chunk_is_refused_at_start(tmp_path, spec):
     with pytest.raises(ConfigError, match="disk"):
         KVStore(spec, disk_config(tmp_path / "kv", chunk=16, cpu=None, disk=1000))
 
 
-@pending
 def test_put_reports_nothing_stored_when_the_only_tier_refused(tmp_path, spec):
     keys = tmp_path / "keys.yaml"
     keys.write_text("keys:\n  sk-good: {tenant: a}\n")
@@ -95,7 +86,6 @@ def test_put_reports_nothing_stored_when_the_only_tier_refused(tmp_path, spec):
         d.stop()
 
 
-@pending
 def test_a_stored_partial_tail_extends_a_hit_through_redis(redis_url, spec):
     toks = list(range(40))  # two chunks of 16 and a tail of 8
     cfg = {"chunk_size": 16, "tiers": {"redis": {"url": redis_url}}}
