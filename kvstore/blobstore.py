@@ -21,8 +21,7 @@ from kvstore.buffers import unzeroed
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import CorruptObjectError, InvalidInputError
 from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read_meta
-from kvstore.tiers.base import BlobTier
-from kvstore.tiers.disk import DiskTier, ReadResult
+from kvstore.tiers.base import BlobTier, ReadResult
 from kvstore.tierstack import TierStack, rekey
 from kvstore.wire import Blob, as_parts, parts_nbytes
 
@@ -117,15 +116,15 @@ class BlobStore:
             if pos is None or (pos and self.config.promote):
                 continue
             tier = self.tiers[pos]
-            if not isinstance(tier, DiskTier):
-                continue
-            status = tier.read_into(keys[i], expect[i], [outs[i]])
+            assert isinstance(tier, BlobTier)
+            status = tier.read_into(keys[i], expect[i], [outs[i]])  # FALLBACK where the tier cannot
             if status is ReadResult.OK:
                 done[i] = True
                 self.counters.tier(tier.name, "hits")
                 self.counters.tier(tier.name, "hit_tokens", expect[i].num_tokens)
             elif status is ReadResult.CORRUPT:
-                log.warning("tier %s: object %s rejected: %s", tier.name, keys[i].hex(), tier.last_error)
+                log.warning("tier %s: object %s rejected: %s", tier.name, keys[i].hex(),
+                            getattr(tier, "last_error", "failed verification"))
                 self.counters.tier(tier.name, "corrupt")
                 tier.delete([keys[i]])
         return done
