@@ -39,6 +39,23 @@ def spec_for(model: Any, model_id: str | None = None) -> KVSpec:
                          ("attn", str(getattr(cfg, "_attn_implementation", None)))))
 
 
+def uncacheable(config: Any) -> str | None:
+    """Why a model's prefix KV cannot be reused through a ``DynamicCache``, if it cannot: a
+    sliding-window cache keeps only the window (what it holds is not the prefix), and dynamic
+    or long-context RoPE scaling makes a prefix's keys depend on the whole sequence's length."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return f"a sliding window of {window} tokens"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention layers"
+    for name in ("rope_scaling", "rope_parameters"):
+        rope = getattr(config, name, None)
+        kind = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
+        if kind in ("dynamic", "longrope"):
+            return f"{kind} RoPE scaling (a prefix's keys depend on the sequence length)"
+    return None
+
+
 def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(cache, "layers"):  # transformers >= 4.56
         return cache.layers[layer].keys, cache.layers[layer].values
@@ -57,6 +74,10 @@ class HFConnector:
             raise InvalidInputError(f"the store's spec {self.store.spec} does not match the model's {self.spec}")
         self.hooks = KVHooks(self.store)
         self.last_hit_tokens = 0
+        self.bypass = uncacheable(model.config)
+        if self.bypass:
+            log.warning("kvstore: %s has %s; its prompts are computed without the cache", self.spec.model_id,
+                        self.bypass)
 
     def _prefix_cache(self, tokens: list[int]) -> Any:
         from transformers import DynamicCache
@@ -102,6 +123,9 @@ class HFConnector:
         if ids.shape[0] != 1:
             raise InvalidInputError(f"HFConnector.generate takes one prompt (batch size 1), got {ids.shape[0]}")
         tokens = ids[0].tolist()
+        if self.bypass:
+            self.last_hit_tokens = 0
+            return self.model.generate(ids.to(self.model.device), **kwargs)
         cache = self._prefix_cache(tokens)
         if cache is None:
             from transformers import DynamicCache

@@ -39,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvstore.config import StoreConfig, load_config
 from kvstore.connectors.hooks import KVHooks, LoadFailed
 from kvstore.errors import ConfigError
-from kvstore.fingerprint import checkpoint_digest, config_digest
+from kvstore.fingerprint import checkpoint_digest, config_digest, file_digest
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
 
@@ -70,8 +70,8 @@ class Transfer:
 class KVStoreConnectorMetadata(KVConnectorMetadata):
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
-    # Failed blocks the scheduler has seen reported (block id -> reports), so it has rewound
-    # every request that read them: saves planned from now on recompute them first.
+    # Failed blocks (block id -> reports) that a request rewound by vLLM recomputes by the end
+    # of this step: from this step on, a save covering them holds their recomputed KV.
     acked_bad_blocks: dict[int, int] = field(default_factory=dict)
 
 
@@ -83,6 +83,10 @@ class _Tracked:
     block_ids: list[int]
     saved_upto: int
     scheduled_upto: int = 0  # computed tokens once the last scheduled step has run
+    rewound_to: int | None = None  # where vLLM last restarted its computation (a failed load)
+    # It holds a block whose load failed that it does not recompute itself (vLLM's prefix cache
+    # shared it): what it computes may have read that block before its owner recomputed it.
+    tainted: bool = False
 
 
 # One store per (spec, config) per process: the scheduler and worker halves share it when vLLM
@@ -168,6 +172,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.dropped_saves = 0
         # scheduler side: failed blocks reported by the workers, acknowledged in the next meta
         self._reported_bad: Counter[int] = Counter()
+        self._bad_holders: dict[int, set[str]] = {}  # failed block -> requests holding it then
         log.info("kvstore connector (%s): spec %s, tiers %s", role.name, self.spec.model_id,
                  [t.name for t in self.store.tiers])
 
@@ -228,20 +233,63 @@ class KVStoreConnector(KVConnectorBase_V1):
                 # Resumed, or rewound by vLLM after a failed load: what it computes again from
                 # here is new KV, worth saving once it has been recomputed.
                 tracked.saved_upto = min(tracked.saved_upto, computed)
+                tracked.rewound_to = computed
             self._plan_save(meta, req_id, computed + scheduler_output.num_scheduled_tokens.get(req_id, 0))
         self._load_after_alloc.clear()
-        meta.acked_bad_blocks, self._reported_bad = dict(self._reported_bad), Counter()
+        meta.acked_bad_blocks = self._recomputed_bad_blocks()
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
-        """The workers' failed blocks: vLLM rewinds every request that read one before it
-        schedules again; the next meta tells the workers so, and they stop dropping saves."""
-        self._reported_bad.update(getattr(connector_output, "invalid_block_ids", None) or ())
+        """The workers' failed blocks: vLLM rewinds every request that read one; once one of
+        them has recomputed a block, a meta tells the workers, and they stop dropping saves.
+
+        They also leave vLLM's prefix cache here: under the recompute policy vLLM keeps them
+        there, so a request scheduled before the owner recomputed them (or after the owner was
+        aborted) would read the failed blocks as a prefix hit."""
+        bad = set(getattr(connector_output, "invalid_block_ids", None) or ())
+        if not bad:
+            return
+        self._reported_bad.update(bad)
+        evict = set(bad)
+        for req_id, t in self._tracked.items():  # and what was computed over them
+            first = next((i for i, b in enumerate(t.block_ids) if b in bad), None)
+            if first is not None:
+                evict.update(t.block_ids[first:])
+                for b in bad.intersection(t.block_ids):
+                    self._bad_holders.setdefault(b, set()).add(req_id)
+        manager = getattr(self, "_kv_cache_manager", None)
+        if manager is not None:
+            try:
+                manager.evict_blocks(evict)
+            except Exception:  # never fail vLLM's step over a cache-hygiene call
+                log.exception("kvstore: could not evict %d failed blocks from vLLM's prefix cache", len(evict))
+
+    def _recomputed_bad_blocks(self) -> dict[int, int]:
+        """Reported blocks that a rewound request recomputes by the end of the step being
+        planned (or that no request of ours holds any more), taken off the reported set."""
+        done: dict[int, int] = {}
+        for block, reports in self._reported_bad.items():
+            # Only requests that held the block when it failed: one that got it later (freed by
+            # an aborted owner) computes it anew.
+            holders = [(t, t.block_ids.index(block)) for req_id in self._bad_holders.get(block, ())
+                       if (t := self._tracked.get(req_id)) is not None and block in t.block_ids]
+            for t, i in holders:
+                if t.rewound_to is None or t.rewound_to > i * self.block_size:
+                    t.tainted = True  # a reader of the block, not the one recomputing it
+            if not holders or any(not t.tainted and t.scheduled_upto >= (i + 1) * self.block_size
+                                  for t, i in holders):
+                done[block] = reports
+        for block in done:
+            del self._reported_bad[block]
+            self._bad_holders.pop(block, None)
+        return done
 
     def _plan_save(self, meta: KVStoreConnectorMetadata, req_id: str, computed: int) -> None:
         """Save the prompt chunks this step completes (chunked prefill completes them over steps)."""
         tracked = self._tracked[req_id]
         tracked.scheduled_upto = computed
+        if tracked.tainted:
+            return
         end = _align(min(computed, len(tracked.tokens)), self.chunk_size)
         start = _align(tracked.saved_upto, self.chunk_size)
         if end <= start:
@@ -400,12 +448,18 @@ def _spec_for(vllm_config: "VllmConfig") -> KVSpec:
     dtype = mc.dtype if cc.cache_dtype in (None, "auto") else _cache_dtype(cc.cache_dtype)
     head_size = mc.get_head_size()
     path = Path(mc.model)
+    lc = getattr(vllm_config, "load_config", None)
     knobs = {"hf_config": mc.hf_config.to_dict(), "quantization": mc.quantization,
+             "load_format": getattr(lc, "load_format", None),  # "dummy" weights are not the checkpoint's
+             "model_loader_extra_config": getattr(lc, "model_loader_extra_config", None),
+             "pipeline_stage": (_pp_rank() if pc.pipeline_parallel_size > 1 else 0, pc.pipeline_parallel_size),
              "quantization_config": mc.quantization_config, "model_impl": mc.model_impl,
              "disable_sliding_window": mc.disable_sliding_window, "compute_dtype": str(mc.dtype),
              "model_class_overrides": mc.model_class_overrides, "cache_dtype": cc.cache_dtype,
              "kv_cache_dtype_skip_layers": cc.kv_cache_dtype_skip_layers,
              "calculate_kv_scales": getattr(cc, "calculate_kv_scales", None)}
+    if _rope_depends_on_length(knobs["hf_config"]):
+        knobs["max_model_len"] = mc.max_model_len  # longrope and dynamic scaling pick factors by it
     layout = _layout_tag(dtype, cc.block_size, head_size, cc.cache_dtype)
     return KVSpec(model_id=path.name if path.is_dir() else str(mc.model), num_layers=mc.get_num_layers(pc),
                   num_kv_heads=mc.get_num_kv_heads(pc), head_size=head_size, dtype=dtype,
@@ -421,6 +475,8 @@ def _weights_identity(mc: Any) -> str:
     weights = Path(getattr(mc, "model_weights", "") or mc.model)
     if weights.is_dir():
         return checkpoint_digest(weights)
+    if weights.is_file():  # a single-file checkpoint (GGUF)
+        return "file=" + file_digest(weights)
     try:
         from huggingface_hub import snapshot_download
 
@@ -447,6 +503,34 @@ def _layout_tag(dtype: torch.dtype, block_size: int, head_size: int, cache_dtype
 
         return f"cpu_attn:{_get_attn_isa(dtype, block_size, head_size, cache_dtype)}:bs{block_size}"
     return f"{current_platform.device_name}:bs{block_size}"
+
+
+_LENGTH_FREE_ROPE = (None, "default", "linear", "llama3", "yarn", "mrope")
+
+
+def _rope_depends_on_length(hf: dict[str, Any]) -> bool:
+    """Whether RoPE's factors depend on the configured context length (vLLM's longrope uses its
+    long factors only past ``original_max_position_embeddings``, dynamic NTK scales by it)."""
+    found = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k in ("rope_type", "type") and isinstance(v, str):
+                    found.append(v)
+                walk(v)
+
+    walk({k: v for k, v in hf.items() if k in ("rope_scaling", "rope_parameters", "text_config")})
+    return any(kind not in _LENGTH_FREE_ROPE for kind in found)
+
+
+def _pp_rank() -> int:
+    try:
+        from vllm.distributed import get_pp_group
+
+        return get_pp_group().rank_in_group
+    except Exception:  # the scheduler process has no PP group: stage 0 answers lookups
+        return 0
 
 
 def _tp_rank() -> int:

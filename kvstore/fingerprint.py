@@ -11,7 +11,9 @@ Sampling a checkpoint is not enough (a fine-tune of two layers' attention keeps 
 too slow, so a file's digest is cached under ``$XDG_CACHE_HOME/kvstore-digests``, keyed by its
 real path, device, inode, size, mtime and ctime: a rewrite, a copy or a ``touch`` re-digests, a
 restart does not. The cache lives beside kvstore's own, not beside the checkpoint: model
-directories are often read-only (the HF hub cache, a mounted volume).
+directories are often read-only (the HF hub cache, a mounted volume). Known blind spot: a file
+rewritten in place through ``mmap`` may keep its size, mtime and ctime (a second write to an
+already dirty page does not update them); the README says to clear the cache after such edits.
 """
 
 from __future__ import annotations

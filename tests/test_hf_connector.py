@@ -69,3 +69,28 @@ def test_batch_of_two_is_refused(tmp_path, model_dir):
     with HFConnector(load(model_dir), disk_config(tmp_path / "kv")) as conn:
         with pytest.raises(InvalidInputError, match="batch size 1"):
             conn.generate(torch.ones(2, 5, dtype=torch.long), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("sliding window", {"family": "mistral", "sliding_window": 48}),
+    ("dynamic rope", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+])
+def test_models_whose_prefix_kv_is_not_reusable_bypass_the_cache(tmp_path, kind, extra):
+    """A sliding-window DynamicCache holds only the window, and dynamic RoPE makes a prefix's
+    keys depend on the sequence length: reusing either would hand generate() wrong KV."""
+    family = extra.pop("family", "llama")
+    d = build_tiny_model(tmp_path / "m", family=family, seed=8, dtype=torch.float32)
+    model = load(d)
+    if "sliding_window" in extra:
+        model.config.sliding_window = extra["sliding_window"]
+    if "rope_scaling" in extra:
+        model.config.rope_scaling = extra["rope_scaling"]
+    ids = torch.arange(10, 54)[None]
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)
+    with HFConnector(model, disk_config(tmp_path / "kv", chunk=16, disk="32MiB")) as conn:
+        assert conn.bypass, kind
+        for _ in range(2):
+            assert torch.equal(conn.generate(ids, max_new_tokens=8, do_sample=False), want)
+            assert conn.last_hit_tokens == 0
+        conn.flush()
+        assert conn.store.lookup(ids[0].tolist()) == 0  # nothing was stored

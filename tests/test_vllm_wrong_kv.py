@@ -30,7 +30,9 @@ require_vllm()
 from safetensors.torch import load_file, save_file
 
 from conftest import free_port
+from kvstore.client import DaemonClient
 from kvstore.connectors.reference.weights import DEFAULT_MODEL
+from kvstore.objects import read_meta
 from vllm_faults import alive, family, start_daemon
 from vllm_harness import disk_config, foreign_objects, remote_config, run, same_output, stored_objects
 
@@ -55,6 +57,11 @@ def probe(name: str) -> list[int]:
     """Hits 6 stored chunks (384 tokens) and computes chunk 6 in the same step as the load:
     the save that once stored KV computed over blocks that never loaded."""
     return BASES[name][:400] + [9] * 100
+
+
+# A prompt that shares the first 448 tokens of the "evict" family's probe (vLLM's prefix cache
+# hands it the probe's blocks when both run in one batch).
+SHARER = probe("evict")[:448] + BASES["swap"][:300]
 
 
 def faulted_prompts(names: list[str]) -> list[list[int]]:
@@ -103,14 +110,18 @@ class DaemonProc:
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wrongkv")
     names = list(BASES)
-    every = [p for n in names for p in (probe(n), BASES[n])]
+    every = [p for n in names for p in (probe(n), BASES[n])] + [SHARER]
     w = {"tmp": tmp, "baseline": dict(zip(map(json.dumps, every), run(tmp, "baseline", every, None)))}
     # The stores the faulted engines start from: every family's full prompt, on disk and in a daemon.
     run(tmp, "store_disk", [BASES[n] for n in names], disk_config(tmp / "kv_disk"))
+    # The daemon gets the same objects the disk store got, as an engine's remote tier sends them.
     d = DaemonProc(tmp / "daemon_pristine")
     (tmp / "daemon_pristine").mkdir()
     d.start()
-    run(tmp, "store_daemon", [BASES[n] for n in names], remote_config(d.url))
+    client = DaemonClient(d.url)
+    blobs = [f.read_bytes() for f in (tmp / "kv_disk").rglob("*.kvo")]
+    assert client.put([(read_meta(b)[0].key, b) for b in blobs]) == len(blobs) == 9 * len(names)
+    client.close()
     d.stop()
     # The reference: a fault-free engine on a copy of the disk store runs every prompt.
     shutil.copytree(tmp / "kv_disk", tmp / "kv_ref")
@@ -219,3 +230,70 @@ def test_changed_model_never_reads_the_originals_kv(world):
     outs = run(tmp, "fp_copy", prompts, disk_config(tmp / "kv_fp_copy"), model=copy)
     assert outs[0]["num_cached_tokens"] == 576
     _expect_baseline(world, prompts, outs, "copied model")
+
+
+# ---- the fingerprint of vLLM's settings, without an engine ----------------------------------
+
+LONGROPE = {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 32,
+                                "long_factor": [4.0] * 32, "original_max_position_embeddings": 1024}}
+
+
+def _fingerprint(model=DEFAULT_MODEL, hf_overrides=None, max_model_len=2048, load_format="auto", pp=None):
+    from vllm.config import CacheConfig, LoadConfig, ModelConfig, ParallelConfig, VllmConfig
+
+    from kvstore.connectors import vllm as conn
+
+    mc = ModelConfig(model=str(model), hf_overrides=hf_overrides or {}, skip_tokenizer_init=True, dtype="float32",
+                     max_model_len=max_model_len)
+    kw = {} if pp is None else {"parallel_config": ParallelConfig(pipeline_parallel_size=2)}
+    vc = VllmConfig(model_config=mc, cache_config=CacheConfig(block_size=32),
+                    load_config=LoadConfig(load_format=load_format), **kw)
+    if pp is not None:
+        conn._pp_rank, real = (lambda: pp), conn._pp_rank
+        try:
+            return conn._spec_for(vc).fingerprint
+        finally:
+            conn._pp_rank = real
+    return conn._spec_for(vc).fingerprint
+
+
+def test_vllm_settings_that_change_kv_are_in_the_fingerprint():
+    base = _fingerprint()
+    assert _fingerprint() == base
+    assert _fingerprint(load_format="dummy") != base  # random weights are not the checkpoint's
+    assert _fingerprint(max_model_len=1024) == base  # plain RoPE: the context length changes nothing
+    long_a = _fingerprint(hf_overrides=LONGROPE, max_model_len=1024)
+    long_b = _fingerprint(hf_overrides=LONGROPE, max_model_len=2048)
+    assert long_a != long_b  # longrope switches to its long factors past 1024 tokens
+    assert _fingerprint(pp=0) != _fingerprint(pp=1)  # pipeline stages hold different layers
+
+
+def test_a_single_file_checkpoint_is_digested(tmp_path):
+    from types import SimpleNamespace
+
+    from kvstore.connectors.vllm import _weights_identity
+
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF" + bytes(1000))
+    first = _weights_identity(SimpleNamespace(model=str(f), model_weights="", revision=None))
+    f.write_bytes(b"GGUF" + bytes(999) + b"\1")
+    assert first != _weights_identity(SimpleNamespace(model=str(f), model_weights="", revision=None))
+
+
+def test_a_failed_load_shared_through_vllms_prefix_cache_stores_nothing_wrong(world):
+    """vLLM's own prefix cache on and prefill split over steps: a request S that shares the
+    faulted loader's blocks through it reads them before they are recomputed (that is vLLM's
+    scheduling; S's own output may differ), but nothing S or the loader computed over them is
+    stored, and a fresh engine on the store generates what an engine without kvstore does."""
+    tmp = world["tmp"]
+    store = tmp / "kv_apc_fault"
+    shutil.copytree(tmp / "kv_disk", store)
+    loader, sharer = probe("evict"), SHARER
+    flags = ("--prefix-caching", "--max-num-batched-tokens", "256", "--long-prefill-threshold", "32")
+    run(tmp, "apc_fault", [loader, sharer], disk_config(store), connector=FAULTY, extra=flags,
+        env={"KVTEST_FAULTS": json.dumps({family(loader): "evict"})})
+    assert "recomputing the rest" in (tmp / "apc_fault.log").read_text()
+    assert not foreign_objects(store, world["reference"])
+    fresh = [sharer, loader]
+    outs = run(tmp, "apc_fault_fresh", fresh, disk_config(store), sequential=True)
+    _expect_baseline(world, fresh, outs, "fresh engine")

@@ -21,6 +21,9 @@ def main() -> None:
     ap.add_argument("--connector", default="kvstore.connectors.vllm:KVStoreConnector",
                     help="MODULE:CLASS of the connector (tests/vllm_faults.py injects faults)")
     ap.add_argument("--pause", type=float, default=0.0, help="seconds to wait between sequential prompts")
+    ap.add_argument("--max-num-batched-tokens", type=int, help="chunked prefill's step budget")
+    ap.add_argument("--long-prefill-threshold", type=int, default=0,
+                    help="long_prefill_token_threshold: prefill long prompts over several steps")
     ap.add_argument("--hf-overrides", default="{}", help="JSON hf_overrides for the model config")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -35,7 +38,10 @@ def main() -> None:
     # vLLM's own prefix cache is off unless asked, so every reused token is one kvstore supplied.
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32", block_size=32, max_model_len=2048,
               enforce_eager=True, enable_prefix_caching=args.prefix_caching, kv_transfer_config=kv, seed=0,
-              max_num_seqs=4, hf_overrides=json.loads(args.hf_overrides))
+              max_num_seqs=4, hf_overrides=json.loads(args.hf_overrides),
+              **({"max_num_batched_tokens": args.max_num_batched_tokens, "enable_chunked_prefill": True}
+                 if args.max_num_batched_tokens else {}),
+              **({"long_prefill_token_threshold": args.long_prefill_threshold} if args.long_prefill_threshold else {}))
     # logprobs=0: the chosen token's logprob, to compare with an engine without kvstore
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, detokenize=False,
                             logprobs=0)

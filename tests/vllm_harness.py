@@ -45,7 +45,7 @@ def remote_config(url: str) -> dict:
 def run(tmp: Path, name: str, prompts: list, kvstore_config: dict | None, *, multiprocessing: bool = False,
         sequential: bool = False, prefix_caching: bool = False, connector: str | None = None,
         model: Path = DEFAULT_MODEL, hf_overrides: dict | None = None, env: dict | None = None,
-        pause_s: float = 0.0) -> list:
+        pause_s: float = 0.0, extra: tuple[str, ...] = ()) -> list:
     """One engine over ``prompts``; returns per prompt its tokens, logprobs and cached tokens."""
     (tmp / f"{name}.prompts.json").write_text(json.dumps(prompts))
     cmd = [sys.executable, str(DRIVER), "--model", str(model), "--prompts", str(tmp / f"{name}.prompts.json"),
@@ -62,6 +62,7 @@ def run(tmp: Path, name: str, prompts: list, kvstore_config: dict | None, *, mul
         cmd += ["--hf-overrides", json.dumps(hf_overrides)]
     if kvstore_config is not None:
         cmd += ["--kvstore-config", json.dumps(kvstore_config)]
+    cmd += list(extra)
     # KVSTORE_* variables configure the connector's store (an unknown one is an error): pass none.
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     full_env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocessing else "0", VLLM_CPU_KVCACHE_SPACE="1",
