@@ -1,5 +1,9 @@
 """The ``kvstore`` command. Every subcommand has ``--help``; config comes from ``--config``,
-``KVSTORE_*`` env vars and flags, in that order of precedence (flags win)."""
+``KVSTORE_*`` env vars and flags, in that order of precedence (flags win).
+
+This is the composition root: the one core module that may import ``kvstore.service`` or
+``kvstore.connectors`` (lazily, inside the subcommand that needs them). Everything else in
+``kvstore/`` is imported by those packages and never imports them back."""
 
 from __future__ import annotations
 
