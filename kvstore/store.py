@@ -183,7 +183,10 @@ class KVStore:
     def new_chunks(self, tokens: object, kv_start: int = 0) -> list[ChunkRef]:
         """The chunks of ``tokens`` from ``kv_start`` on that no local tier holds (what a put
         would store; remote tiers dedupe in their writer)."""
-        refs = [r for r in self.chunks(tokens, include_partial=self.config.save_partial) if r.start >= kv_start]
+        return self._unheld(self.chunks(tokens, include_partial=self.config.save_partial), kv_start)
+
+    def _unheld(self, refs: list[ChunkRef], kv_start: int) -> list[ChunkRef]:
+        refs = [r for r in refs if r.start >= kv_start]
         return [r for r, held in zip(refs, self.stack.held_locally([r.key for r in refs])) if not held]
 
     def put(self, tokens: object, kv: torch.Tensor, kv_start: int = 0) -> int:
@@ -200,11 +203,12 @@ class KVStore:
             raise InvalidInputError(f"kv_start {kv_start} must be a multiple of chunk_size {self.chunk_size} "
                                     f"within the {total} tokens")
         self.spec.check_kv(kv, num_tokens=total - kv_start)
-        new = self.new_chunks(tokens, kv_start)
+        refs = self.chunks(tokens, include_partial=self.config.save_partial)
+        new = self._unheld(refs, kv_start)
         stored = sum(self.stack.write(self._meta(r), kv=kv[:, :, r.start - kv_start:r.end - kv_start]) for r in new)
         if new and not stored:
             log.debug("kvstore: no tier took any of %d new chunks", len(new))
-        self.stack.touch([r.key for r in reversed(self.chunks(tokens, include_partial=self.config.save_partial))])
+        self.stack.touch([r.key for r in reversed(refs)])
         self.counters.store("puts")
         self.counters.store("put_tokens", total)
         self.counters.store("put_new_chunks", stored)

@@ -19,6 +19,7 @@ decides between waiting up to ``put_timeout_s`` and dropping, both counted).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -46,17 +47,13 @@ Blob = Any  # bytes | bytearray | memoryview
 def rekey(meta: ObjectMeta, key: bytes) -> ObjectMeta:
     """The meta under which a tier stores an object: the daemon stores an engine's object
     (whose header names the engine's chunk key) under a tenant-scoped key."""
-    if meta.key == key:
-        return meta
-    return ObjectMeta(key=key, fingerprint=meta.fingerprint, shape=meta.shape, dtype=meta.dtype,
-                      num_tokens=meta.num_tokens, partial=meta.partial, codec=meta.codec)
+    return meta if meta.key == key else dataclasses.replace(meta, key=key)
 
 
 class TierStack:
     def __init__(self, config: StoreConfig, *, namespace: bytes, spec: KVSpec | None = None,
                  allow_remote: bool = True, on_drop: Callable[[bytes], None] | None = None) -> None:
         self.config = config
-        self.spec = spec
         self.opaque = spec is None
         self.counters = Counters()
         self.pins = PinRegistry()
@@ -117,9 +114,14 @@ class TierStack:
     def _tensor(meta: ObjectMeta, blob: Blob) -> torch.Tensor:
         return decode_payload(meta, read_meta(blob)[1])
 
+    def _as_encoded(self, tier: Tier, meta: ObjectMeta) -> bool:
+        """Whether ``tier`` takes the object's encoded bytes as they are (an opaque stack never
+        re-encodes; otherwise only a tier configured with the object's codec)."""
+        return self.opaque or tier.config.codec == meta.codec
+
     def _pending(self, tier: Tier, meta: ObjectMeta, kv: torch.Tensor | None, blob: Blob | None) -> PendingWrite:
         """A write for a slower tier that owns its data (the caller's buffers are reused)."""
-        if blob is not None and (self.opaque or tier.config.codec == meta.codec):
+        if blob is not None and self._as_encoded(tier, meta):
             return PendingWrite(meta, blob=[bytes(blob)])
         if kv is None:
             kv = self._tensor(meta, blob)  # another codec: decoded here, encoded by the writer
@@ -139,7 +141,7 @@ class TierStack:
             if writer is not None:
                 return writer.submit(self._pending(tier, meta, kv, blob))
             assert isinstance(tier, BlobTier)
-            parts = [blob] if blob is not None and (self.opaque or tier.config.codec == meta.codec) \
+            parts = [blob] if blob is not None and self._as_encoded(tier, meta) \
                 else encode_object(meta, kv if kv is not None else self._tensor(meta, blob), tier.config.codec)
             return tier.put_blobs([(meta, parts)]) > 0
         except CorruptObjectError as exc:
@@ -221,7 +223,7 @@ class TierStack:
                 continue
             if view is not None:  # the writer reads the leased slot and releases its lease
                 item = PendingWrite(meta, view, release=lambda k=meta.key: first.release(k))
-            elif parts is not None and (self.opaque or tier.config.codec == meta.codec):
+            elif parts is not None and self._as_encoded(tier, meta):
                 kept = kept or (list(parts) if keep_parts else [join_parts(parts)])
                 item = PendingWrite(meta, blob=kept)
             else:

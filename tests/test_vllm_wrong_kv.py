@@ -241,7 +241,7 @@ LONGROPE = {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, 
 def _fingerprint(model=DEFAULT_MODEL, hf_overrides=None, max_model_len=2048, load_format="auto", pp=None):
     from vllm.config import CacheConfig, LoadConfig, ModelConfig, ParallelConfig, VllmConfig
 
-    from kvstore.connectors import vllm as conn
+    from kvstore.connectors import vllm_identity as conn
 
     mc = ModelConfig(model=str(model), hf_overrides=hf_overrides or {}, skip_tokenizer_init=True, dtype="float32",
                      max_model_len=max_model_len)
@@ -251,10 +251,10 @@ def _fingerprint(model=DEFAULT_MODEL, hf_overrides=None, max_model_len=2048, loa
     if pp is not None:
         conn._pp_rank, real = (lambda: pp), conn._pp_rank
         try:
-            return conn._spec_for(vc).fingerprint
+            return conn.spec_for(vc).fingerprint
         finally:
             conn._pp_rank = real
-    return conn._spec_for(vc).fingerprint
+    return conn.spec_for(vc).fingerprint
 
 
 def test_vllm_settings_that_change_kv_are_in_the_fingerprint():
@@ -271,7 +271,7 @@ def test_vllm_settings_that_change_kv_are_in_the_fingerprint():
 def test_a_single_file_checkpoint_is_digested(tmp_path):
     from types import SimpleNamespace
 
-    from kvstore.connectors.vllm import _weights_identity
+    from kvstore.connectors.vllm_identity import _weights_identity
 
     f = tmp_path / "model.gguf"
     f.write_bytes(b"GGUF" + bytes(1000))
