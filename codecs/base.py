@@ -58,6 +58,13 @@ def register_codec(codec: Codec) -> Codec:
     return codec
 
 
+def unregister_codec(name: str) -> None:
+    """Forget a codec (and its configured variants); objects written with it become misses."""
+    _REGISTRY.pop(name, None)
+    for variant in [v for v in _CONFIGURED if v.partition(":")[0] == name]:
+        del _CONFIGURED[variant]
+
+
 _CONFIGURED: dict[str, Codec] = {}
 
 

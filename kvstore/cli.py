@@ -28,7 +28,7 @@ def add_store_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tenant", help="tenant/namespace mixed into every key")
     g.add_argument("--cpu-capacity", metavar="SIZE", help="host memory tier budget, e.g. 4GiB")
     g.add_argument("--cpu-prealloc", action="store_true", default=None,
-                   help="daemon: reserve and pre-fault the whole memory budget at start (faster puts)")
+                   help="reserve and pre-fault the whole host memory budget at start (faster puts)")
     g.add_argument("--disk-path", metavar="DIR", help="disk tier directory (default ~/.cache/kvstore)")
     g.add_argument("--disk-capacity", metavar="SIZE", help="disk tier budget, e.g. 20GiB")
     g.add_argument("--disk-codec", metavar="NAME", help="codec for the disk tier (raw, lz4, ...)")

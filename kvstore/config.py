@@ -17,19 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kvstore.errors import ConfigError
+from kvstore.tiers.registry import TierKind, default_cache_dir, tier_kind, tier_kinds
 
-TIER_KINDS = ("device", "cpu", "disk", "redis", "remote")
-"""Tier kinds from fastest to slowest; a store always consults tiers in this order."""
-
-_MEMORY_KINDS = frozenset({"device", "cpu"})
-# Options each tier kind accepts; anything else is reported as a config error.
-_TIER_OPTIONS: dict[str, frozenset[str]] = {
-    "device": frozenset({"capacity", "device", "pin_fraction"}),
-    "cpu": frozenset({"capacity", "pin_fraction", "write", "prealloc"}),
-    "disk": frozenset({"capacity", "path", "codec", "fsync", "pin_fraction", "write", "queue_size", "shared"}),
-    "redis": frozenset({"url", "codec", "ttl_s", "write", "queue_size", "timeout_s", "key_prefix", "cluster"}),
-    "remote": frozenset({"url", "api_key", "codec", "write", "queue_size", "timeout_s"}),
-}
 WRITE_POLICIES = ("through", "demote")
 QUEUE_FULL_POLICIES = ("block", "drop")
 RESERVED_ENV = ("KVSTORE_CONFIG", "KVSTORE_LOG_LEVEL")
@@ -57,14 +46,11 @@ def parse_size(value: int | float | str, what: str = "size") -> int:
     return int(float(number) * base ** _POWERS[unit.lower()])
 
 
-def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "kvstore")
-
-
 @dataclass
 class TierConfig:
-    """One tier. ``kind`` fixes its place in the hierarchy; unused fields stay at defaults."""
+    """One tier. ``kind`` (a registered :class:`TierKind`) fixes its place in the hierarchy and
+    the options it takes; unused fields stay at defaults. ``extra`` holds the options of a kind
+    that are not fields here (a kind registered outside kvstore)."""
 
     kind: str
     capacity: int | None = None  # bytes; required for device/cpu/disk, Redis uses its own maxmemory
@@ -74,8 +60,8 @@ class TierConfig:
     fsync: bool = False
     # disk: other processes write this directory too; an index miss checks the file system.
     shared: bool = False
-    # cpu tier of the daemon: reserve and pre-fault the whole budget at start (kvstore.buffers):
-    # puts then never wait on page faults, at the price of holding the budget from the start.
+    # cpu tier: reserve and pre-fault the whole budget at start (the daemon's arena, a store's
+    # slot pool): puts then never wait on page faults, at the price of holding it from the start.
     prealloc: bool = False
     url: str | None = None
     ttl_s: float | None = None
@@ -86,21 +72,16 @@ class TierConfig:
     device: str | None = None
     pin_fraction: float = 0.5
     queue_size: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in TIER_KINDS:
-            raise ConfigError(f"unknown tier kind {self.kind!r}{_suggest(self.kind, TIER_KINDS)}; "
-                              f"known: {', '.join(TIER_KINDS)}")
+        kind = _kind(self.kind)
         if self.capacity is not None:
             self.capacity = parse_size(self.capacity, f"tiers.{self.kind}.capacity")
-        if self.kind in ("device", "cpu", "disk") and not self.capacity:
+        if kind.needs_capacity and not self.capacity:
             raise ConfigError(f"tiers.{self.kind}.capacity is required and must be > 0")
-        if self.kind == "disk" and not self.path:
-            self.path = default_cache_dir()
-        if self.kind == "redis" and not self.url:
-            raise ConfigError("tiers.redis.url is required (for example redis://127.0.0.1:6379/0)")
-        if self.kind == "remote" and not str(self.url or "").startswith(("kvstore://", "http://")):
-            raise ConfigError("tiers.remote.url must be the daemon's address, e.g. kvstore://127.0.0.1:8765")
+        if kind.check is not None:
+            kind.check(self)
         if self.codec != "raw":  # the default needs no check, and checking imports torch (the daemon has none)
             from kvstore.codecs import CodecError, available_codecs, get_codec
 
@@ -119,7 +100,22 @@ class TierConfig:
 
     @property
     def is_memory(self) -> bool:
-        return self.kind in _MEMORY_KINDS
+        return _kind(self.kind).memory
+
+    def options(self) -> dict[str, Any]:
+        """The options of this tier as a config file would give them."""
+        allowed = _kind(self.kind).options
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in allowed}
+        out.update(self.extra)
+        return out
+
+
+def _kind(name: str) -> TierKind:
+    kind = tier_kind(name)
+    if kind is None:
+        known = tier_kinds()
+        raise ConfigError(f"unknown tier {name!r}{_suggest(name, known)}; known: {', '.join(known)}")
+    return kind
 
 
 def _default_tiers() -> dict[str, TierConfig]:
@@ -155,7 +151,7 @@ class StoreConfig:
             if name != tier.kind:
                 raise ConfigError(f"tier {name!r} has kind {tier.kind!r}; the key must equal the kind")
         # Keep the hierarchy order regardless of how the user listed them.
-        self.tiers = {k: self.tiers[k] for k in TIER_KINDS if k in self.tiers}
+        self.tiers = dict(sorted(self.tiers.items(), key=lambda item: _kind(item[0]).rank))
 
     def with_shared_disk(self) -> "StoreConfig":
         """The same config with its disk tier marked ``shared``: it then sees objects other
@@ -167,7 +163,7 @@ class StoreConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["tiers"] = {k: {f: v for f, v in t.items() if f in _TIER_OPTIONS[k]} for k, t in out["tiers"].items()}
+        out["tiers"] = {k: t.options() for k, t in self.tiers.items()}
         return out
 
     # ---- loaders -------------------------------------------------------------------------
@@ -200,20 +196,17 @@ def _tiers_from(raw: Any) -> dict[str, TierConfig]:
         if isinstance(opts, TierConfig):
             tiers[kind] = opts
             continue
-        if kind not in TIER_KINDS:
-            raise ConfigError(f"unknown tier {kind!r}{_suggest(kind, TIER_KINDS)}; known: {', '.join(TIER_KINDS)}")
+        allowed = _kind(kind).options
         opts = dict(opts or {})
         for key in opts:
-            if key not in _TIER_OPTIONS[kind]:
+            if key not in allowed:
                 raise ConfigError(f"unknown option {key!r} for tier {kind!r}"
-                                  f"{_suggest(key, _TIER_OPTIONS[kind])}; allowed: {sorted(_TIER_OPTIONS[kind])}")
+                                  f"{_suggest(key, allowed)}; allowed: {sorted(allowed)}")
         if kind in defaults:
-            base = dataclasses.asdict(defaults[kind])
-            base.update(opts)
-            opts = base
-        else:
-            opts["kind"] = kind
-        tiers[kind] = TierConfig(**opts)
+            opts = {**defaults[kind].options(), **opts}
+        fields = {f.name for f in dataclasses.fields(TierConfig)} - {"kind", "extra"}
+        tiers[kind] = TierConfig(kind, **{k: v for k, v in opts.items() if k in fields},
+                                 extra={k: v for k, v in opts.items() if k not in fields})
     return tiers
 
 
@@ -265,13 +258,13 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
                 tiers.setdefault(kind, {})
             continue
         kind, _, opt = key.partition("_")
-        if kind in TIER_KINDS and opt:
+        if tier_kind(kind) is not None and opt:
             tiers.setdefault(kind, {})[opt] = _env_value(raw)
         elif key in top:
             out[key] = raw if key in ("tenant", "salt") else _env_value(raw)
         else:
             raise ConfigError(f"unknown environment variable {name}"
-                              f"{_suggest(key, top | {f'{k}_...' for k in TIER_KINDS})}")
+                              f"{_suggest(key, top | {f'{k}_...' for k in tier_kinds()})}")
     if "KVSTORE_TIERS" in env:
         listed = {k.strip() for k in env["KVSTORE_TIERS"].split(",") if k.strip()}
         out["tiers"] = {k: v for k, v in tiers.items() if k in listed or v}

@@ -2,7 +2,7 @@
 
 Every store is a view over one ``TierStack``: ``KVStore`` (tensor chunks under prefix hashes),
 ``BlobStore`` (verified opaque objects, what the daemon serves) and through it ``PageStore``
-(engine-named pages). The stack builds the tiers (only through ``tiers/factory.py``) and their
+(engine-named pages). The stack builds the tiers (only through ``tiers/registry.py``) and their
 writer threads, finds the tier holding each key, writes new objects down the tiers, promotes
 hits and demotes evictions, pins within each tier's cap, and counts. The views only decide what
 a key is and what a valid object is.
@@ -30,8 +30,8 @@ from kvstore.errors import ConfigError, CorruptObjectError
 from kvstore.objects import ObjectMeta, decode_payload, encode_object, join_parts, read_meta
 from kvstore.pins import PinRegistry, check_pin_budget
 from kvstore.stats import Counters
-from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier
-from kvstore.tiers.factory import build_tier
+from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier, TierContext
+from kvstore.tiers.registry import build_tier
 from kvstore.writer import PendingWrite, TierWriter
 
 if TYPE_CHECKING:  # the daemon's opaque stack never loads torch
@@ -61,12 +61,12 @@ class TierStack:
         self.writers: dict[str, TierWriter] = {}
         self._on_drop = on_drop
         self._stop = threading.Event()
+        context = TierContext(spec, config.chunk_size, self.counters, self.pins, namespace, self._on_evict)
         try:
             for tc in config.tiers.values():
                 if tc.kind == "remote" and not allow_remote:  # a daemon in front of a daemon could loop
                     raise ConfigError("the daemon cannot have a remote tier (it stores bytes for many engines)")
-                self.tiers.append(build_tier(tc, spec=spec, chunk_size=config.chunk_size, counters=self.counters,
-                                             pins=self.pins, namespace=namespace, on_evict=self._on_evict))
+                self.tiers.append(build_tier(tc, context))
             for tier in self.tiers[1:]:
                 if isinstance(tier, BlobTier):
                     self.writers[tier.name] = TierWriter(tier, self.counters, tier.config.queue_size,

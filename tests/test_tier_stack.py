@@ -3,6 +3,8 @@ test each: all failed before both became views over one TierStack and one read p
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -93,3 +95,22 @@ def test_a_stored_partial_tail_extends_a_hit_through_redis(redis_url, spec):
         s.put(toks, causal_kv(spec, toks))
         s.flush()
         assert s.lookup(toks + [1, 2]) == 40
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not os.path.exists("/proc/self/statm"),
+                    reason="reads /proc; with CUDA the host pool is pinned, so resident from the start")
+def test_cpu_prealloc_reserves_the_budget_in_a_kvstore_too(spec):
+    budget = 64 << 20
+    grew = {}
+    for prealloc in (False, True):
+        before = _rss()
+        s = KVStore(spec, {"chunk_size": 16, "tiers": {"cpu": {"capacity": budget, "prealloc": prealloc}}})
+        grew[prealloc] = _rss() - before
+        s.close()
+        del s
+    assert grew[False] < budget // 4 and grew[True] > budget * 0.9, grew

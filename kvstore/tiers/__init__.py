@@ -1,6 +1,6 @@
-"""Storage tiers. Two small ABCs: MemoryTier holds tensors, BlobTier holds self-describing bytes."""
+"""Storage tiers: the roles in ``base`` (memory tiers hold tensors, blob tiers self-describing
+bytes), the kinds by name in ``registry``, one module per tier.
 
-from kvstore.tiers.base import BlobTier, EvictHandler, Tier, TierStats
-from kvstore.tiers.factory import build_tier
-
-__all__ = ["BlobTier", "EvictHandler", "Tier", "TierStats", "build_tier"]
+Nothing is imported here: ``kvstore.config`` reads the registry, and the tier modules import the
+config, so this package must stay importable before either.
+"""

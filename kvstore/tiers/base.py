@@ -15,10 +15,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 from kvstore.buffers import unzeroed
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
+from kvstore.pins import PinRegistry
 from kvstore.stats import Counters
 
 if TYPE_CHECKING:
     import torch  # tensor tiers only; blob tiers (the daemon's) never touch tensors
+
+    from kvstore.spec import KVSpec
 
 
 @dataclass(frozen=True)
@@ -30,17 +33,29 @@ class TierStats:
     available: bool = True
 
 
+@dataclass(frozen=True)
+class TierContext:
+    """What the tier stack hands every tier it builds, besides the tier's own config."""
+
+    spec: KVSpec | None  # the model's KV layout; None in a store of opaque objects (the daemon's)
+    chunk_size: int
+    counters: Counters  # shared by the stack's tiers; a tier counts under its own name
+    pins: PinRegistry  # pinned keys must not be evicted
+    namespace: bytes  # model + tenant: scopes clear(), stats and on-disk directories
+    on_evict: EvictHandler | None = None  # call before dropping an object, so it can be demoted
+
+
 class Tier(ABC):
-    """What the store needs from every tier."""
+    """What the store needs from every tier. Built as ``cls(config, context)`` by the registry."""
 
     is_memory: bool = False
     is_remote: bool = False  # shared across processes/machines; a round-trip per call
     is_memory_blob: bool = False  # serialized objects in this process's memory (verified on entry)
 
-    def __init__(self, config: TierConfig, counters: Counters) -> None:
+    def __init__(self, config: TierConfig, context: TierContext) -> None:
         self.config = config
         self.name = config.kind
-        self.counters = counters
+        self.counters = context.counters
 
     @abstractmethod
     def contains(self, keys: Sequence[bytes]) -> list[bool]: ...
@@ -132,7 +147,7 @@ class BlobTier(Tier):
         """Keep keys for at least ``ttl_s`` (backends with their own expiry, e.g. Redis)."""
 
 
-EvictHandler = Callable[[Tier, bytes, Callable[[], object]], None]
+EvictHandler = Callable[["Tier", bytes, Callable[[], object]], None]
 """Called with (tier, key, fetch) just before a tier drops an object to make room.
 
 ``fetch()`` returns the object's data (a tensor view for memory tiers, bytes for blob tiers) and

@@ -20,9 +20,7 @@ import xxhash
 from kvstore.config import TierConfig
 from kvstore.errors import CorruptObjectError
 from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header
-from kvstore.pins import PinRegistry
-from kvstore.stats import Counters
-from kvstore.tiers.base import BlobTier, EvictHandler, ReadResult, TierStats
+from kvstore.tiers.base import BlobTier, ReadResult, TierContext, TierStats
 
 log = logging.getLogger(__name__)
 _SUFFIX = ".kvo"
@@ -30,9 +28,9 @@ _LAYOUT = "v1"  # directory layout version, bumped if file naming ever changes
 
 
 class DiskTier(BlobTier):
-    def __init__(self, config: TierConfig, counters: Counters, pins: PinRegistry, namespace: bytes,
-                 on_evict: EvictHandler | None = None) -> None:
-        super().__init__(config, counters)
+    def __init__(self, config: TierConfig, context: TierContext) -> None:
+        super().__init__(config, context)
+        namespace, pins, on_evict = context.namespace, context.pins, context.on_evict
         # One directory per model+tenant namespace: stores of different models can share a cache
         # dir, and clear() removes only this namespace. The capacity applies per namespace.
         self.root = os.path.join(os.path.expanduser(str(config.path)), _LAYOUT, namespace.hex()[:16])

@@ -10,20 +10,17 @@ from typing import Sequence
 from kvstore.buffers import Arena, unzeroed
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
-from kvstore.pins import PinRegistry
-from kvstore.stats import Counters
-from kvstore.tiers.base import BlobTier, EvictHandler, TierStats
+from kvstore.tiers.base import BlobTier, TierContext, TierStats
 
 
 class MemoryBlobTier(BlobTier):
     is_memory_blob = True
 
-    def __init__(self, config: TierConfig, counters: Counters, pins: PinRegistry,
-                 on_evict: EvictHandler | None = None) -> None:
-        super().__init__(config, counters)
+    def __init__(self, config: TierConfig, context: TierContext) -> None:
+        super().__init__(config, context)
         self.capacity = int(config.capacity or 0)
-        self._pins = pins
-        self._on_evict = on_evict
+        self._pins = context.pins
+        self._on_evict = context.on_evict
         self._lock = threading.Lock()
         self._blobs: OrderedDict[bytes, memoryview] = OrderedDict()
         self._used = 0

@@ -16,13 +16,11 @@ from typing import Sequence
 
 import torch
 
+from kvstore.buffers import PAGE
 from kvstore.config import TierConfig
 from kvstore.errors import ConfigError
 from kvstore.objects import ObjectMeta
-from kvstore.pins import PinRegistry
-from kvstore.spec import KVSpec
-from kvstore.stats import Counters
-from kvstore.tiers.base import EvictHandler, MemoryTierBase, TierStats
+from kvstore.tiers.base import MemoryTierBase, TierContext, TierStats
 
 
 @dataclass
@@ -33,9 +31,10 @@ class _Entry:
 
 
 class MemoryTier(MemoryTierBase):
-    def __init__(self, config: TierConfig, counters: Counters, spec: KVSpec, chunk_size: int,
-                 pins: PinRegistry, on_evict: EvictHandler | None = None) -> None:
-        super().__init__(config, counters)
+    def __init__(self, config: TierConfig, context: TierContext) -> None:
+        super().__init__(config, context)
+        spec, chunk_size = context.spec, context.chunk_size
+        assert spec is not None, "a tier of tensors needs the model's KVSpec"
         if config.kind == "device":
             self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         else:
@@ -53,12 +52,16 @@ class MemoryTier(MemoryTierBase):
         # torch.empty does not touch the pages on CPU: the pool costs memory only as it fills.
         self._pool = torch.empty((self.num_slots, self.slot_numel), dtype=self.dtype, device=self.device,
                                  pin_memory=pin_host)
+        if config.prealloc and self.device.type == "cpu" and not pin_host:
+            # ``prealloc``: one write per page now, so no put waits on the kernel mapping its slot
+            # (pinned and device memory is resident from the start anyway).
+            self._pool.view(torch.uint8).view(-1)[::PAGE].zero_()
         self._lock = threading.Lock()
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU first, MRU last
         self._pending: set[bytes] = set()
         self._free = list(range(self.num_slots - 1, -1, -1))
-        self._pins = pins
-        self._on_evict = on_evict
+        self._pins = context.pins
+        self._on_evict = context.on_evict
 
     # ---- lookups -------------------------------------------------------------------------
 

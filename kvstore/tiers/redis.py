@@ -16,10 +16,8 @@ from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
-from kvstore.pins import PinRegistry
-from kvstore.stats import Counters
 from kvstore.tiers.backoff import Backoff, GuardedCalls
-from kvstore.tiers.base import BlobTier, TierStats
+from kvstore.tiers.base import BlobTier, TierContext, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +27,9 @@ class RedisTier(GuardedCalls, BlobTier):
     TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
     ERRORS = (RedisError,)
 
-    def __init__(self, config: TierConfig, counters: Counters, namespace: bytes, pins: PinRegistry) -> None:
-        super().__init__(config, counters)
+    def __init__(self, config: TierConfig, context: TierContext) -> None:
+        super().__init__(config, context)
+        namespace, pins = context.namespace, context.pins
         url = str(config.url)
         self.cluster = config.cluster or "+cluster://" in url
         opts = dict(socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s)

@@ -10,9 +10,8 @@ from typing import Any, Sequence
 from kvstore.client import DaemonClient, ServiceError
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
-from kvstore.stats import Counters
 from kvstore.tiers.backoff import Backoff, GuardedCalls
-from kvstore.tiers.base import BlobTier, TierStats
+from kvstore.tiers.base import BlobTier, TierContext, TierStats
 from kvstore.wire import parts_nbytes
 
 
@@ -22,8 +21,8 @@ class RemoteTier(GuardedCalls, BlobTier):
     TRANSIENT = (OSError, http.client.HTTPException)
     ERRORS = (ServiceError,)
 
-    def __init__(self, config: TierConfig, counters: Counters) -> None:
-        super().__init__(config, counters)
+    def __init__(self, config: TierConfig, context: TierContext) -> None:
+        super().__init__(config, context)
         self.client = DaemonClient(str(config.url), api_key=config.api_key, timeout_s=config.timeout_s, retries=0)
         self._backoff = Backoff(f"daemon tier {config.url}")
 

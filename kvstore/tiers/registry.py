@@ -1,0 +1,131 @@
+"""Tier kinds by name: the one map from a config's tier kind to the class that implements it.
+
+Why a registry and not a switch: adding a tier (S3, a CXL pool, a test double) must not mean
+editing the config, the stores or a factory. A kind says here what the config needs to know before
+any tier module is imported (its place in the hierarchy, the options it takes, whether it needs a
+budget, further checks) and names its class as ``"module:Class"``, imported on first use, so the
+daemon, which never loads torch, never imports the tensor tiers it does not configure.
+
+A tier class is built as ``cls(config, context)`` with a :class:`~kvstore.tiers.base.TierContext`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+from kvstore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvstore.config import TierConfig
+    from kvstore.tiers.base import Tier, TierContext
+
+ClassRef = Union[str, type]
+"""A tier class, or its ``"module:Class"`` path (imported when the first such tier is built)."""
+
+COMMON_OPTIONS = frozenset({"codec", "write", "queue_size", "pin_fraction"})
+_NAME_RE = re.compile(r"^[a-z][a-z0-9]*$")  # KVSTORE_<KIND>_<OPTION> splits at the first "_"
+
+
+@dataclass(frozen=True)
+class TierKind:
+    """One kind of tier, as the config and the tier stack see it.
+
+    ``rank`` orders a store's tiers, lowest (fastest) first: builtins use 10 (device), 20 (cpu),
+    30 (disk), 40 (redis), 50 (remote). ``tensors`` is the class for a store of a model's chunks;
+    ``objects`` the class for an opaque store of encoded objects (the daemon's; ``None``: the kind
+    cannot serve one). ``options`` are the config keys the kind accepts: TierConfig fields, or
+    names of the kind's own, which land in ``TierConfig.extra``. ``check`` validates a config of
+    this kind (raise ConfigError naming the option) and may fill defaults in."""
+
+    name: str
+    rank: int
+    tensors: ClassRef
+    objects: ClassRef | None
+    options: frozenset[str]
+    memory: bool = False  # holds tensors in this process (device, cpu): no writer thread, no codec
+    needs_capacity: bool = False
+    check: Callable[[TierConfig], None] | None = None
+
+
+_KINDS: dict[str, TierKind] = {}
+
+
+def register_tier(kind: TierKind) -> TierKind:
+    """Make a tier kind known to configs and stores (a later registration of a name replaces it)."""
+    if not _NAME_RE.match(kind.name):
+        raise ValueError(f"tier kind name {kind.name!r} must be lowercase letters and digits (it is used in "
+                         f"KVSTORE_<KIND>_<OPTION> variables)")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def unregister_tier(name: str) -> None:
+    _KINDS.pop(name, None)
+
+
+def tier_kind(name: str) -> TierKind | None:
+    return _KINDS.get(name)
+
+
+def tier_kinds() -> list[str]:
+    """Known kinds, fastest first."""
+    return sorted(_KINDS, key=lambda n: _KINDS[n].rank)
+
+
+def _resolve(ref: ClassRef) -> type:
+    if isinstance(ref, type):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_tier(config: TierConfig, context: TierContext) -> Tier:
+    """The tier for ``config``: the kind's tensor class, or its object class in an opaque store."""
+    kind = _KINDS.get(config.kind)
+    if kind is None:
+        raise ConfigError(f"no tier kind {config.kind!r} is registered; known: {', '.join(tier_kinds())}")
+    ref = kind.tensors if context.spec is not None else kind.objects
+    if ref is None:
+        raise ConfigError(f"a store of encoded objects (the daemon) cannot have a {config.kind} tier")
+    return _resolve(ref)(config, context)
+
+
+# ---- the built-in kinds ------------------------------------------------------------------------
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvstore")
+
+
+def _check_disk(config: TierConfig) -> None:
+    if not config.path:
+        config.path = default_cache_dir()
+
+
+def _check_redis(config: TierConfig) -> None:
+    if not config.url:
+        raise ConfigError("tiers.redis.url is required (for example redis://127.0.0.1:6379/0)")
+
+
+def _check_remote(config: TierConfig) -> None:
+    if not str(config.url or "").startswith(("kvstore://", "http://")):
+        raise ConfigError("tiers.remote.url must be the daemon's address, e.g. kvstore://127.0.0.1:8765")
+
+
+_MEMORY = "kvstore.tiers.memory:MemoryTier"
+register_tier(TierKind("device", 10, _MEMORY, None, frozenset({"capacity", "device", "pin_fraction"}),
+                       memory=True, needs_capacity=True))
+register_tier(TierKind("cpu", 20, _MEMORY, "kvstore.tiers.memblob:MemoryBlobTier",
+                       frozenset({"capacity", "pin_fraction", "write", "prealloc"}), memory=True, needs_capacity=True))
+register_tier(TierKind("disk", 30, "kvstore.tiers.disk:DiskTier", "kvstore.tiers.disk:DiskTier",
+                       COMMON_OPTIONS | {"capacity", "path", "fsync", "shared"}, needs_capacity=True,
+                       check=_check_disk))
+register_tier(TierKind("redis", 40, "kvstore.tiers.redis:RedisTier", "kvstore.tiers.redis:RedisTier",
+                       (COMMON_OPTIONS - {"pin_fraction"}) | {"url", "ttl_s", "timeout_s", "key_prefix", "cluster"},
+                       check=_check_redis))
+register_tier(TierKind("remote", 50, "kvstore.tiers.remote:RemoteTier", "kvstore.tiers.remote:RemoteTier",
+                       (COMMON_OPTIONS - {"pin_fraction"}) | {"url", "api_key", "timeout_s"}, check=_check_remote))

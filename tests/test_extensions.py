@@ -1,0 +1,183 @@
+"""A tier and a codec added from outside kvstore: each one class in this file plus a registry
+entry, then used through config alone (a dict, a file, env vars) by every store, with no edit to
+kvstore (#15)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import pytest
+import torch
+
+from conftest import causal_kv, disk_config
+from kvstore.codecs import Codec, CodecError, register_codec, unregister_codec
+from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
+from kvstore import KVStore
+from kvstore.blobstore import BlobStore, StoredObject
+from kvstore.config import TierConfig, load_config
+from kvstore.errors import ConfigError
+from kvstore.objects import ObjectMeta, encode_object, join_parts, meta_for
+from kvstore.tiers.base import BlobTier, TierContext, TierStats
+from kvstore.tiers.registry import COMMON_OPTIONS, TierKind, register_tier, tier_kinds, unregister_tier
+
+SHELVES: dict[str, dict[bytes, bytes]] = {}  # label -> objects: a backend shared by processes
+
+
+class VaultTier(BlobTier):
+    """Objects in a dict shared by every store naming the same ``label``: the smallest honest
+    stand-in for an object store (S3, a CXL pool) that outlives the stores using it."""
+
+    def __init__(self, config: TierConfig, context: TierContext) -> None:
+        super().__init__(config, context)
+        self.objects = SHELVES.setdefault(str(config.extra.get("label", "default")), {})
+        self.namespace = context.namespace
+        self._lock = threading.Lock()
+
+    def _k(self, key: bytes) -> bytes:
+        return self.namespace + key
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        return [self._k(k) in self.objects for k in keys]
+
+    def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return [self.objects.get(self._k(k)) for k in keys]
+
+    def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
+        written = 0
+        with self._lock:
+            for meta, parts in items:
+                if self._k(meta.key) not in self.objects:
+                    self.objects[self._k(meta.key)] = join_parts(parts)
+                    written += 1
+        return written
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            return sum(self.objects.pop(self._k(k), None) is not None for k in keys)
+
+    def stats(self) -> TierStats:
+        mine = [v for k, v in self.objects.items() if k.startswith(self.namespace)]
+        return TierStats(objects=len(mine), bytes=sum(map(len, mine)), capacity=None, pinned_bytes=0)
+
+
+@pytest.fixture
+def vault():
+    kind = register_tier(TierKind("vault", 35, VaultTier, VaultTier, COMMON_OPTIONS | {"label"}))
+    SHELVES.clear()
+    yield kind
+    unregister_tier("vault")
+    SHELVES.clear()
+
+
+def test_a_registered_tier_takes_its_place_and_options_from_config(vault, tmp_path):
+    cfg = load_config({"tiers": {"vault": {"label": "a", "codec": "lz4"}, "cpu": {"capacity": "1MiB"},
+                                 "disk": {"path": str(tmp_path), "capacity": "8MiB"}}})
+    assert list(cfg.tiers) == ["cpu", "disk", "vault"]  # by rank, not as listed
+    assert cfg.tiers["vault"].extra == {"label": "a"} and cfg.tiers["vault"].codec == "lz4"
+    assert cfg.to_dict()["tiers"]["vault"]["label"] == "a"
+    assert "vault" in tier_kinds()
+    with pytest.raises(ConfigError, match=r"unknown option 'lable' for tier 'vault'.*did you mean 'label'"):
+        load_config({"tiers": {"vault": {"lable": "a"}}})
+    env = {"KVSTORE_TIERS": "cpu,vault", "KVSTORE_VAULT_LABEL": "b", "KVSTORE_CPU_CAPACITY": "2MiB"}
+    cfg = load_config(env=env)
+    assert list(cfg.tiers) == ["cpu", "vault"] and cfg.tiers["vault"].extra == {"label": "b"}
+    path = tmp_path / "kv.yaml"
+    path.write_text("tiers:\n  cpu: {capacity: 1MiB}\n  vault: {label: c}\n")
+    assert load_config(path).tiers["vault"].extra == {"label": "c"}
+
+
+def test_unregistered_kinds_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown tier 'vault'"):
+        load_config({"tiers": {"vault": {}}})
+
+
+def test_a_kvstore_writes_reads_promotes_and_verifies_through_the_new_tier(vault, spec):
+    toks = list(range(64))
+    kv = causal_kv(spec, toks)
+    cfg = {"chunk_size": 16, "tiers": {"cpu": {"capacity": "1MiB"}, "vault": {"label": "s", "codec": "lz4"}}}
+    with KVStore(spec, cfg) as s:
+        assert s.put(toks, kv) == 4  # chunks
+        s.flush()
+    assert len(SHELVES["s"]) == 4
+    with KVStore(spec, cfg) as s:  # a fresh store (another engine): only the vault holds the chunks
+        hit, got = s.get(toks)
+        assert hit == 64 and torch.equal(got, kv)
+        assert s.stats()["tiers"]["cpu"]["promotions"] == 4
+        assert s.stats()["tiers"]["vault"]["objects"] == 4
+        third = s.chunks(toks)[2].key
+    victim = next(k for k in SHELVES["s"] if k.endswith(third))  # flip one payload byte of chunk 3
+    bad = bytearray(SHELVES["s"][victim])
+    bad[-1] ^= 0xFF
+    SHELVES["s"][victim] = bytes(bad)
+    with KVStore(spec, cfg) as s:
+        hit, got = s.get(toks)
+        assert hit == 32 and torch.equal(got, kv[:, :, :32])  # a miss from the bad chunk on, never its bytes
+        st = s.stats()
+        assert st["tiers"]["vault"]["corrupt"] == 1
+    with KVStore(spec, cfg) as s:  # the corrupt object is gone; a later put restores the prefix
+        s.put(toks, kv)
+        s.flush()
+    with KVStore(spec, cfg) as s:
+        hit, got = s.get(toks)
+        assert hit == 64 and torch.equal(got, kv)
+
+
+def test_a_blobstore_keeps_objects_in_the_new_tier(vault):
+    objs = []
+    for i in range(3):
+        kv = torch.full((1, 1, 64), float(i)).half()
+        meta = meta_for(bytes([i]) * 16, b"f" * 16, kv, False)
+        objs.append(StoredObject(bytes([i]) * 16, meta, join_parts(encode_object(meta, kv))))
+    cfg = {"tiers": {"cpu": {"capacity": 1000}, "vault": {"label": "d"}}}
+    store = BlobStore(cfg)
+    store.put(objs)
+    store.stack.flush()
+    store.close()
+    store = BlobStore(cfg)  # a restarted daemon: the vault still has them
+    got = store.get([o.storage_key for o in objs], [o.meta.key for o in objs])
+    assert [bytes(g) for g in got] == [bytes(o.blob) for o in objs]
+    store.close()
+
+
+class XorCodec(Codec):
+    """Every byte XOR 0xA5: lossless, and a stored payload that is not the tensor's bytes."""
+
+    name = "xor"
+
+    def encode(self, kv: torch.Tensor) -> bytes:
+        return (torch.frombuffer(bytearray(tensor_bytes(kv)), dtype=torch.uint8) ^ 0xA5).numpy().tobytes()
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if len(payload) != torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size():
+            raise CodecError("xor payload has the wrong length")
+        raw = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) ^ 0xA5).numpy().tobytes()
+        return tensor_from_bytes(raw, shape, dtype)
+
+
+@pytest.fixture
+def xor():
+    codec = register_codec(XorCodec())
+    yield codec
+    unregister_codec("xor")
+
+
+def test_a_registered_codec_is_used_through_config_by_both_read_paths(xor, spec, tmp_path):
+    toks = list(range(48))
+    kv = causal_kv(spec, toks)
+    cfg = disk_config(tmp_path / "kv", chunk=16, cpu=None)
+    cfg["tiers"]["disk"]["codec"] = "xor"
+    with KVStore(spec, cfg) as s:
+        s.put(toks, kv)
+        s.flush()
+    files = list((tmp_path / "kv").rglob("*.kvo"))
+    assert len(files) == 3 and all(tensor_bytes(kv[:, :, :16]).tobytes() not in f.read_bytes() for f in files)
+    with KVStore(spec, cfg) as s:
+        hit, got = s.get(toks)
+        assert hit == 48 and torch.equal(got, kv)
+        load = s.get_layers(toks)
+        assert all(torch.equal(layer, kv[i]) for i, layer in load)
+        assert load.result()[0] == 48
+    unregister_codec("xor")  # a reader without the codec: a miss, never an exception
+    with KVStore(spec, {**cfg, "tiers": {"disk": {**cfg["tiers"]["disk"], "codec": "raw"}}}) as s:
+        assert s.get(toks)[0] == 0
