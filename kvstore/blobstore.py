@@ -12,7 +12,6 @@ but count against no tenant until rewritten (a tenant-scoped key does not reveal
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -24,8 +23,6 @@ from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read
 from kvstore.tiers.base import BlobTier, ReadResult
 from kvstore.tierstack import TierStack, rekey
 from kvstore.wire import Blob, as_parts, parts_nbytes
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,13 +91,10 @@ class BlobStore:
                     if expect is not None:
                         check_meta(meta, expect[i])
                 except (CorruptObjectError, NeedMore) as exc:
-                    log.warning("tier %s: object %s rejected: %s", tier.name, keys[i].hex(), exc)
-                    self.counters.tier(tier.name, "corrupt")
-                    tier.delete([keys[i]])
+                    self.stack.reject(pos, keys[i], exc)
                     continue
                 out[i] = blob
-                self.counters.tier(tier.name, "hits")
-                self.counters.tier(tier.name, "hit_tokens", meta.num_tokens)
+                self.stack.hit(pos, meta.num_tokens)
                 self.stack.promote(pos, rekey(meta, keys[i]), blob=blob)
             todo = [i for i in todo if out[i] is None]
         return out
@@ -120,13 +114,9 @@ class BlobStore:
             status = tier.read_into(keys[i], expect[i], [outs[i]])  # FALLBACK where the tier cannot
             if status is ReadResult.OK:
                 done[i] = True
-                self.counters.tier(tier.name, "hits")
-                self.counters.tier(tier.name, "hit_tokens", expect[i].num_tokens)
+                self.stack.hit(pos, expect[i].num_tokens)
             elif status is ReadResult.CORRUPT:
-                log.warning("tier %s: object %s rejected: %s", tier.name, keys[i].hex(),
-                            getattr(tier, "last_error", "failed verification"))
-                self.counters.tier(tier.name, "corrupt")
-                tier.delete([keys[i]])
+                self.stack.reject(pos, keys[i], tier.last_error or "failed verification")
         return done
 
     # ---- writes --------------------------------------------------------------------------

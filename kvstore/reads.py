@@ -12,7 +12,6 @@ LRU order (its head most recent, so eviction takes tails first) and releases the
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -27,8 +26,6 @@ from kvstore.tiers.base import BlobTier, MemoryTierBase, ReadResult
 
 if TYPE_CHECKING:
     from kvstore.tierstack import TierStack
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,8 +74,7 @@ class ChunkRead:
             name = tiers[p].name
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             if src is not None:
-                self.stack.counters.tier(name, "hits")
-                self.stack.counters.tier(name, "hit_tokens", ref.num_tokens)
+                self.stack.hit(p, ref.num_tokens)
                 return src
         return None
 
@@ -92,7 +88,7 @@ class ChunkRead:
             view, stored = got
             if stored.shape != meta.shape:
                 tier.release(ref.key)
-                self._reject(pos, ref, f"shape {stored.shape}, expected {meta.shape}")
+                self.stack.reject(pos, ref.key, f"shape {stored.shape}, expected {meta.shape}")
                 return None
             return _Source(ref, meta, pos, view, leased=True)
         assert isinstance(tier, BlobTier)
@@ -106,7 +102,7 @@ class ChunkRead:
             if status is ReadResult.MISSING:
                 return None
             if status is ReadResult.CORRUPT:
-                self._reject(pos, ref, getattr(tier, "last_error", "failed verification"))
+                self.stack.reject(pos, ref.key, tier.last_error or "failed verification")
                 return None
         blob = tier.get_blobs([ref.key])[0]
         if blob is None:
@@ -117,15 +113,9 @@ class ChunkRead:
             codec = get_codec(stored.codec)
             data: Any = _Frames(codec, payload, meta) if codec.layer_frames else decode_payload(stored, payload)
         except (CorruptObjectError, ValueError) as exc:  # ValueError: CodecError, an unknown codec
-            self._reject(pos, ref, str(exc))
+            self.stack.reject(pos, ref.key, exc)
             return None
         return _Source(ref, stored, pos, data, blob=blob)
-
-    def _reject(self, pos: int, ref: ChunkRef, why: str) -> None:
-        tier = self.stack.tiers[pos]
-        log.warning("tier %s: chunk %s rejected: %s", tier.name, ref.key.hex(), why)
-        self.stack.counters.tier(tier.name, "corrupt")
-        tier.delete([ref.key])
 
     # ---- moving layers -------------------------------------------------------------------
 

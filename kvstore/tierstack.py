@@ -108,6 +108,18 @@ class TierStack:
             if not tier.is_remote:
                 tier.touch(keys)
 
+    def hit(self, pos: int, tokens: int) -> None:
+        self.counters.tier(self.tiers[pos].name, "hits")
+        self.counters.tier(self.tiers[pos].name, "hit_tokens", tokens)
+
+    def reject(self, pos: int, key: bytes, why: object) -> None:
+        """An object in tier ``pos`` failed verification or belongs elsewhere: a miss there, one
+        warning, a ``corrupt`` count, and the object is deleted from that tier."""
+        tier = self.tiers[pos]
+        log.warning("tier %s: object %s rejected: %s", tier.name, key.hex(), why)
+        self.counters.tier(tier.name, "corrupt")
+        tier.delete([key])
+
     # ---- moving data between tiers -------------------------------------------------------
 
     @staticmethod

@@ -116,6 +116,8 @@ class ReadResult(Enum):
 class BlobTier(Tier):
     """A tier of serialized objects (disk, Redis, the daemon): SGLang-HiCache-style batch API."""
 
+    last_error: str = ""  # why the last read_into answered CORRUPT, for the log line
+
     @abstractmethod
     def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | bytearray | memoryview | None]:
         """Objects (or None on a miss) in buffers the caller owns."""

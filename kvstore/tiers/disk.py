@@ -42,7 +42,6 @@ class DiskTier(BlobTier):
         self._used = 0
         self._reserved = 0
         self._local = threading.local()
-        self.last_error = ""
         os.makedirs(self.root, exist_ok=True)
         self._rebuild_index()
 
