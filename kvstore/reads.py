@@ -131,8 +131,18 @@ class ChunkRead:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def copy_all(self) -> None:
-        for layer in range(self.out.shape[0]):
-            self.copy_layer(layer)
+        """Copy every chunk into ``out`` whole: one copy per chunk, not one per layer (a chunk's
+        layers are strided in ``out``; 32 small copies cost a third of a memory tier's speed)."""
+        out = self.out
+        for src in self.sources:
+            t0 = time.perf_counter()
+            if isinstance(src.data, _Frames):
+                for layer in range(out.shape[0]):
+                    out[layer, :, src.ref.start:src.ref.end].copy_(src.data.layer(layer))
+            elif src.data is not None:
+                out[:, :, src.ref.start:src.ref.end].copy_(src.data, non_blocking=out.is_cuda)
+            name = self.stack.tiers[src.pos].name
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
         if self.out.is_cuda:
             torch.cuda.current_stream(self.out.device).synchronize()
 
