@@ -114,3 +114,17 @@ def test_cpu_prealloc_reserves_the_budget_in_a_kvstore_too(spec):
         s.close()
         del s
     assert grew[False] < budget // 4 and grew[True] > budget * 0.9, grew
+
+
+def test_refusals_are_counted_each_and_logged_once(spec, caplog):
+    toks = list(range(64))
+    with KVStore(spec, {"chunk_size": 16, "tiers": {"cpu": {"capacity": 2 * 16 * spec.bytes_per_token,
+                                                              "pin_fraction": 1.0}}}) as s:
+        s.put(toks[:32], causal_kv(spec, toks[:32]))
+        s.pin(toks[:32], ttl_s=60)  # both slots pinned: nothing more fits
+        with caplog.at_level("WARNING", logger="kvstore.tiers.base"):
+            for n in (48, 64):
+                assert s.put(toks[:n], causal_kv(spec, toks[:n])) == 0
+        assert s.stats()["tiers"]["cpu"]["rejected"] == 3
+        said = [r for r in caplog.records if "refuses writes" in r.getMessage()]
+        assert len(said) == 1 and "pinned" in said[0].getMessage()

@@ -7,6 +7,7 @@ tensors (a memcpy is the whole cost of a hit); blob tiers keep the verified byte
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     import torch  # tensor tiers only; blob tiers (the daemon's) never touch tensors
 
     from kvstore.spec import KVSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,16 @@ class Tier(ABC):
         self.config = config
         self.name = config.kind
         self.counters = context.counters
+        self._refusals: set[str] = set()
+
+    def refuse(self, why: str) -> None:
+        """Count a put this tier cannot take. The first of each reason is also logged: it is an
+        operator's to fix (pins filling the budget, objects larger than the whole tier), and a
+        counter alone goes unseen."""
+        self.counters.tier(self.name, "rejected")
+        if why not in self._refusals:
+            self._refusals.add(why)
+            log.warning("tier %s refuses writes: %s (each is counted as 'rejected'; said once)", self.name, why)
 
     @abstractmethod
     def contains(self, keys: Sequence[bytes]) -> list[bool]: ...

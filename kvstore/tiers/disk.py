@@ -210,11 +210,11 @@ class DiskTier(BlobTier):
                 if meta.key in self._index:
                     continue
                 if size > self.capacity:
-                    self.counters.tier(self.name, "rejected")
+                    self.refuse(f"an object is larger than the whole capacity ({self.capacity} bytes)")
                     continue
                 victims = self._evict_locked(size)
                 if self._used + self._reserved + size > self.capacity:
-                    self.counters.tier(self.name, "rejected")  # the rest is pinned
+                    self.refuse("what is left is pinned")
                     self._drop(victims)
                     continue
                 self._reserved += size

@@ -70,11 +70,11 @@ class MemoryBlobTier(BlobTier):
                 if meta.key in self._blobs:
                     continue
                 if size > self.capacity:
-                    self.counters.tier(self.name, "rejected")
+                    self.refuse(f"an object is larger than the whole capacity ({self.capacity} bytes)")
                     continue
                 victims = self._evict_lru(size)
                 if self._used + size > self.capacity:
-                    self.counters.tier(self.name, "rejected")
+                    self.refuse("what is left is pinned or being read")
                     for key, old in victims:  # could not make room: put them back
                         self._blobs[key] = old
                         self._blobs.move_to_end(key, last=False)

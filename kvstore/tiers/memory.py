@@ -92,11 +92,11 @@ class MemoryTier(MemoryTierBase):
             if key in self._entries or key in self._pending:
                 return None
             if self._pins.is_pinned(key) and not self._pin_room_locked(1):
-                self.counters.tier(self.name, "rejected")
+                self.refuse("pinned chunks have reached the tier's pin cap (pin_fraction)")
                 return None
             victim = self._take_slot_locked()
             if victim is None:
-                self.counters.tier(self.name, "rejected")
+                self.refuse("every slot is pinned or being read")
                 return None
             slot, old_key, old_meta = victim
             self._pending.add(key)
