@@ -6,13 +6,12 @@ and checksummed (kvstore.objects). This store verifies them on the way in and ou
 memory -> disk -> (optional) Redis with the same writers, pins and eviction rules as KVStore,
 and accounts bytes per owner (tenant) so the service can enforce quotas.
 
-Known limit: owner accounting lives in memory. After a restart, objects found on disk are served
-but count against no tenant until rewritten (a tenant-scoped key does not reveal its tenant).
+Owner accounting survives a restart through a journal (kvstore.owners) when the store is given
+one (the daemon keeps it beside its disk tier).
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ from kvstore.buffers import unzeroed
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import CorruptObjectError, InvalidInputError
 from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read_meta
+from kvstore.owners import OwnerLedger
 from kvstore.tiers.base import BlobTier, ReadResult
 from kvstore.tierstack import TierStack, rekey
 from kvstore.wire import Blob, as_parts, parts_nbytes
@@ -51,15 +51,15 @@ class BlobStore:
     """Verified objects by key over a :class:`~kvstore.tierstack.TierStack` of byte tiers, with
     bytes accounted per owner. Opaque: it never decodes or re-encodes what it holds."""
 
-    def __init__(self, config: Any = None, namespace: bytes = b"kvstore-daemon", *, allow_remote: bool = False) -> None:
+    def __init__(self, config: Any = None, namespace: bytes = b"kvstore-daemon", *, allow_remote: bool = False,
+                 owners_journal: str | None = None) -> None:
         self.config: StoreConfig = load_config(config)
-        self._lock = threading.Lock()
-        self._owner: dict[bytes, tuple[str, int]] = {}
-        self._usage: dict[str, int] = {}
+        self.owners = OwnerLedger(owners_journal)
         self.stack = TierStack(self.config, namespace=namespace, allow_remote=allow_remote, on_drop=self._forget_one)
         self.tiers = self.stack.tiers
         self.counters = self.stack.counters
         self.pins = self.stack.pins
+        self.owners.load(self.exists)
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -77,7 +77,8 @@ class BlobStore:
             if not todo:
                 break
             assert isinstance(tier, BlobTier)
-            blobs = tier.get_blobs([keys[i] for i in todo])
+            want = [keys[i] for i in todo]
+            blobs = self.stack.guarded(tier, "get_blobs", lambda t=tier: t.get_blobs(want), [None] * len(want))
             for i, blob in zip(todo, blobs):
                 if blob is None:
                     continue
@@ -111,7 +112,8 @@ class BlobStore:
                 continue
             tier = self.tiers[pos]
             assert isinstance(tier, BlobTier)
-            status = tier.read_into(keys[i], expect[i], [outs[i]])  # FALLBACK where the tier cannot
+            status = self.stack.guarded(tier, "read_into", lambda t=tier: t.read_into(keys[i], expect[i], [outs[i]]),
+                                        ReadResult.FALLBACK)  # FALLBACK where the tier cannot
             if status is ReadResult.OK:
                 done[i] = True
                 self.stack.hit(pos, expect[i].num_tokens)
@@ -143,15 +145,10 @@ class BlobStore:
         nothing on quota."""
         where = self.stack.holders([o.storage_key for o in objects])
         new = [o for o, pos in zip(objects, where) if pos is None]
-        size = sum(o.nbytes for o in new)
-        with self._lock:
-            used = self._usage.get(owner, 0)
-            if quota is not None and used + size > quota:
-                raise QuotaExceededError(
-                    f"tenant {owner!r} quota exceeded: holds {used} bytes, this put adds {size}, quota is {quota}")
-            for o in new:
-                self._owner[o.storage_key] = (owner, o.nbytes)
-            self._usage[owner] = used + size
+        used = self.owners.add([(o.storage_key, owner, o.nbytes) for o in new], quota)
+        if used is not None:
+            raise QuotaExceededError(f"tenant {owner!r} quota exceeded: holds {used} bytes, this put adds "
+                                     f"{sum(o.nbytes for o in new)}, quota is {quota}")
         stored = 0
         for o, pos in zip(objects, where):
             if pos == 0:
@@ -165,18 +162,11 @@ class BlobStore:
                 if took:
                     stored += 1
                 else:
-                    self._forget([o.storage_key])
+                    self.owners.forget([o.storage_key])
         return stored
 
     def _forget_one(self, key: bytes) -> None:
-        self._forget([key])
-
-    def _forget(self, keys: Sequence[bytes]) -> None:
-        with self._lock:
-            for key in keys:
-                owner = self._owner.pop(key, None)
-                if owner is not None:
-                    self._usage[owner[0]] = max(0, self._usage.get(owner[0], 0) - owner[1])
+        self.owners.forget([key])
 
     # ---- control -------------------------------------------------------------------------
 
@@ -191,17 +181,15 @@ class BlobStore:
 
     def delete(self, keys: Sequence[bytes]) -> int:
         removed = self.stack.delete(keys)
-        self._forget(keys)
+        self.owners.forget(keys)
         return removed
 
     def clear(self) -> None:
         self.stack.clear()
-        with self._lock:
-            self._owner.clear()
-            self._usage.clear()
+        self.owners.clear()
 
     def usage(self, owner: str) -> int:
-        return self._usage.get(owner, 0)
+        return self.owners.usage(owner)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         return self.stack.flush(timeout_s)
@@ -210,7 +198,8 @@ class BlobStore:
         _store, tiers = self.stack.tier_stats()
         for entry in tiers.values():
             entry.pop("queued_writes", None)
-        return {"tiers": tiers, "pinned_objects": len(self.pins.active()), "tenants": dict(self._usage)}
+        return {"tiers": tiers, "pinned_objects": len(self.pins.active()), "tenants": self.owners.summary()}
 
     def close(self) -> None:
         self.stack.close()
+        self.owners.close()

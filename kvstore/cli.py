@@ -8,6 +8,7 @@ This is the composition root: the one core module that may import ``kvstore.serv
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import runpy
@@ -66,10 +67,24 @@ def _without_disk(cfg: StoreConfig, args: argparse.Namespace) -> StoreConfig:
     return cfg
 
 
+def _redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as it may be pasted into a ticket: API keys and URL passwords hidden."""
+    from urllib.parse import urlsplit
+
+    for tier in config.get("tiers", {}).values():
+        if tier.get("api_key"):
+            tier["api_key"] = "<redacted>"
+        url = tier.get("url")
+        if url and urlsplit(url).password:
+            parts = urlsplit(url)
+            tier["url"] = url.replace(f":{parts.password}@", ":<redacted>@", 1)
+    return config
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    print(yaml.safe_dump(config_from_args(args).to_dict(), sort_keys=False), end="")
+    print(yaml.safe_dump(_redacted(config_from_args(args).to_dict()), sort_keys=False), end="")
     return 0
 
 
@@ -94,6 +109,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     path = args.config or os.environ.get("KVSTORE_CONFIG")
     raw = read_config_file(path) if path else {}
     section = dict(raw.pop("serve", None) or {})
+    for var in sorted(os.environ):
+        name = var[len("KVSTORE_SERVE_"):].lower()
+        if var.startswith("KVSTORE_SERVE_") and name not in SERVE_OPTIONS:
+            close = difflib.get_close_matches(name, SERVE_OPTIONS, n=1)
+            hint = f" (did you mean KVSTORE_SERVE_{close[0].upper()}?)" if close else ""
+            raise KVStoreError(f"unknown environment variable {var}{hint}; the daemon reads "
+                               f"{', '.join('KVSTORE_SERVE_' + o.upper() for o in SERVE_OPTIONS)}")
     for name in SERVE_OPTIONS:
         env_value = os.environ.get(f"KVSTORE_SERVE_{name.upper()}")
         if env_value is not None:
@@ -107,7 +129,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 SERVE_OPTIONS = ("host", "port", "key_file", "max_body_bytes", "max_batch", "request_timeout_s",
-                 "lmcache_port", "lmcache_host", "lmcache_tenant")
+                 "lmcache_port", "lmcache_host", "lmcache_tenant", "insecure", "metrics_port", "metrics_host")
 
 
 def _repo_root() -> Path | None:
@@ -134,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvstore", description="KV-cache storage and transfer for LLM inference.",
         epilog="Config precedence: defaults < --config file < KVSTORE_* env vars < flags.")
     parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("KVSTORE_LOG_LEVEL", "WARNING"),
-                        help="logging level (default WARNING, env KVSTORE_LOG_LEVEL)")
+    parser.add_argument("--log-level", default=os.environ.get("KVSTORE_LOG_LEVEL"),
+                        help="logging level (default INFO for serve, else WARNING; env KVSTORE_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="time to first token with and without kvstore on a small trained model",
@@ -173,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also speak LMCache's lm:// protocol on this port (off by default)")
     srv.add_argument("--lmcache-host", dest="lmcache_host", help="bind address of that listener (default 127.0.0.1)")
     srv.add_argument("--lmcache-tenant", dest="lmcache_tenant", help="tenant LMCache objects belong to (default lmcache)")
+    srv.add_argument("--metrics-port", dest="metrics_port", type=int,
+                     help="also serve /metrics without a key on this port (for Prometheus; off by default)")
+    srv.add_argument("--metrics-host", dest="metrics_host", help="bind address of that listener (default 127.0.0.1)")
+    srv.add_argument("--insecure", action="store_true", default=None,
+                     help="allow a non-loopback --host without --key-file (every client is then an admin)")
     add_store_options(srv)
     srv.set_defaults(func=_cmd_serve)
 
@@ -187,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    if not isinstance(logging.getLevelName(str(level).upper()), int):
+        parser.error(f"--log-level {level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
+    logging.basicConfig(level=str(level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -28,6 +28,16 @@ class ServiceError(KVStoreError):
         self.message = message
 
 
+class DaemonUnreachable(KVStoreError, ConnectionError):
+    """No answer from the daemon (down, wrong address, connection cut). A ConnectionError, so
+    code that retries on OSError still does; its message names the daemon's URL."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else (str(cause) or type(cause).__name__)
+        super().__init__(f"cannot reach the kvstore daemon at {url}: {reason}")
+        self.url = url
+
+
 def _read_body(resp: http.client.HTTPResponse) -> bytes | memoryview:
     """The whole body; with a Content-Length, read straight into one buffer (``read()`` collects
     chunks and joins them: an extra copy of every multi-MiB object), and not zeroed first."""
@@ -120,12 +130,12 @@ class DaemonClient:
                 result = resp.status, resp.getheader("Content-Type", ""), _read_body(resp)
                 self._local.used = True
                 return result
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as exc:
                 self._drop()
                 if reused:  # a stale kept-alive connection: one fresh one at once, not a failure
                     continue
                 if attempt == self.retries:
-                    raise
+                    raise DaemonUnreachable(f"kvstore://{self.host}:{self.port}", exc) from exc
                 attempt += 1
                 time.sleep(delay)
                 delay *= 2

@@ -46,6 +46,18 @@ def parse_size(value: int | float | str, what: str = "size") -> int:
     return int(float(number) * base ** _POWERS[unit.lower()])
 
 
+def format_size(nbytes: int | None) -> str:
+    """``4.0 GiB``: sizes in start-up lines and messages, in the units configs use."""
+    if nbytes is None:
+        return "unbounded"
+    size, unit = float(nbytes), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            break
+        size /= 1024
+    return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
 @dataclass
 class TierConfig:
     """One tier. ``kind`` (a registered :class:`TierKind`) fixes its place in the hierarchy and
@@ -76,6 +88,12 @@ class TierConfig:
 
     def __post_init__(self) -> None:
         kind = _kind(self.kind)
+        self.extra = dict(self.extra)  # a copy: dataclasses.replace must not share it
+        fields = _FIELDS
+        for key in self.extra:
+            if key in fields or key not in kind.options:
+                raise ConfigError(f"unknown option {key!r} for tier {self.kind!r}{_suggest(key, kind.options)}; "
+                                  f"allowed: {sorted(kind.options)}")
         if self.capacity is not None:
             self.capacity = parse_size(self.capacity, f"tiers.{self.kind}.capacity")
         if kind.needs_capacity and not self.capacity:
@@ -108,6 +126,11 @@ class TierConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in allowed}
         out.update(self.extra)
         return out
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(TierConfig)) - {"kind", "extra"}
+# Options kept as the text given in an env var (``KVSTORE_REMOTE_API_KEY=0123`` is not the number 123).
+_TEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(TierConfig) if f.type in ("str", "str | None"))
 
 
 def _kind(name: str) -> TierKind:
@@ -162,7 +185,7 @@ class StoreConfig:
         return dataclasses.replace(self, tiers=tiers)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tiers"}
         out["tiers"] = {k: t.options() for k, t in self.tiers.items()}
         return out
 
@@ -204,9 +227,8 @@ def _tiers_from(raw: Any) -> dict[str, TierConfig]:
                                   f"{_suggest(key, allowed)}; allowed: {sorted(allowed)}")
         if kind in defaults:
             opts = {**defaults[kind].options(), **opts}
-        fields = {f.name for f in dataclasses.fields(TierConfig)} - {"kind", "extra"}
-        tiers[kind] = TierConfig(kind, **{k: v for k, v in opts.items() if k in fields},
-                                 extra={k: v for k, v in opts.items() if k not in fields})
+        tiers[kind] = TierConfig(kind, **{k: v for k, v in opts.items() if k in _FIELDS},
+                                 extra={k: v for k, v in opts.items() if k not in _FIELDS})
     return tiers
 
 
@@ -259,12 +281,15 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         kind, _, opt = key.partition("_")
         if tier_kind(kind) is not None and opt:
-            tiers.setdefault(kind, {})[opt] = _env_value(raw)
+            # Text options and a kind's own (its tier parses them) stay as given.
+            tiers.setdefault(kind, {})[opt] = raw if opt in _TEXT_FIELDS or opt not in _FIELDS else _env_value(raw)
         elif key in top:
             out[key] = raw if key in ("tenant", "salt") else _env_value(raw)
         else:
-            raise ConfigError(f"unknown environment variable {name}"
-                              f"{_suggest(key, top | {f'{k}_...' for k in tier_kinds()})}")
+            hint = _suggest(key, top | {f'{k}_...' for k in tier_kinds()})
+            if not hint and opt:
+                hint = f" (no tier kind {kind!r} is registered; known: {', '.join(tier_kinds())})"
+            raise ConfigError(f"unknown environment variable {name}{hint}")
     if "KVSTORE_TIERS" in env:
         listed = {k.strip() for k in env["KVSTORE_TIERS"].split(",") if k.strip()}
         out["tiers"] = {k: v for k, v in tiers.items() if k in listed or v}

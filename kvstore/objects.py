@@ -154,10 +154,17 @@ def decode_payload(meta: ObjectMeta, payload: bytes | memoryview) -> torch.Tenso
     from kvstore.codecs import CodecError, get_codec
     from kvstore.spec import dtype_from_name
 
+    dtype = dtype_from_name(meta.dtype)
     try:
-        return get_codec(meta.codec).decode(payload, meta.shape, dtype_from_name(meta.dtype))
+        kv = get_codec(meta.codec).decode(payload, meta.shape, dtype)
     except CodecError as exc:
         raise CorruptObjectError(f"codec {meta.codec!r} failed: {exc}") from exc
+    # A codec's word is not enough: a tensor of another shape would be broadcast into the
+    # engine's buffer (one layer copied into all of them) instead of failing.
+    if tuple(kv.shape) != tuple(meta.shape) or kv.dtype != dtype:
+        raise CorruptObjectError(f"codec {meta.codec!r} decoded {tuple(kv.shape)} {kv.dtype}; the header says "
+                                 f"{tuple(meta.shape)} {dtype}")
+    return kv
 
 
 def meta_for(key: bytes, fingerprint: bytes, kv: torch.Tensor, partial: bool, codec: str = "raw") -> ObjectMeta:

@@ -12,6 +12,7 @@ LRU order (its head most recent, so eviction takes tails first) and releases the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -60,6 +61,7 @@ class ChunkRead:
                 break
             self.sources.append(src)
         self.hit_tokens = self.sources[-1].ref.end if self.sources else 0
+        self.usable = len(self.sources)  # sources[:usable] make the hit (fewer if one fails to decode)
 
     # ---- fixing the hit ------------------------------------------------------------------
 
@@ -67,7 +69,7 @@ class ChunkRead:
         """The chunk from tier ``pos``, else from the first lower tier that has it."""
         tiers = self.stack.tiers
         for p in range(pos, len(tiers)):
-            if p > pos and not tiers[p].contains([ref.key])[0]:
+            if p > pos and not self.stack.contains(tiers[p], [ref.key])[0]:
                 continue
             t0 = time.perf_counter()
             src = self._read(p, ref, direct)
@@ -82,7 +84,7 @@ class ChunkRead:
         tier = self.stack.tiers[pos]
         meta = self._meta_of(ref)
         if isinstance(tier, MemoryTierBase):
-            got = tier.acquire(ref.key)
+            got = self.stack.guarded(tier, "acquire", lambda: tier.acquire(ref.key), None)
             if got is None:  # evicted since it was located
                 return None
             view, stored = got
@@ -96,7 +98,8 @@ class ChunkRead:
             dst = self.out[:, :, ref.start:ref.end]
             planes = [memoryview(dst[i, j].view(torch.uint8).numpy()) for i in range(dst.shape[0])
                       for j in range(dst.shape[1])]
-            status = tier.read_into(ref.key, meta, planes)
+            status = self.stack.guarded(tier, "read_into", lambda: tier.read_into(ref.key, meta, planes),
+                                        ReadResult.MISSING)
             if status is ReadResult.OK:
                 return _Source(ref, meta, pos)
             if status is ReadResult.MISSING:
@@ -104,7 +107,7 @@ class ChunkRead:
             if status is ReadResult.CORRUPT:
                 self.stack.reject(pos, ref.key, tier.last_error or "failed verification")
                 return None
-        blob = tier.get_blobs([ref.key])[0]
+        blob = self.stack.guarded(tier, "get_blobs", lambda: tier.get_blobs([ref.key])[0], None)
         if blob is None:
             return None
         try:
@@ -124,7 +127,11 @@ class ChunkRead:
         out = self.out
         for src in self.sources:
             t0 = time.perf_counter()
-            part = src.layer(layer)
+            try:
+                part = src.layer(layer)
+            except ValueError as exc:  # CodecError: checksummed frames that still do not decode
+                self.stack.reject(src.pos, src.ref.key, exc)
+                raise CorruptObjectError(f"chunk {src.ref.key.hex()} failed to decode layer {layer}: {exc}") from exc
             if part is not None:
                 out[layer, :, src.ref.start:src.ref.end].copy_(part, non_blocking=out.is_cuda)
             name = self.stack.tiers[src.pos].name
@@ -134,11 +141,16 @@ class ChunkRead:
         """Copy every chunk into ``out`` whole: one copy per chunk, not one per layer (a chunk's
         layers are strided in ``out``; 32 small copies cost a third of a memory tier's speed)."""
         out = self.out
-        for src in self.sources:
+        for i, src in enumerate(self.sources):
             t0 = time.perf_counter()
             if isinstance(src.data, _Frames):
-                for layer in range(out.shape[0]):
-                    out[layer, :, src.ref.start:src.ref.end].copy_(src.data.layer(layer))
+                try:
+                    for layer in range(out.shape[0]):
+                        out[layer, :, src.ref.start:src.ref.end].copy_(src.data.layer(layer))
+                except ValueError as exc:  # CodecError: checksummed frames that still do not decode
+                    self.stack.reject(src.pos, src.ref.key, exc)
+                    self.hit_tokens, self.usable = src.ref.start, i  # the hit ends before this chunk
+                    break
             elif src.data is not None:
                 out[:, :, src.ref.start:src.ref.end].copy_(src.data, non_blocking=out.is_cuda)
             name = self.stack.tiers[src.pos].name
@@ -150,11 +162,12 @@ class ChunkRead:
         """Promote (if every layer was copied), refresh LRU, release leases, count seconds."""
         try:
             if copied:
-                for src in self.sources:
+                hit = self.sources[:self.usable]
+                for src in hit:
                     if src.pos:
                         kv = self.out[:, :, src.ref.start:src.ref.end]
                         self.stack.promote(src.pos, src.meta, kv=kv, blob=src.blob)
-                self.stack.touch([s.ref.key for s in reversed(self.sources)])
+                self.stack.touch([s.ref.key for s in reversed(hit)])
         finally:
             for src in self.sources:
                 if src.leased:
@@ -172,11 +185,17 @@ class _Frames:
     demand, so layer 0 is ready after the first frame, not the whole chunk."""
 
     def __init__(self, codec: Any, payload: memoryview, meta: ObjectMeta) -> None:
+        from kvstore.codecs import CodecError
+        from kvstore.spec import dtype_from_name
+
         self.codec = codec
         self.layout, self.frames = codec.frames(payload)
         lay = self.layout
         self.buf = torch.empty((lay.layers, lay.planes, lay.tokens, lay.heads, lay.head_size), dtype=lay.dtype)
         self.shape = tuple(meta.shape)
+        if (self.buf.numel() != math.prod(self.shape) or (lay.layers, lay.planes, lay.tokens) != self.shape[:3]
+                or lay.dtype != dtype_from_name(meta.dtype)):
+            raise CodecError(f"frames hold {tuple(self.buf.shape)} {lay.dtype}; the header says {self.shape} {meta.dtype}")
         self.ready = 0
         self.next_frame = 0
 
@@ -189,6 +208,8 @@ class _Frames:
             start, part = self.codec.decode_frame(self.layout, self.frames[self.next_frame])
             if start != self.ready:
                 raise CodecError(f"frame for layer {start} where layer {self.ready} was expected")
+            if part.shape[0] < 1 or tuple(part.shape[1:]) != tuple(self.buf.shape[1:]):
+                raise CodecError(f"frame of shape {tuple(part.shape)} for a chunk of {tuple(self.buf.shape)}")
             self.buf[start:start + part.shape[0]] = part
             self.ready = start + part.shape[0]
             self.next_frame += 1

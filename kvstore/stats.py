@@ -21,6 +21,7 @@ TIER_COUNTERS = (
     "corrupt",         # objects that failed verification (a miss, and removed)
     "dropped_writes",  # async writes dropped because the queue was full
     "write_errors",    # writes that failed (I/O error, Redis down)
+    "read_errors",     # tier calls on the read side that raised (served as misses)
     "rejected",        # puts refused because everything left is pinned or in use
     "arena_misses",    # daemon memory tier: objects that got fresh memory, no arena hole was free
     "unavailable",     # operations skipped while the backend was down (Redis)

@@ -144,7 +144,8 @@ class KVStore:
         holding it ends the hit there."""
         read = self._read(tokens, out, device)
         try:
-            read.copy_all()
+            with torch.inference_mode(read.out.is_inference()):  # an inference tensor takes writes only so
+                read.copy_all()
         except BaseException:
             read.finish(copied=False)
             raise

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from kvstore.config import StoreConfig
 from kvstore.errors import ConfigError, CorruptObjectError
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the daemon's opaque stack never loads torch
 log = logging.getLogger(__name__)
 
 Blob = Any  # bytes | bytearray | memoryview
+T = TypeVar("T")
 
 
 def rekey(meta: ObjectMeta, key: bytes) -> ObjectMeta:
@@ -61,6 +62,7 @@ class TierStack:
         self.writers: dict[str, TierWriter] = {}
         self._on_drop = on_drop
         self._stop = threading.Event()
+        self._said: set[tuple[str, str]] = set()
         context = TierContext(spec, config.chunk_size, self.counters, self.pins, namespace, self._on_evict)
         try:
             for tc in config.tiers.values():
@@ -77,7 +79,24 @@ class TierStack:
         self._sweeper = threading.Thread(target=self._sweep_loop, name="kvstore-pin-sweeper", daemon=True)
         self._sweeper.start()
 
+    def guarded(self, tier: Tier, what: str, call: Callable[[], T], fallback: T) -> T:
+        """A read-side tier call that must not reach the engine: a tier that raises (a bug, a
+        backend that fails in a way it did not catch) answers ``fallback``, a miss, counted as
+        ``read_errors`` and logged once per tier and call."""
+        try:
+            return call()
+        except Exception as exc:
+            self.counters.tier(tier.name, "read_errors")
+            if (tier.name, what) not in self._said:
+                self._said.add((tier.name, what))
+                log.warning("tier %s: %s raised %r; treated as a miss (counted as read_errors, said once)",
+                            tier.name, what, exc)
+            return fallback
+
     # ---- where things are ----------------------------------------------------------------
+
+    def contains(self, tier: Tier, keys: Sequence[bytes]) -> list[bool]:
+        return self.guarded(tier, "contains", lambda: tier.contains(keys), [False] * len(keys))
 
     def holders(self, keys: Sequence[bytes]) -> list[int | None]:
         """Per key, the position of the fastest tier holding it (None: no tier does), asked
@@ -87,7 +106,7 @@ class TierStack:
         for pos, tier in enumerate(self.tiers):
             if not todo:
                 break
-            for i, hit in zip(todo, tier.contains([keys[i] for i in todo])):
+            for i, hit in zip(todo, self.contains(tier, [keys[i] for i in todo])):
                 if hit:
                     where[i] = pos
             todo = [i for i in todo if where[i] is None]
@@ -99,14 +118,14 @@ class TierStack:
         present = [False] * len(keys)
         for tier in self.tiers:
             if not tier.is_remote:
-                present = [p or hit for p, hit in zip(present, tier.contains(keys))]
+                present = [p or hit for p, hit in zip(present, self.contains(tier, keys))]
         return present
 
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark keys most recently used in every local tier, the last key most recent."""
         for tier in self.tiers:
             if not tier.is_remote:
-                tier.touch(keys)
+                self.guarded(tier, "touch", lambda t=tier: t.touch(keys), None)
 
     def hit(self, pos: int, tokens: int) -> None:
         self.counters.tier(self.tiers[pos].name, "hits")
@@ -118,7 +137,7 @@ class TierStack:
         tier = self.tiers[pos]
         log.warning("tier %s: object %s rejected: %s", tier.name, key.hex(), why)
         self.counters.tier(tier.name, "corrupt")
-        tier.delete([key])
+        self.guarded(tier, "delete", lambda: tier.delete([key]), 0)
 
     # ---- moving data between tiers -------------------------------------------------------
 
@@ -166,7 +185,7 @@ class TierStack:
             return
         for faster in range(pos):
             tier = self.tiers[faster]
-            if tier.contains([meta.key])[0]:
+            if self.contains(tier, [meta.key])[0]:
                 continue
             if self.copy_into(faster, meta, kv, blob):
                 self.counters.tier(tier.name, "promotions")

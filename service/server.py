@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -23,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kvstore.blobstore import BlobStore, QuotaExceededError, StoredObject
 from kvstore.config import StoreConfig, parse_size
 from kvstore.errors import ConfigError, InvalidInputError, KVStoreError, PinLimitError
+from kvstore.service import startup
 from kvstore.service.auth import KeyFile, Principal, storage_key
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
@@ -31,7 +33,7 @@ from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, WireError, b
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+_OPEN = {"/healthz", "/readyz", "/openapi.json"}
 
 
 @dataclass
@@ -45,7 +47,20 @@ class ServeConfig:
     lmcache_port: int | None = None      # LMCache lm:// listener, off by default
     lmcache_host: str = "127.0.0.1"
     lmcache_tenant: str = "lmcache"
+    insecure: bool = False  # allow a non-loopback bind without a key file (anyone is admin)
+    metrics_port: int | None = None  # /metrics without a key on its own listener (for Prometheus)
+    metrics_host: str = "127.0.0.1"
     store: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("port", "lmcache_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 < port < 65536:
+                raise ConfigError(f"serve.{name} must be in 1..65535, got {port}")
+        if self.max_batch < 1:
+            raise ConfigError(f"serve.max_batch must be >= 1, got {self.max_batch}")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"serve.request_timeout_s must be positive, got {self.request_timeout_s}")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], store: StoreConfig) -> "ServeConfig":
@@ -62,15 +77,28 @@ class ServeConfig:
             try:
                 if name == "max_body_bytes":
                     kwargs[name] = parse_size(value, "serve.max_body_bytes")
-                elif name in ("port", "max_batch", "lmcache_port"):
+                elif name in ("port", "max_batch", "lmcache_port", "metrics_port"):
                     kwargs[name] = int(value)
                 elif name == "request_timeout_s":
                     kwargs[name] = float(value)
+                elif name == "insecure":
+                    kwargs[name] = _flag(value)
                 else:
                     kwargs[name] = str(value)
             except ValueError:
                 raise ConfigError(f"serve.{name}: cannot use {value!r}") from None
         return cls(store=store, **kwargs)
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -82,11 +110,15 @@ def _msgpack(data: dict[str, Any]) -> web.Response:
 
 
 class Daemon:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, keys: KeyFile | None = None) -> None:
         self.config = config
-        self.keys = KeyFile.load(config.key_file)
-        self.store = BlobStore(config.store)
+        self.keys = keys if keys is not None else KeyFile.load(config.key_file)
+        disk = config.store.tiers.get("disk")
+        journal = os.path.join(os.path.expanduser(str(disk.path)), "daemon-owners.journal") if disk else None
+        self.store = BlobStore(config.store, owners_journal=journal)
         self.metrics = Metrics(self.store.stats)
+        self.started = time.monotonic()
+        self.listening = False
         self._local_only = not any(t.is_remote for t in self.store.tiers)
         self.ready = True
 
@@ -98,7 +130,8 @@ class Daemon:
         t0 = time.perf_counter()
         status = 500
         try:
-            if request.path not in _OPEN:
+            # An unknown path or method is a 404/405 for anyone; only real routes need a key.
+            if request.path not in _OPEN and request.match_info.http_exception is None:
                 principal = self.keys.authenticate(request.headers.get("Authorization"))
                 if principal is None:
                     status = 401
@@ -174,6 +207,7 @@ class Daemon:
             if blob is not None:
                 await resp.write(blob)
                 self.metrics.bytes_out.inc(memoryview(blob).nbytes)
+                self.metrics.object_bytes.labels("get").observe(memoryview(blob).nbytes)
         await resp.write_eof()
         return resp
 
@@ -211,6 +245,7 @@ class Daemon:
             data = blob  # a view of the request body, which nothing else writes to
             meta = BlobStore.verify(data, key)
             objects.append(StoredObject(storage_key(principal.tenant, key), meta, data))
+            self.metrics.object_bytes.labels("put").observe(memoryview(data).nbytes)
         stored = await self._run(self.store.put, objects, principal.tenant, self.keys.quotas.get(principal.tenant))
         return _msgpack({"stored": stored})
 
@@ -240,11 +275,17 @@ class Daemon:
         return _msgpack({"cleared": True})
 
     async def stats(self, request: web.Request) -> web.Response:
+        """An admin sees the tiers and every tenant; a tenant sees only its own usage: tier-wide
+        hits, objects and bytes would tell it what other tenants do."""
         principal: Principal = request["principal"]
         st = await self._run(self.store.stats)
-        if not principal.admin:  # a tenant sees its own usage, never another tenant's
-            st["tenants"] = {principal.tenant: st["tenants"].get(principal.tenant, 0)}
-        return web.json_response(st)
+        tenants = st["tenants"]
+        for tenant, quota in self.keys.quotas.items():
+            tenants.setdefault(tenant, {"bytes": 0, "objects": 0})["quota"] = quota
+        if principal.admin:
+            return web.json_response(st)
+        own = tenants.get(principal.tenant, {"bytes": 0, "objects": 0})
+        return web.json_response({"tenant": principal.tenant, **own, "tenants": {principal.tenant: own}})
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -252,7 +293,12 @@ class Daemon:
     async def readyz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ready") if self.ready else web.Response(text="shutting down", status=503)
 
-    async def metrics_view(self, _request: web.Request) -> web.Response:
+    async def metrics_view(self, request: web.Request) -> web.Response:
+        """The operator's view (every tenant's usage): an admin key on the main port, or none on
+        the ``--metrics-port`` listener, which binds to loopback unless told otherwise."""
+        principal = request.get("principal")
+        if principal is not None and not principal.admin:
+            return _error(403, "/metrics needs an admin key (or scrape the --metrics-port listener)")
         resp = web.Response(body=generate_latest(self.metrics.registry))
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp
@@ -286,21 +332,45 @@ class Daemon:
             self.lmcache = LMCacheListener(self.store, self.config.lmcache_tenant, self.config.max_body_bytes,
                                            self.keys.quotas.get(self.config.lmcache_tenant), self.metrics)
             self.lmcache.start(self.config.lmcache_host, self.config.lmcache_port)
+        if self.config.metrics_port is not None:
+            metrics_app = web.Application()
+            metrics_app.router.add_get("/metrics", self.metrics_view)
+            self._metrics_runner = web.AppRunner(metrics_app, access_log=None)
+            await self._metrics_runner.setup()
+            await web.TCPSite(self._metrics_runner, self.config.metrics_host, self.config.metrics_port).start()
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         self.ready = False
         if getattr(self, "lmcache", None) is not None:
             self.lmcache.stop()
+        if getattr(self, "_metrics_runner", None) is not None:
+            await self._metrics_runner.cleanup()
 
     async def _on_cleanup(self, _app: web.Application) -> None:
         # In-flight requests are done; flush queued disk writes so a restart serves them again.
         await self._run(self.store.close)
-        log.info("kvstore daemon stopped; queued writes flushed")
+        if not self.listening:
+            return
+        served = sum(int(s.value) for m in self.metrics.requests.collect() for s in m.samples
+                     if s.name.endswith("_total"))
+        log.info("kvstore daemon stopped after %.0f s and %d requests; queued writes flushed",
+                 time.monotonic() - self.started, served)
 
 
 def serve(config: ServeConfig) -> None:
-    daemon = Daemon(config)
-    log.info("kvstore daemon on http://%s:%d (tiers: %s, auth: %s)", config.host, config.port,
-             ", ".join(config.store.tiers), "keys" if daemon.keys.enabled else "open")
-    web.run_app(daemon.app(), host=config.host, port=config.port, shutdown_timeout=30,
-                print=lambda msg: log.info("%s", msg), access_log=None)
+    """Run the daemon until SIGINT/SIGTERM. Raises ConfigError (one line for the CLI) for a
+    configuration it must not serve and for a port it cannot listen on."""
+    keys = KeyFile.load(config.key_file)
+    startup.check(config, keys)
+    daemon = Daemon(config, keys)
+
+    def listening(_aiohttp_banner: str) -> None:  # called once the port is bound
+        daemon.listening = True
+        log.info("%s", startup.started_line(config, keys))
+
+    try:
+        web.run_app(daemon.app(), host=config.host, port=config.port, shutdown_timeout=30, print=listening,
+                    access_log=None)
+    except OSError as exc:  # the bind: a port in use, an address this host does not have
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {reason}") from None

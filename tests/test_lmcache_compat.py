@@ -160,9 +160,9 @@ def test_preallocated_daemon_evicts_and_serves_exact_bytes(tmp_path):
         conn.request("GET", "/metrics")
         values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in conn.getresponse().read().decode().splitlines()
                   if line.startswith("kvstore_tier_") and 'tier="cpu"' in line}
-        assert values['kvstore_tier_evictions{tier="cpu"}'] >= 8
+        assert values['kvstore_tier_evictions_total{tier="cpu"}'] >= 8
         # Each object is 1 MiB plus its header, so the first 3 always fit the 4 MiB arena; whether a
         # later put reuses an evicted region depends on how far the disk writer has got.
-        assert values['kvstore_tier_arena_misses{tier="cpu"}'] <= 9
+        assert values['kvstore_tier_arena_misses_total{tier="cpu"}'] <= 9
     finally:
         d.stop()

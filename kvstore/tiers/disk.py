@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from typing import Iterator, Sequence
@@ -17,8 +18,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import xxhash
 
-from kvstore.config import TierConfig
-from kvstore.errors import CorruptObjectError
+from kvstore.config import TierConfig, format_size
+from kvstore.errors import ConfigError, CorruptObjectError
 from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header
 from kvstore.tiers.base import BlobTier, ReadResult, TierContext, TierStats
 
@@ -42,8 +43,23 @@ class DiskTier(BlobTier):
         self._used = 0
         self._reserved = 0
         self._local = threading.local()
-        os.makedirs(self.root, exist_ok=True)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            probe = os.path.join(self.root, f".probe-{os.getpid()}.tmp")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:  # a read-only mount, a path under a file, no permission
+            raise ConfigError(f"tiers.disk.path {config.path}: cannot write there ({exc.strerror or exc})") from None
         self._rebuild_index()
+        self._warn_if_short_of_space()
+
+    def _warn_if_short_of_space(self) -> None:
+        """A budget beyond the free space fails later, one write at a time: say so now."""
+        free = shutil.disk_usage(self.root).free
+        if self.capacity > free + self._used:
+            log.warning("tiers.disk.capacity %s exceeds the %s free at %s: writes will fail once the disk fills",
+                        format_size(self.capacity), format_size(free), self.config.path)
 
     # ---- start-up ------------------------------------------------------------------------
 

@@ -12,12 +12,15 @@ A tier class is built as ``cls(config, context)`` with a :class:`~kvstore.tiers.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
 from kvstore.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from kvstore.config import TierConfig
@@ -27,7 +30,16 @@ ClassRef = Union[str, type]
 """A tier class, or its ``"module:Class"`` path (imported when the first such tier is built)."""
 
 COMMON_OPTIONS = frozenset({"codec", "write", "queue_size", "pin_fraction"})
+ENTRY_POINTS = "kvstore.tiers"
+"""Packages add tier kinds through this entry-point group (``name = "pkg.module:KIND"``, a
+TierKind or a callable returning one), loaded the first time a config names a kind not yet known:
+so a kind works through config alone in any process (the daemon, an engine's workers)."""
+
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]*$")  # KVSTORE_<KIND>_<OPTION> splits at the first "_"
+# First words of other KVSTORE_* variables (StoreConfig fields, the daemon's, the tools'): a kind
+# named so would take them over. tests/test_extensions.py checks this covers every field.
+RESERVED_NAMES = frozenset({"chunk", "tenant", "salt", "tiers", "save", "promote", "queue", "put", "pin", "max",
+                            "serve", "config", "log", "sglang", "vllm", "lmcache"})
 
 
 @dataclass(frozen=True)
@@ -55,20 +67,54 @@ _KINDS: dict[str, TierKind] = {}
 
 
 def register_tier(kind: TierKind) -> TierKind:
-    """Make a tier kind known to configs and stores (a later registration of a name replaces it)."""
+    """Make a tier kind known to configs and stores. A name is registered once: replacing a
+    built-in would change what every default config means."""
     if not _NAME_RE.match(kind.name):
         raise ValueError(f"tier kind name {kind.name!r} must be lowercase letters and digits (it is used in "
                          f"KVSTORE_<KIND>_<OPTION> variables)")
+    if kind.name in RESERVED_NAMES:
+        raise ValueError(f"tier kind name {kind.name!r} would capture the KVSTORE_{kind.name.upper()}_* variables")
+    if kind.name in _KINDS:
+        raise ValueError(f"tier kind {kind.name!r} is already registered")
+    bad = {"kind", "extra"} & kind.options
+    if bad:
+        raise ValueError(f"tier kind {kind.name!r}: {sorted(bad)} cannot be options")
     _KINDS[kind.name] = kind
     return kind
 
 
 def unregister_tier(name: str) -> None:
+    if name in _BUILTIN:
+        raise ValueError(f"tier kind {name!r} is built in")
     _KINDS.pop(name, None)
 
 
 def tier_kind(name: str) -> TierKind | None:
+    if name not in _KINDS:
+        _load_entry_points()
     return _KINDS.get(name)
+
+
+_loaded_entry_points = False
+
+
+def _load_entry_points() -> None:
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        try:
+            found = ep.load()
+            kind = found() if callable(found) and not isinstance(found, TierKind) else found
+            if not isinstance(kind, TierKind):
+                raise TypeError(f"it gave {type(kind).__name__}, not a TierKind")
+            if kind.name not in _KINDS:
+                register_tier(kind)
+        except Exception as exc:  # one broken plug-in must not stop every store from starting
+            log.warning("tier plug-in %s (%s) not loaded: %s", ep.name, ep.value, exc)
 
 
 def tier_kinds() -> list[str]:
@@ -76,11 +122,14 @@ def tier_kinds() -> list[str]:
     return sorted(_KINDS, key=lambda n: _KINDS[n].rank)
 
 
-def _resolve(ref: ClassRef) -> type:
+def _resolve(kind: str, ref: ClassRef) -> type:
     if isinstance(ref, type):
         return ref
     module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"tier kind {kind!r}: cannot load its class {ref!r} ({exc})") from None
 
 
 def build_tier(config: TierConfig, context: TierContext) -> Tier:
@@ -91,7 +140,7 @@ def build_tier(config: TierConfig, context: TierContext) -> Tier:
     ref = kind.tensors if context.spec is not None else kind.objects
     if ref is None:
         raise ConfigError(f"a store of encoded objects (the daemon) cannot have a {config.kind} tier")
-    return _resolve(ref)(config, context)
+    return _resolve(config.kind, ref)(config, context)
 
 
 # ---- the built-in kinds ------------------------------------------------------------------------
@@ -129,3 +178,4 @@ register_tier(TierKind("redis", 40, "kvstore.tiers.redis:RedisTier", "kvstore.ti
                        check=_check_redis))
 register_tier(TierKind("remote", 50, "kvstore.tiers.remote:RemoteTier", "kvstore.tiers.remote:RemoteTier",
                        (COMMON_OPTIONS - {"pin_fraction"}) | {"url", "api_key", "timeout_s"}, check=_check_remote))
+_BUILTIN = frozenset(_KINDS)

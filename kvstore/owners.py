@@ -1,0 +1,126 @@
+"""Bytes and objects per owner (the daemon's tenants), kept across restarts.
+
+Why a journal: an object's owner is not in the object (engines make objects; the daemon only
+scopes their keys by tenant, one way), so after a restart the objects found on disk would count
+against nobody and quotas would stop holding. Each change is appended as a msgpack record to a
+file beside the disk tier; start-up replays it, keeps only keys some tier still holds, and
+rewrites it compacted. A crash can lose the last records: those objects then count against no
+one (as every object did before), never against the wrong tenant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable, Iterable, Sequence
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+
+class OwnerLedger:
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._owner: dict[bytes, tuple[str, int]] = {}
+        self._bytes: dict[str, int] = {}
+        self._objects: dict[str, int] = {}
+        self._journal = None
+
+    # ---- persistence ---------------------------------------------------------------------
+
+    def load(self, present: Callable[[Sequence[bytes]], list[bool]]) -> None:
+        """Replay the journal, keep the keys ``present`` says a tier holds, rewrite it compacted."""
+        if self.path is None:
+            return
+        entries: dict[bytes, tuple[str, int]] = {}
+        try:
+            with open(self.path, "rb") as f:
+                for record in msgpack.Unpacker(f, raw=False):
+                    if isinstance(record, list) and len(record) == 3:
+                        entries[bytes(record[0])] = (str(record[1]), int(record[2]))
+                    elif isinstance(record, list) and len(record) == 1:
+                        entries.pop(bytes(record[0]), None)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, msgpack.UnpackException) as exc:  # a torn tail: keep what replayed
+            log.warning("owner journal %s: stopped reading at a damaged record (%s)", self.path, exc)
+        keys = list(entries)
+        held = present(keys) if keys else []
+        with self._lock:
+            for key, there in zip(keys, held):
+                if there:
+                    self._add_locked(key, *entries[key])
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "wb") as f:
+                for key, (owner, size) in self._owner.items():
+                    f.write(msgpack.packb([key, owner, size]))
+            os.replace(tmp, self.path)
+            self._journal = open(self.path, "ab")
+        if self._owner:
+            log.info("owner journal: %d objects of %d tenants restored", len(self._owner), len(self._bytes))
+
+    def _append(self, records: Iterable[list]) -> None:
+        if self._journal is not None:
+            self._journal.write(b"".join(msgpack.packb(r) for r in records))
+            self._journal.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+
+    # ---- accounting ----------------------------------------------------------------------
+
+    def _add_locked(self, key: bytes, owner: str, size: int) -> None:
+        self._owner[key] = (owner, size)
+        self._bytes[owner] = self._bytes.get(owner, 0) + size
+        self._objects[owner] = self._objects.get(owner, 0) + 1
+
+    def add(self, items: Sequence[tuple[bytes, str, int]], quota: int | None = None) -> int | None:
+        """Record new objects of one owner, all or none: returns None if ``quota`` allows them,
+        else the bytes the owner holds now (nothing recorded)."""
+        if not items:
+            return None
+        owner = items[0][1]
+        with self._lock:
+            used = self._bytes.get(owner, 0)
+            if quota is not None and used + sum(size for _k, _o, size in items) > quota:
+                return used
+            for key, who, size in items:
+                if key not in self._owner:
+                    self._add_locked(key, who, size)
+            self._append([list(item) for item in items])
+        return None
+
+    def forget(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            gone = []
+            for key in keys:
+                entry = self._owner.pop(key, None)
+                if entry is None:
+                    continue
+                owner, size = entry
+                self._bytes[owner] = max(0, self._bytes.get(owner, 0) - size)
+                self._objects[owner] = max(0, self._objects.get(owner, 0) - 1)
+                gone.append([key])
+            self._append(gone)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._append([[key] for key in self._owner])
+            self._owner.clear()
+            self._bytes.clear()
+            self._objects.clear()
+
+    def usage(self, owner: str) -> int:
+        return self._bytes.get(owner, 0)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per owner: bytes and objects held."""
+        with self._lock:
+            return {o: {"bytes": b, "objects": self._objects.get(o, 0)} for o, b in self._bytes.items()}

@@ -1,0 +1,67 @@
+"""What the daemon says when it starts and stops, and the operator mistakes it refuses or warns of.
+
+Why: an operator reads the first line to learn what is running (address, tiers and budgets, who
+may connect), and a cache that is misconfigured still "works": it answers every request and keeps
+nothing. So the mistakes that make it keep nothing, or serve everyone, are caught here, before
+the port opens: an error where the daemon would be wrong, a warning where it only might be.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import TYPE_CHECKING
+
+from kvstore.config import TierConfig, format_size
+from kvstore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvstore.service.auth import KeyFile
+    from kvstore.service.server import ServeConfig
+
+log = logging.getLogger(__name__)
+
+SMALLEST_USEFUL_TIER = 1 << 20
+"""A tier budget below this holds no real KV object (one 256-token chunk of SmolLM2-135M, 30 layers
+of 3 KV heads, is 5.6 MiB); objects larger than a tier's whole budget are refused."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check(config: ServeConfig, keys: KeyFile) -> None:
+    """Refuse what would be wrong to serve; warn of what is merely doubtful."""
+    if not keys.enabled and not is_loopback(config.host) and not config.insecure:
+        raise ConfigError(f"--host {config.host} without --key-file would make every client on the network an "
+                          f"admin; give a key file, or --insecure if that is really meant")
+    for name, tier in config.store.tiers.items():
+        if tier.capacity is not None and tier.capacity < SMALLEST_USEFUL_TIER:
+            log.warning("tiers.%s.capacity is %s: too small for any KV object, so this tier will refuse "
+                        "every put", name, format_size(tier.capacity))
+    if not keys.enabled and not is_loopback(config.host):
+        log.warning("serving %s without a key file (--insecure): every client is an admin", config.host)
+
+
+def _tier(tc: TierConfig) -> str:
+    where = {"disk": tc.path, "redis": tc.url}.get(tc.kind)
+    codec = "" if tc.is_memory else f", codec {tc.codec}"
+    budget = format_size(tc.capacity) if tc.capacity is not None else "its own budget"
+    return f"{tc.kind} {budget}{f' at {where}' if where else ''}{codec}"
+
+
+def started_line(config: ServeConfig, keys: KeyFile) -> str:
+    auth = (f"{len(keys.keys)} API key(s) for {len({p.tenant for p in keys.keys.values()})} tenant(s)"
+            if keys.enabled else "open, no key file (one tenant, admin for all)")
+    line = (f"kvstore daemon serving http://{config.host}:{config.port}; tiers: "
+            f"{'; '.join(_tier(t) for t in config.store.tiers.values())}; auth: {auth}")
+    if config.lmcache_port is not None:
+        line += f"; LMCache lm:// on {config.lmcache_host}:{config.lmcache_port}"
+    if config.metrics_port is not None:
+        line += f"; /metrics also on http://{config.metrics_host}:{config.metrics_port}"
+    return line

@@ -1,0 +1,192 @@
+"""`kvstore serve` as an operator meets it (#16): what it says at start and stop, the mistakes it
+refuses in one line, tenant privacy on /v1/stats and /metrics, usage that survives a restart,
+metrics in Prometheus's conventions. Every test runs the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import Daemon, free_port
+from kvstore import KVSpec
+from kvstore.client import DaemonClient, DaemonUnreachable, ServiceError
+from kvstore.objects import encode_object, join_parts, meta_for
+
+SPEC = KVSpec(model_id="test/ops", num_layers=2, num_kv_heads=2, head_size=8, dtype=torch.float16)
+
+
+def obj(key: bytes, tokens: int = 16) -> bytes:
+    kv = torch.randn(SPEC.chunk_shape(tokens)).half()
+    return join_parts(encode_object(meta_for(key, SPEC.fingerprint, kv, False), kv))
+
+
+def serve(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run `kvstore serve` expecting it to exit on its own (an error)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    return subprocess.run([sys.executable, "-m", "kvstore", "serve", *args], capture_output=True, text=True,
+                          env={**base, **(env or {})}, timeout=timeout)
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("kvstore: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_start_and_stop_are_each_one_info_line(tmp_path):
+    d = Daemon(tmp_path, "--disk-capacity", "64MiB")
+    code = d.stop(signal.SIGTERM)
+    log = (tmp_path / "daemon.log").read_text()
+    assert code == 0
+    started = [ln for ln in log.splitlines() if "kvstore daemon serving" in ln]
+    assert len(started) == 1, log
+    assert f"http://127.0.0.1:{d.port}" in started[0] and "cpu 256.0 MiB" in started[0]
+    assert f"disk 64.0 MiB at {tmp_path / 'disk'}, codec raw" in started[0] and "auth: open" in started[0]
+    assert sum("kvstore daemon stopped after" in ln for ln in log.splitlines()) == 1, log
+
+
+def test_operator_mistakes_are_one_line_errors(tmp_path):
+    one_line_error(serve("--port", "99999", "--no-disk"), "serve.port must be in 1..65535, got 99999")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    one_line_error(serve("--disk-path", str(blocker / "cache")), "tiers.disk.path", "cannot write there")
+    one_line_error(serve("--no-disk", env={"KVSTORE_SERVE_PROT": "1"}),
+                   "unknown environment variable KVSTORE_SERVE_PROT", "did you mean KVSTORE_SERVE_PORT?")
+    one_line_error(serve("--host", "0.0.0.0", "--no-disk"), "--host 0.0.0.0 without --key-file", "--insecure")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(serve("--port", str(port), "--no-disk"), f"cannot listen on 127.0.0.1:{port}",
+                       "in use")
+
+
+def test_doubtful_budgets_are_warned_of_at_start(tmp_path):
+    d = Daemon(tmp_path, "--cpu-capacity", "10", "--disk-capacity", "1PiB")
+    d.stop()
+    log = (tmp_path / "daemon.log").read_text()
+    assert "tiers.cpu.capacity is 10 B: too small for any KV object" in log
+    assert f"tiers.disk.capacity 1.0 PiB exceeds the" in log and f"free at {tmp_path / 'disk'}:" in log
+
+
+def test_an_unknown_path_is_404_without_a_key(tmp_path):
+    kf = tmp_path / "keys.yaml"
+    kf.write_text("keys:\n  k: {tenant: a}\n")
+    d = Daemon(tmp_path, key_file=kf)
+    try:
+        for path in ("/", "/v2/nothing"):
+            conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=5)
+            conn.request("GET", path)
+            assert conn.getresponse().status == 404
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=5)
+        conn.request("GET", "/v1/stats")
+        assert conn.getresponse().status == 401
+    finally:
+        d.stop()
+
+
+def test_a_client_of_a_daemon_that_is_down_names_its_url():
+    port = free_port()
+    with pytest.raises(DaemonUnreachable, match=f"cannot reach the kvstore daemon at kvstore://127.0.0.1:{port}"):
+        DaemonClient(f"kvstore://127.0.0.1:{port}", retries=0).stats()
+
+
+def test_kvstore_config_hides_secrets(tmp_path):
+    env = {"KVSTORE_REMOTE_URL": "kvstore://h:1", "KVSTORE_REMOTE_API_KEY": "sk-secret-1",
+           "KVSTORE_REDIS_URL": "redis://:hunter2@h:6379/0"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    r = subprocess.run([sys.executable, "-m", "kvstore", "config", "--disk-path", str(tmp_path)],
+                       capture_output=True, text=True, env={**base, **env})
+    assert r.returncode == 0, r.stderr
+    assert "sk-secret-1" not in r.stdout and "hunter2" not in r.stdout and "<redacted>" in r.stdout
+
+
+@pytest.fixture
+def tenants(tmp_path):
+    kf = tmp_path / "keys.yaml"
+    kf.write_text("keys:\n  kg: {tenant: gamma}\n  kd: {tenant: delta}\n  kadmin: {tenant: ops, admin: true}\n"
+                  "tenants:\n  gamma: {quota: 8000}\n")
+    metrics_port = free_port()
+    d = Daemon(tmp_path, "--metrics-port", str(metrics_port), key_file=kf)
+    d.metrics_port = metrics_port
+    yield d
+    d.stop()
+
+
+def _get(port: int, path: str, key: str | None = None) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
+    resp = conn.getresponse()
+    return resp.status, resp.read().decode()
+
+
+def test_a_tenant_sees_only_its_own_usage(tenants):
+    gamma, delta, admin = (DaemonClient(tenants.url, api_key=k) for k in ("kg", "kd", "kadmin"))
+    delta.put([(b"\x01" * 16, obj(b"\x01" * 16))])
+    before = delta.stats()
+    assert gamma.put([(bytes([i]) * 16, obj(bytes([i]) * 16)) for i in range(3)]) == 3
+    gamma.get([b"\x00" * 16])
+    after = delta.stats()
+    assert after == before and set(after) == {"tenant", "bytes", "objects", "tenants"}
+    assert after["tenant"] == "delta" and after["objects"] == 1 and set(after["tenants"]) == {"delta"}
+    mine = gamma.stats()
+    assert mine["objects"] == 3 and mine["quota"] == 8000 and "tiers" not in mine
+    everything = admin.stats()
+    assert everything["tenants"]["gamma"]["objects"] == 3 and everything["tenants"]["delta"]["objects"] == 1
+    assert everything["tiers"]["cpu"]["objects"] == 4
+    # /metrics lists every tenant: the operator's, never a tenant's.
+    assert _get(tenants.port, "/metrics")[0] == 401
+    assert _get(tenants.port, "/metrics", "kg")[0] == 403
+    status, text = _get(tenants.port, "/metrics", "kadmin")
+    assert status == 200 and 'kvstore_tenant_bytes{tenant="gamma"}' in text
+    status, text = _get(tenants.metrics_port, "/metrics")  # the loopback scrape listener needs no key
+    assert status == 200 and 'kvstore_tenant_objects{tenant="gamma"} 3.0' in text
+    assert _get(tenants.metrics_port, "/v1/stats")[0] == 404  # and serves nothing else
+
+
+def test_tenant_usage_and_quota_survive_a_restart(tenants):
+    gamma = DaemonClient(tenants.url, api_key="kg")
+    objs = [(bytes([i]) * 16, obj(bytes([i]) * 16)) for i in range(3)]
+    assert gamma.put(objs) == 3
+    held = gamma.stats()["bytes"]
+    assert tenants.stop() == 0
+    tenants.start()
+    gamma = DaemonClient(tenants.url, api_key="kg")
+    assert gamma.stats()["bytes"] == held and gamma.stats()["objects"] == 3
+    with pytest.raises(ServiceError) as e:  # the quota still counts what was stored before
+        gamma.put([(bytes([i]) * 16, obj(bytes([i]) * 16)) for i in range(10, 13)])
+    assert e.value.status == 403
+    gamma.delete([objs[0][0]])
+    assert tenants.stop() == 0
+    tenants.start()
+    assert DaemonClient(tenants.url, api_key="kg").stats()["objects"] == 2
+
+
+def test_metrics_follow_prometheus_conventions(tmp_path):
+    d = Daemon(tmp_path)
+    try:
+        c = DaemonClient(d.url)
+        c.put([(b"\x02" * 16, obj(b"\x02" * 16))])
+        c.get([b"\x02" * 16])
+        text = _get(d.port, "/metrics")[1]
+    finally:
+        d.stop()
+    types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE"))
+    for counter in ("kvstore_tier_hits", "kvstore_tier_evictions", "kvstore_tier_corrupt", "kvstore_requests",
+                    "kvstore_tier_load_seconds", "kvstore_received_bytes"):
+        assert types[f"{counter}_total"] == "counter", counter
+    assert not any(name.endswith("_created") for name in types)  # no per-series creation-time gauges
+    assert 'kvstore_tier_hits_total{tier="cpu"} 1.0' in text
+    for gauge in ("kvstore_tier_objects", "kvstore_tier_bytes", "kvstore_tenant_bytes"):
+        assert types[gauge] == "gauge", gauge
+    assert types["kvstore_object_bytes"] == types["kvstore_request_seconds"] == "histogram"
+    assert 'kvstore_object_bytes_count{op="put"} 1.0' in text and 'kvstore_object_bytes_count{op="get"} 1.0' in text
