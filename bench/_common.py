@@ -86,12 +86,12 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def start_daemon(workdir: str) -> tuple[subprocess.Popen, str]:
+def start_daemon(workdir: str, *extra: str, cpu: str = "6GiB") -> tuple[subprocess.Popen, str]:
     """A `kvstore serve` subprocess on a free loopback port (cpu + disk under workdir); yields
     its kvstore:// URL once /readyz answers. The caller terminates it."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--port", str(port), "--cpu-capacity", "6GiB",
-                             "--disk-path", os.path.join(workdir, "disk"), "--disk-capacity", "40GiB"],
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--port", str(port), "--cpu-capacity", cpu,
+                             "--disk-path", os.path.join(workdir, "disk"), "--disk-capacity", "40GiB", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")})
     for _ in range(300):

@@ -6,6 +6,7 @@ one connection each), and the lookup of a 128K-token prompt (512 chunk keys): th
 /v1/lookup against a pipelined EXISTS of the same 512 keys in Redis.
 
     python bench/service.py [--rounds 3]
+    python bench/service.py --load [--load-seconds 120] [--load-clients 64] [--load-budget 256MiB]
 """
 
 from __future__ import annotations
@@ -55,7 +56,14 @@ def parallel(clients: int, work: list, fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--load", action="store_true", help="the load test instead (see bench/_load.py)")
+    ap.add_argument("--load-seconds", type=float, default=120.0)
+    ap.add_argument("--load-clients", type=int, default=64)
+    ap.add_argument("--load-budget", default="256MiB", help="the daemon's memory budget under load")
     args = ap.parse_args()
+    if args.load:
+        load(args)
+        return
     workdir = tempfile.mkdtemp(prefix="kvstore-bench-svc-")
     proc, url = start_daemon(workdir)
     rows = [["object", "clients", "op", "daemon GB/s", "redis GB/s", "ratio"]]
@@ -124,6 +132,35 @@ def main() -> None:
                  ["daemon /v1/lookup", f"{1e3 * median(d_lat):.3f}", f"{1e3 * pct(d_lat, 0.99):.3f}"],
                  ["redis pipelined EXISTS", f"{1e3 * median(r_lat):.3f}", f"{1e3 * pct(r_lat, 0.99):.3f}"]]))
     print("goal: daemon lookup p50 under 1 ms")
+
+
+def load(args: argparse.Namespace) -> None:
+    from _load import run_load  # noqa: E402
+
+    from kvstore.config import format_size, parse_size
+
+    budget = parse_size(args.load_budget)
+    workdir = tempfile.mkdtemp(prefix="kvstore-bench-load-")
+    proc, url = start_daemon(workdir, cpu=str(budget))
+    try:
+        res = run_load(url, proc.pid, budget, clients=args.load_clients, seconds=args.load_seconds)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
+    rows = [["op", "ops/s", "p50 ms", "p99 ms"]]
+    for op, values in res["lat"].items():
+        rows.append([op, f"{len(values) / args.load_seconds:.0f}", f"{1e3 * median(values):.2f}" if values else "-",
+                     f"{1e3 * pct(values, 0.99):.2f}" if values else "-"])
+    print(f"{args.load_clients} clients for {args.load_seconds:.0f} s over {res['objects']} objects of "
+          f"{format_size(res['object_bytes'])} ({format_size(res['objects'] * res['object_bytes'])}, twice the "
+          f"{format_size(budget)} memory budget); mix get 60% / put 25% / lookup 15%")
+    print(table(rows))
+    grown = res["peak_rss"] - res["base_rss"]
+    print(f"errors {res['errors']} (goal 0){': ' + res['error_text'] if res['errors'] else ''}; wrong bytes "
+          f"{res['wrong']} (goal 0); get misses {res['misses']}")
+    print(f"daemon RSS: {format_size(res['base_rss'])} at start, peak {format_size(res['peak_rss'])}: grew "
+          f"{format_size(grown)} = {grown / budget:.2f}x the memory budget (goal <= 1.10x)")
 
 
 if __name__ == "__main__":

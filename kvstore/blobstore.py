@@ -188,6 +188,11 @@ class BlobStore:
         self.stack.clear()
         self.owners.clear()
 
+    def clear_owner(self, owner: str) -> int:
+        """Delete every object accounted to ``owner``; returns how many a tier held."""
+        keys = self.owners.keys_of(owner)
+        return self.delete(keys) if keys else 0
+
     def usage(self, owner: str) -> int:
         return self.owners.usage(owner)
 
@@ -196,8 +201,6 @@ class BlobStore:
 
     def stats(self) -> dict[str, Any]:
         _store, tiers = self.stack.tier_stats()
-        for entry in tiers.values():
-            entry.pop("queued_writes", None)
         return {"tiers": tiers, "pinned_objects": len(self.pins.active()), "tenants": self.owners.summary()}
 
     def close(self) -> None:

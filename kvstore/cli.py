@@ -37,17 +37,21 @@ def add_store_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-disk", action="store_true", help="disable the disk tier")
 
 
+STORE_FLAGS = (("chunk_size", None, "chunk_size"), ("tenant", None, "tenant"),
+               ("cpu_capacity", "cpu", "capacity"), ("cpu_prealloc", "cpu", "prealloc"), ("disk_path", "disk", "path"),
+               ("disk_capacity", "disk", "capacity"), ("disk_codec", "disk", "codec"), ("redis_url", "redis", "url"))
+"""(argparse dest, tier or None for a top-level key, option): what each store flag sets."""
+
+
 def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     over: dict[str, Any] = {}
     tiers: dict[str, dict[str, Any]] = {}
-    for flag, key in (("chunk_size", "chunk_size"), ("tenant", "tenant")):
-        if getattr(args, flag, None) is not None:
-            over[key] = getattr(args, flag)
-    for flag, tier, opt in (("cpu_capacity", "cpu", "capacity"), ("cpu_prealloc", "cpu", "prealloc"),
-                            ("disk_path", "disk", "path"),
-                            ("disk_capacity", "disk", "capacity"), ("disk_codec", "disk", "codec"),
-                            ("redis_url", "redis", "url")):
-        if getattr(args, flag, None) is not None:
+    for flag, tier, opt in STORE_FLAGS:
+        if getattr(args, flag, None) is None:
+            continue
+        if tier is None:
+            over[opt] = getattr(args, flag)
+        else:
             tiers.setdefault(tier, {})[opt] = getattr(args, flag)
     if tiers:
         over["tiers"] = tiers
@@ -129,7 +133,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 SERVE_OPTIONS = ("host", "port", "key_file", "max_body_bytes", "max_batch", "request_timeout_s",
-                 "lmcache_port", "lmcache_host", "lmcache_tenant", "insecure", "metrics_port", "metrics_host")
+                 "lmcache_port", "lmcache_host", "lmcache_tenant", "insecure", "metrics_port", "metrics_host",
+                 "tls_cert", "tls_key")
 
 
 def _repo_root() -> Path | None:
@@ -198,10 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--metrics-port", dest="metrics_port", type=int,
                      help="also serve /metrics without a key on this port (for Prometheus; off by default)")
     srv.add_argument("--metrics-host", dest="metrics_host", help="bind address of that listener (default 127.0.0.1)")
+    srv.add_argument("--tls-cert", dest="tls_cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    srv.add_argument("--tls-key", dest="tls_key", metavar="PEM", help="the certificate's private key")
     srv.add_argument("--insecure", action="store_true", default=None,
                      help="allow a non-loopback --host without --key-file (every client is then an admin)")
     add_store_options(srv)
     srv.set_defaults(func=_cmd_serve)
+
+    from kvstore.admin import add_admin_parser
+
+    add_admin_parser(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/ (source checkout)",
                            description="Run bench/NAME.py with the remaining arguments; without NAME, list them.")

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 from kvstore.buffers import unzeroed
 from kvstore.errors import KVStoreError
 from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, Blob, pack_batch, pack_control, unpack_batch,
                           unpack_control)
+
+
+TENANT_HEADER = "X-Kvstore-Tenant"
+"""Sent with an admin key: act on that tenant's objects (its keys, its usage)."""
 
 
 class ServiceError(KVStoreError):
@@ -70,19 +75,39 @@ def decode_result(status: int, ctype: str, data: bytes | memoryview) -> Any:
     return data
 
 
-def parse_url(url: str) -> tuple[str, int]:
-    """``kvstore://host:port`` or ``http://host:port`` -> (host, port)."""
+class Address(NamedTuple):
+    host: str
+    port: int
+    tls: bool
+
+
+TLS_SCHEMES = ("kvstores", "https")
+
+
+def parse_url(url: str) -> Address:
+    """``kvstore://host:port`` / ``http://`` (plain), ``kvstores://`` / ``https://`` (TLS)."""
     parts = urlsplit(url if "://" in url else f"kvstore://{url}")
-    if parts.scheme not in ("kvstore", "http") or not parts.hostname:
-        raise KVStoreError(f"daemon URL must look like kvstore://host:port, got {url!r}")
-    return parts.hostname, parts.port or 8765
+    if parts.scheme not in ("kvstore", "http", *TLS_SCHEMES) or not parts.hostname:
+        raise KVStoreError(f"daemon URL must look like kvstore://host:port (kvstores:// for TLS), got {url!r}")
+    return Address(parts.hostname, parts.port or 8765, parts.scheme in TLS_SCHEMES)
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verifying the daemon's certificate and name, against ``ca_file`` or the system's CAs."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise KVStoreError(f"cannot load the CA file {ca_file}: {exc}") from None
 
 
 class DaemonClient:
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2,
-                 backoff_s: float = 0.1) -> None:
-        self.host, self.port = parse_url(url)
+                 backoff_s: float = 0.1, tenant: str | None = None, tls_ca: str | None = None) -> None:
+        self.host, self.port, tls = parse_url(url)
+        self.url = f"{'kvstores' if tls else 'kvstore'}://{self.host}:{self.port}"
+        self._tls = tls_context(tls_ca) if tls else None
         self.api_key = api_key
+        self.tenant = tenant  # with an admin key: act as this tenant
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -95,7 +120,9 @@ class DaemonClient:
         connection the daemon may have dropped, by a restart or an idle timeout)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            conn = self._local.conn = (
+                http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout_s, context=self._tls)
+                if self._tls is not None else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s))
             self._local.used = False
         return conn, self._local.used
 
@@ -110,6 +137,8 @@ class DaemonClient:
         headers = {"Content-Type": content_type}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        if self.tenant:
+            headers[TENANT_HEADER] = self.tenant
         if isinstance(body, (list, tuple)):
             headers["Content-Length"] = str(sum(memoryview(p).nbytes for p in body))
         delay = self.backoff_s
@@ -135,7 +164,7 @@ class DaemonClient:
                 if reused:  # a stale kept-alive connection: one fresh one at once, not a failure
                     continue
                 if attempt == self.retries:
-                    raise DaemonUnreachable(f"kvstore://{self.host}:{self.port}", exc) from exc
+                    raise DaemonUnreachable(self.url, exc) from exc
                 attempt += 1
                 time.sleep(delay)
                 delay *= 2
@@ -179,8 +208,9 @@ class DaemonClient:
     def delete(self, keys: Sequence[bytes]) -> int:
         return int(self._call("/v1/delete", {"keys": list(keys)})["deleted"])
 
-    def clear(self) -> None:
-        self._call("/v1/clear", {})
+    def clear(self, tenant: str | None = None) -> int | None:
+        """Everything, or one tenant's objects (returns how many were deleted); admin only."""
+        return self._call("/v1/clear", {} if tenant is None else {"tenant": tenant}).get("deleted")
 
     def stats(self) -> dict[str, Any]:
         return self._call("/v1/stats", method="GET")

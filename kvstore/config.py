@@ -22,7 +22,7 @@ from kvstore.tiers.registry import TierKind, default_cache_dir, tier_kind, tier_
 WRITE_POLICIES = ("through", "demote")
 QUEUE_FULL_POLICIES = ("block", "drop")
 RESERVED_ENV = ("KVSTORE_CONFIG", "KVSTORE_LOG_LEVEL")
-RESERVED_ENV_PREFIXES = ("KVSTORE_SERVE_",)  # the daemon's own settings
+RESERVED_ENV_PREFIXES = ("KVSTORE_SERVE_", "KVSTORE_ADMIN_")  # the daemon's own settings, kvstore admin's
 RESERVED_ENV_SUFFIXES = ("_TESTS", "_VENV")  # the test scripts' switches (KVSTORE_SGLANG_TESTS=1)
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
@@ -64,27 +64,30 @@ class TierConfig:
     the options it takes; unused fields stay at defaults. ``extra`` holds the options of a kind
     that are not fields here (a kind registered outside kvstore)."""
 
-    kind: str
-    capacity: int | None = None  # bytes; required for device/cpu/disk, Redis uses its own maxmemory
-    codec: str = "raw"
-    write: str = "through"  # through: every put is copied down here; demote: only evictions land
-    path: str | None = None
-    fsync: bool = False
+    # Field comments are the documentation: scripts/config_reference.py turns them into
+    # docs/configuration.md, and a test fails when a field has none or the file is stale.
+    kind: str  # the tier kind (device, cpu, disk, redis, remote, or a registered one)
+    capacity: int | None = None  # byte budget (4GiB, 512MB, ...); required for device/cpu/disk; Redis uses its maxmemory
+    codec: str = "raw"  # codec of the objects this tier writes (raw, lz4, int8, fp8, cachegen[:level])
+    write: str = "through"  # through: every put is copied down here; demote: only evictions land here
+    path: str | None = None  # disk: the cache directory (default ~/.cache/kvstore)
+    fsync: bool = False  # disk: fsync each object before it gets its name (survives power loss)
     # disk: other processes write this directory too; an index miss checks the file system.
     shared: bool = False
     # cpu tier: reserve and pre-fault the whole budget at start (the daemon's arena, a store's
     # slot pool): puts then never wait on page faults, at the price of holding it from the start.
     prealloc: bool = False
-    url: str | None = None
-    ttl_s: float | None = None
-    timeout_s: float = 2.0
-    key_prefix: str = "kvstore:"
-    cluster: bool = False  # Redis Cluster (also implied by a redis+cluster:// URL)
-    api_key: str | None = None  # for the remote (daemon) tier
-    device: str | None = None
-    pin_fraction: float = 0.5
-    queue_size: int = 64
-    extra: dict[str, Any] = field(default_factory=dict)
+    url: str | None = None  # redis: redis://host:port/db (redis+cluster:// for a cluster); remote: kvstore://host:port
+    ttl_s: float | None = None  # redis: expire objects after this many seconds (pins extend it)
+    timeout_s: float = 2.0  # redis/remote: per-call timeout; a slower backend is skipped with back-off
+    key_prefix: str = "kvstore:"  # redis: prefix of every key kvstore writes
+    cluster: bool = False  # redis: Redis Cluster (also implied by a redis+cluster:// URL)
+    api_key: str | None = None  # remote: the daemon's API key
+    tls_ca: str | None = None  # remote over kvstores://: CA file to verify the daemon (default: system CAs)
+    device: str | None = None  # device tier: torch device (default cuda when available, else cpu)
+    pin_fraction: float = 0.5  # share of the capacity pins may hold; pinning past it is refused
+    queue_size: int = 64  # writes queued for this tier before queue_full applies
+    extra: dict[str, Any] = field(default_factory=dict)  # options of a kind registered outside kvstore
 
     def __post_init__(self) -> None:
         kind = _kind(self.kind)
@@ -152,16 +155,16 @@ def _default_tiers() -> dict[str, TierConfig]:
 class StoreConfig:
     """Everything a KVStore needs besides the model's KVSpec."""
 
-    chunk_size: int = 256
-    tenant: str = "default"
-    salt: str = ""
-    tiers: dict[str, TierConfig] = field(default_factory=_default_tiers)
-    save_partial: bool = True
-    promote: bool = True
+    chunk_size: int = 256  # tokens per chunk: the unit of keys, storage and hits
+    tenant: str = "default"  # mixed into every key: tenants never share KV
+    salt: str = ""  # mixed into every key as well (e.g. a deployment or experiment name)
+    tiers: dict[str, TierConfig] = field(default_factory=_default_tiers)  # the tiers, by kind (see below)
+    save_partial: bool = True  # store a trailing partial chunk (the next chat turn still hits it)
+    promote: bool = True  # copy hits in slower tiers into faster ones
     queue_full: str = "block"  # block (back-pressure, up to put_timeout_s) or drop (counted)
-    put_timeout_s: float = 0.5
-    pin_sweep_s: float = 1.0
-    max_pin_ttl_s: float = 7 * 86400.0
+    put_timeout_s: float = 0.5  # how long a put may wait on a full write queue
+    pin_sweep_s: float = 1.0  # how often expired pins are released
+    max_pin_ttl_s: float = 7 * 86400.0  # the longest pin a caller may ask for
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:

@@ -134,6 +134,32 @@ def read_meta(blob: bytes | bytearray | memoryview) -> tuple[ObjectMeta, memoryv
     return header.meta, payload
 
 
+ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1}
+"""Bytes per element of each dtype name objects record (kvstore.spec.DTYPES), without torch."""
+
+
+def recode(blob: bytes | bytearray | memoryview, codec_name: str) -> list[bytes | memoryview]:
+    """The same verified object in byte codec ``codec_name`` (raw <-> lz4), without torch: how the
+    daemon applies a tier's lossless codec to objects it never decodes. An object in a codec that
+    is not a byte codec (lossy ones: their bytes are not the tensor's) is returned as it came."""
+    from kvstore.codecs import CodecError, get_codec
+
+    meta, payload = read_meta(blob)
+    if meta.codec == codec_name:
+        return [blob]
+    src, dst = get_codec(meta.codec), get_codec(codec_name)
+    if not (src.bytewise and dst.bytewise) or meta.dtype not in ITEM_BYTES:
+        return [blob]
+    nbytes = ITEM_BYTES[meta.dtype]
+    for dim in meta.shape:
+        nbytes *= dim
+    try:
+        raw = src.decode_bytes(payload, nbytes)
+    except CodecError as exc:
+        raise CorruptObjectError(f"codec {meta.codec!r} failed: {exc}") from exc
+    return pack_object(meta, dst.encode_bytes(memoryview(raw)), codec_name)
+
+
 def check_meta(meta: ObjectMeta, expect: ObjectMeta) -> None:
     """A well-formed object for another chunk or model is as wrong as a corrupt one."""
     for name in ("key", "fingerprint", "shape", "dtype", "num_tokens"):

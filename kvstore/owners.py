@@ -117,6 +117,10 @@ class OwnerLedger:
             self._bytes.clear()
             self._objects.clear()
 
+    def keys_of(self, owner: str) -> list[bytes]:
+        with self._lock:
+            return [k for k, (o, _size) in self._owner.items() if o == owner]
+
     def usage(self, owner: str) -> int:
         return self._bytes.get(owner, 0)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from kvstore.config import StoreConfig
 from kvstore.errors import ConfigError, CorruptObjectError
-from kvstore.objects import ObjectMeta, decode_payload, encode_object, join_parts, read_meta
+from kvstore.objects import ObjectMeta, decode_payload, encode_object, join_parts, read_meta, recode
 from kvstore.pins import PinRegistry, check_pin_budget
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier, TierContext
@@ -63,6 +63,8 @@ class TierStack:
         self._on_drop = on_drop
         self._stop = threading.Event()
         self._said: set[tuple[str, str]] = set()
+        if self.opaque:
+            _check_opaque_codecs(config)
         context = TierContext(spec, config.chunk_size, self.counters, self.pins, namespace, self._on_evict)
         try:
             for tc in config.tiers.values():
@@ -145,6 +147,12 @@ class TierStack:
     def _tensor(meta: ObjectMeta, blob: Blob) -> torch.Tensor:
         return decode_payload(meta, read_meta(blob)[1])
 
+    def _recode(self, tier: Tier, meta: ObjectMeta) -> str | None:
+        """In an opaque stack, the byte codec a tier with a codec wants the object in (``raw``, the
+        default, keeps objects as they came); lossy codecs are refused for such tiers at start."""
+        codec = tier.config.codec
+        return codec if self.opaque and codec not in ("raw", meta.codec) else None
+
     def _as_encoded(self, tier: Tier, meta: ObjectMeta) -> bool:
         """Whether ``tier`` takes the object's encoded bytes as they are (an opaque stack never
         re-encodes; otherwise only a tier configured with the object's codec)."""
@@ -153,7 +161,7 @@ class TierStack:
     def _pending(self, tier: Tier, meta: ObjectMeta, kv: torch.Tensor | None, blob: Blob | None) -> PendingWrite:
         """A write for a slower tier that owns its data (the caller's buffers are reused)."""
         if blob is not None and self._as_encoded(tier, meta):
-            return PendingWrite(meta, blob=[bytes(blob)])
+            return PendingWrite(meta, blob=[bytes(blob)], recode=self._recode(tier, meta))
         if kv is None:
             kv = self._tensor(meta, blob)  # another codec: decoded here, encoded by the writer
             return PendingWrite(meta, kv)
@@ -172,8 +180,11 @@ class TierStack:
             if writer is not None:
                 return writer.submit(self._pending(tier, meta, kv, blob))
             assert isinstance(tier, BlobTier)
-            parts = [blob] if blob is not None and self._as_encoded(tier, meta) \
-                else encode_object(meta, kv if kv is not None else self._tensor(meta, blob), tier.config.codec)
+            if blob is not None and self._as_encoded(tier, meta):
+                codec = self._recode(tier, meta)
+                parts = recode(blob, codec) if codec else [blob]
+            else:
+                parts = encode_object(meta, kv if kv is not None else self._tensor(meta, blob), tier.config.codec)
             return tier.put_blobs([(meta, parts)]) > 0
         except CorruptObjectError as exc:
             log.warning("object %s not copied into tier %s: %s", meta.key.hex(), tier.name, exc)
@@ -239,8 +250,10 @@ class TierStack:
             took = view is not None
         else:
             assert isinstance(first, BlobTier)
-            took = first.put_blobs([(meta, parts if parts is not None else
-                                     encode_object(meta, kv, first.config.codec))]) > 0
+            codec = self._recode(first, meta)
+            if parts is None:
+                parts = encode_object(meta, kv, first.config.codec)
+            took = first.put_blobs([(meta, recode(join_parts(parts), codec) if codec else parts)]) > 0
         self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
         if not through:
             return took
@@ -256,7 +269,7 @@ class TierStack:
                 item = PendingWrite(meta, view, release=lambda k=meta.key: first.release(k))
             elif parts is not None and self._as_encoded(tier, meta):
                 kept = kept or (list(parts) if keep_parts else [join_parts(parts)])
-                item = PendingWrite(meta, blob=kept)
+                item = PendingWrite(meta, blob=kept, recode=self._recode(tier, meta))
             else:
                 assert kv is not None, "an object in another codec needs the tensor"
                 owned = owned if owned is not None else kv.detach().to("cpu", copy=True).contiguous()
@@ -319,6 +332,18 @@ class TierStack:
             writer.close()
         for tier in self.tiers:
             tier.close()
+
+
+def _check_opaque_codecs(config: StoreConfig) -> None:
+    """A store of opaque objects can only apply byte codecs: a lossy one would need torch and the
+    model's tensors, and must be chosen by the engines, which then send objects already in it."""
+    from kvstore.codecs import get_codec
+
+    for tc in config.tiers.values():
+        if tc.codec != "raw" and not get_codec(tc.codec).bytewise:
+            raise ConfigError(f"tiers.{tc.kind}.codec {tc.codec!r} is lossy: the daemon stores engines' objects "
+                              f"without decoding them, so it applies only lossless byte codecs (raw, lz4); set a "
+                              f"lossy codec on the engines' tiers instead")
 
 
 __all__ = ["TierStack", "rekey"]

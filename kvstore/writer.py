@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from kvstore.objects import ObjectMeta, encode_object
+from kvstore.objects import ObjectMeta, encode_object, join_parts, recode
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
 
@@ -35,6 +35,7 @@ class PendingWrite:
     tensor: torch.Tensor | None = None
     release: Callable[[], None] | None = None
     blob: list[bytes | memoryview] | None = None
+    recode: str | None = None  # write ``blob`` in this byte codec (an opaque store's tier codec)
 
     def done(self) -> None:
         if self.release is not None:
@@ -94,7 +95,7 @@ class TierWriter:
             encoded = []
             for w in work:
                 if w.blob is not None:
-                    parts = w.blob
+                    parts = recode(join_parts(w.blob), w.recode) if w.recode else w.blob
                 else:
                     assert w.tensor is not None, "a pending write carries a tensor or an encoded object"
                     parts = encode_object(w.meta, w.tensor, codec)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import aiohttp
 
 from kvstore.client import DaemonClient as KVStoreClient
-from kvstore.client import ServiceError, decode_result, parse_url
+from kvstore.client import ServiceError, decode_result, parse_url, tls_context
 from kvstore.wire import BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, pack_batch, pack_control, unpack_batch
 
 __all__ = ["AsyncKVStoreClient", "KVStoreClient", "ServiceError"]
@@ -23,9 +23,10 @@ __all__ = ["AsyncKVStoreClient", "KVStoreClient", "ServiceError"]
 
 class AsyncKVStoreClient:
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2,
-                 backoff_s: float = 0.1, pool_size: int = 16) -> None:
-        host, port = parse_url(url)
-        self.base = f"http://{host}:{port}"
+                 backoff_s: float = 0.1, pool_size: int = 16, tls_ca: str | None = None) -> None:
+        host, port, tls = parse_url(url)
+        self.base = f"{'https' if tls else 'http'}://{host}:{port}"
+        self._ssl = tls_context(tls_ca) if tls else None
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.retries = retries
         self.backoff_s = backoff_s
@@ -42,7 +43,8 @@ class AsyncKVStoreClient:
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self.headers,
-                                                  connector=aiohttp.TCPConnector(limit=self._pool_size))
+                                                  connector=aiohttp.TCPConnector(limit=self._pool_size,
+                                                                                 ssl=self._ssl or True))
         return self._session
 
     async def _request(self, method: str, path: str, body: bytes, content_type: str) -> tuple[int, str, bytes]:

@@ -29,7 +29,8 @@ def openapi() -> dict[str, Any]:
                             {"pinned": {"type": "integer"}}, ["keys", "ttl_s"]),
         "/v1/unpin": _control("Release pins", {"keys": _KEYS}, {"unpinned": {"type": "integer"}}, ["keys"]),
         "/v1/delete": _control("Delete keys", {"keys": _KEYS}, {"deleted": {"type": "integer"}}, ["keys"]),
-        "/v1/clear": _control("Delete everything (admin)", {}, {"cleared": {"type": "boolean"}}, []),
+        "/v1/clear": _control("Delete everything, or one tenant's objects (admin)", {"tenant": {"type": "string"}},
+                              {"cleared": {"type": "boolean"}, "deleted": {"type": "integer"}}, []),
         "/v1/get": {"post": {
             "summary": "Fetch objects: a batch body (u32 header length, msgpack header, raw objects)",
             "requestBody": {"required": True, "content": {"application/msgpack": {
@@ -43,12 +44,13 @@ def openapi() -> dict[str, Any]:
             "responses": {"200": {"description": "stored count"}, "400": {"description": "malformed or corrupt object"},
                           "401": {"description": "unauthorized"}, "403": {"description": "tenant quota exceeded"},
                           "413": {"description": "body too large"}}}},
-        "/v1/stats": {"get": {"summary": "Counters per tier and the caller's usage",
+        "/v1/stats": {"get": {"summary": "Admin: counters per tier and every tenant's usage; a tenant: its own usage",
                               "responses": {"200": {"description": "JSON stats"}}}},
         "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "ok"}}}},
         "/readyz": {"get": {"summary": "Store is open and accepting requests",
                             "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (admin key, or the --metrics-port listener)",
+                             "responses": {"200": {"description": "text format"}, "403": {"description": "not admin"}}}},
     }
     return {"openapi": "3.0.3", "info": {"title": "kvstore daemon", "version": "1"},
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

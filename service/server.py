@@ -28,6 +28,7 @@ from kvstore.service import startup
 from kvstore.service.auth import KeyFile, Principal, storage_key
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
+from kvstore.client import TENANT_HEADER
 from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, WireError, batch_header, check_keys,
                           pack_control, unpack_batch, unpack_control)
 
@@ -38,25 +39,31 @@ _OPEN = {"/healthz", "/readyz", "/openapi.json"}
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765
-    key_file: str | None = None
-    max_body_bytes: int = 2 * 1024**3
-    max_batch: int = 4096
-    request_timeout_s: float = 120.0
-    lmcache_port: int | None = None      # LMCache lm:// listener, off by default
-    lmcache_host: str = "127.0.0.1"
-    lmcache_tenant: str = "lmcache"
+    """The daemon's own options (``serve:`` in a config file, ``KVSTORE_SERVE_*``, flags)."""
+
+    host: str = "127.0.0.1"  # bind address; beyond loopback it needs key_file (or insecure)
+    port: int = 8765  # HTTP port
+    key_file: str | None = None  # YAML of API keys -> tenants and quotas (none: open, one admin tenant)
+    max_body_bytes: int = 2 * 1024**3  # largest request body
+    max_batch: int = 4096  # most keys per request
+    request_timeout_s: float = 120.0  # a request running longer is answered 503
+    lmcache_port: int | None = None  # also speak LMCache's lm:// protocol on this port (off by default)
+    lmcache_host: str = "127.0.0.1"  # bind address of the lm:// listener
+    lmcache_tenant: str = "lmcache"  # tenant that lm:// objects belong to
     insecure: bool = False  # allow a non-loopback bind without a key file (anyone is admin)
     metrics_port: int | None = None  # /metrics without a key on its own listener (for Prometheus)
-    metrics_host: str = "127.0.0.1"
-    store: StoreConfig = field(default_factory=StoreConfig)
+    metrics_host: str = "127.0.0.1"  # bind address of the metrics listener
+    tls_cert: str | None = None  # PEM certificate (chain): serve HTTPS (kvstores:// for clients)
+    tls_key: str | None = None  # PEM private key of tls_cert
+    store: StoreConfig = field(default_factory=StoreConfig)  # the tiers (the rest of the config file)
 
     def __post_init__(self) -> None:
         for name in ("port", "lmcache_port", "metrics_port"):
             port = getattr(self, name)
             if port is not None and not 0 < port < 65536:
                 raise ConfigError(f"serve.{name} must be in 1..65535, got {port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("serve.tls_cert and serve.tls_key go together (--tls-cert and --tls-key)")
         if self.max_batch < 1:
             raise ConfigError(f"serve.max_batch must be >= 1, got {self.max_batch}")
         if self.request_timeout_s <= 0:
@@ -136,6 +143,12 @@ class Daemon:
                 if principal is None:
                     status = 401
                     return _error(401, "missing or invalid API key (Authorization: Bearer KEY)")
+                acting = request.headers.get(TENANT_HEADER)
+                if acting:  # an operator acting on one tenant's objects (kvstore admin --tenant)
+                    if not principal.admin:
+                        status = 403
+                        return _error(403, f"{TENANT_HEADER} needs an admin key")
+                    principal = dataclasses.replace(principal, tenant=acting)
                 request["principal"] = principal
             resp = await asyncio.wait_for(handler(request), self.config.request_timeout_s)
             status = resp.status
@@ -269,10 +282,16 @@ class Daemon:
         return _msgpack({"deleted": await self._run(self.store.delete, skeys)})
 
     async def clear(self, request: web.Request) -> web.Response:
+        """Everything (admin), or one tenant's objects (``{"tenant": NAME}``, admin)."""
         if not request["principal"].admin:
             return _error(403, "clear needs an admin key")
-        await self._run(self.store.clear)
-        return _msgpack({"cleared": True})
+        tenant = (await self._control(request)).get("tenant")
+        if tenant is None:
+            await self._run(self.store.clear)
+            return _msgpack({"cleared": True})
+        if not isinstance(tenant, str) or not tenant:
+            raise WireError("'tenant' must be a tenant name")
+        return _msgpack({"cleared": True, "deleted": await self._run(self.store.clear_owner, tenant)})
 
     async def stats(self, request: web.Request) -> web.Response:
         """An admin sees the tiers and every tenant; a tenant sees only its own usage: tier-wide
@@ -370,7 +389,7 @@ def serve(config: ServeConfig) -> None:
 
     try:
         web.run_app(daemon.app(), host=config.host, port=config.port, shutdown_timeout=30, print=listening,
-                    access_log=None)
+                    access_log=None, ssl_context=startup.tls_context(config))
     except OSError as exc:  # the bind: a port in use, an address this host does not have
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {reason}") from None

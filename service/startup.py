@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from typing import TYPE_CHECKING
 
 from kvstore.config import TierConfig, format_size
@@ -48,6 +49,19 @@ def check(config: ServeConfig, keys: KeyFile) -> None:
         log.warning("serving %s without a key file (--insecure): every client is an admin", config.host)
 
 
+def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
+    """The server side of TLS, from the PEM files given; a file that does not load is one line."""
+    if config.tls_cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load --tls-cert {config.tls_cert} / --tls-key {config.tls_key}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    return ctx
+
+
 def _tier(tc: TierConfig) -> str:
     where = {"disk": tc.path, "redis": tc.url}.get(tc.kind)
     codec = "" if tc.is_memory else f", codec {tc.codec}"
@@ -58,7 +72,8 @@ def _tier(tc: TierConfig) -> str:
 def started_line(config: ServeConfig, keys: KeyFile) -> str:
     auth = (f"{len(keys.keys)} API key(s) for {len({p.tenant for p in keys.keys.values()})} tenant(s)"
             if keys.enabled else "open, no key file (one tenant, admin for all)")
-    line = (f"kvstore daemon serving http://{config.host}:{config.port}; tiers: "
+    scheme = "https" if config.tls_cert else "http"
+    line = (f"kvstore daemon serving {scheme}://{config.host}:{config.port}; tiers: "
             f"{'; '.join(_tier(t) for t in config.store.tiers.values())}; auth: {auth}")
     if config.lmcache_port is not None:
         line += f"; LMCache lm:// on {config.lmcache_host}:{config.lmcache_port}"

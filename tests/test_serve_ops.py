@@ -75,7 +75,7 @@ def test_doubtful_budgets_are_warned_of_at_start(tmp_path):
     d.stop()
     log = (tmp_path / "daemon.log").read_text()
     assert "tiers.cpu.capacity is 10 B: too small for any KV object" in log
-    assert f"tiers.disk.capacity 1.0 PiB exceeds the" in log and f"free at {tmp_path / 'disk'}:" in log
+    assert "tiers.disk.capacity 1.0 PiB exceeds the" in log and f"free at {tmp_path / 'disk'}:" in log
 
 
 def test_an_unknown_path_is_404_without_a_key(tmp_path):
@@ -190,3 +190,146 @@ def test_metrics_follow_prometheus_conventions(tmp_path):
         assert types[gauge] == "gauge", gauge
     assert types["kvstore_object_bytes"] == types["kvstore_request_seconds"] == "histogram"
     assert 'kvstore_object_bytes_count{op="put"} 1.0' in text and 'kvstore_object_bytes_count{op="get"} 1.0' in text
+
+
+def admin(url: str, *args: str, key: str | None = None, **kw) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    env = {**base, "KVSTORE_ADMIN_URL": url, **({"KVSTORE_ADMIN_KEY": key} if key else {}), **kw.pop("env", {})}
+    return subprocess.run([sys.executable, "-m", "kvstore", "admin", *args], capture_output=True, text=True,
+                          env=env, timeout=60, **kw)
+
+
+def test_kvstore_admin_against_a_live_daemon(tenants):
+    url = tenants.url
+    gamma = DaemonClient(url, api_key="kg")
+    keys = [bytes([i]) * 16 for i in range(3)]
+    gamma.put([(k, obj(k)) for k in keys])
+    DaemonClient(url, api_key="kd").put([(b"\x09" * 16, obj(b"\x09" * 16))])
+    r = admin(url, "health")
+    assert r.returncode == 0 and "ready" in r.stdout
+    r = admin(url, "usage", key="kadmin")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert rows["gamma"][3] == "3" and rows["delta"][3] == "1" and rows["gamma"][-2:] == ["7.8", "KiB"]
+    r = admin(url, "stats", key="kadmin")
+    assert r.returncode == 0 and r.stdout.splitlines()[0].split()[:3] == ["tier", "objects", "bytes"]
+    r = admin(url, "stats", key="kg")  # a tenant's own view
+    assert r.returncode == 0 and "gamma" in r.stdout and "delta" not in r.stdout and "cpu" not in r.stdout
+    r = admin(url, "--tenant", "gamma", "pin", keys[0].hex(), "--ttl-s", "60", key="kadmin")
+    assert r.returncode == 0 and "pin: 1 of 1" in r.stdout
+    r = admin(url, "--tenant", "gamma", "delete", keys[1].hex(), key="kadmin")
+    assert r.returncode == 0 and "delete: 1 of 1" in r.stdout and gamma.exists(keys) == [True, False, True]
+    r = admin(url, "--tenant", "gamma", "clear", key="kadmin")
+    assert r.returncode == 2 and "add --yes" in r.stderr and gamma.exists(keys) == [True, False, True]
+    r = admin(url, "--tenant", "gamma", "clear", "--yes", key="kadmin")
+    assert r.returncode == 0 and "2 object(s)" in r.stdout and gamma.exists(keys) == [False] * 3
+    assert DaemonClient(url, api_key="kd").exists([b"\x09" * 16]) == [True]  # another tenant is untouched
+    # Mistakes are one line naming the daemon.
+    r = admin(url, "usage", key="kg")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "admin key" in r.stderr
+    r = admin(url, "--tenant", "delta", "stats", key="kg")
+    assert r.returncode == 2 and url in r.stderr and "403" in r.stderr and "Traceback" not in r.stderr
+    r = admin(url, "delete", "nothex", key="kadmin")
+    assert r.returncode == 2 and "32 hex digits" in r.stderr
+    down = f"kvstore://127.0.0.1:{free_port()}"
+    r = admin(down, "stats")
+    assert r.returncode == 2 and f"cannot reach the kvstore daemon at {down}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tls_round_trip_and_a_refused_unverified_certificate(tmp_path):
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    d = Daemon.__new__(Daemon)  # the fixture polls plain HTTP; this daemon speaks only TLS
+    d.port, d.workdir = free_port(), tmp_path
+    d.args = [sys.executable, "-m", "kvstore", "serve", "--port", str(d.port), "--disk-path", str(tmp_path / "disk"),
+              "--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.pem")]
+    log = open(tmp_path / "daemon.log", "ab")
+    d.proc = subprocess.Popen(d.args, stdout=log, stderr=subprocess.STDOUT)
+    d.log = log
+    try:
+        url = f"kvstores://127.0.0.1:{d.port}"
+        client = DaemonClient(url, tls_ca=str(tmp_path / "ca.pem"), retries=50, backoff_s=0.1)
+        key = b"\x05" * 16
+        blob = obj(key)
+        assert client.put([(key, blob)]) == 1 and bytes(client.get([key])[0]) == blob
+        with pytest.raises(DaemonUnreachable, match="certificate verify failed"):
+            DaemonClient(url, retries=0).stats()  # the system CAs do not know this one
+        with pytest.raises(DaemonUnreachable):
+            DaemonClient(f"kvstore://127.0.0.1:{d.port}", retries=0).stats()  # plain HTTP to a TLS port
+        r = admin(url, "health", env={"KVSTORE_ADMIN_TLS_CA": str(tmp_path / "ca.pem")})
+        assert r.returncode == 0 and "ready" in r.stdout, r.stderr
+        from kvstore import KVStore
+        cfg = {"chunk_size": 16, "tiers": {"remote": {"url": url, "tls_ca": str(tmp_path / "ca.pem")}}}
+        with KVStore(SPEC, cfg) as s:  # the remote tier over TLS
+            toks = list(range(32))
+            kv = torch.randn(SPEC.chunk_shape(32)).half()
+            assert s.put(toks, kv) == 2
+            s.flush()
+            hit, got = s.get(toks)
+            assert hit == 32 and torch.equal(got, kv)
+    finally:
+        d.stop()
+    assert "serving https://127.0.0.1" in (tmp_path / "daemon.log").read_text()
+    one_line_error(serve("--tls-cert", str(tmp_path / "server.pem"), "--no-disk"), "--tls-key")
+    one_line_error(serve("--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(tmp_path / "nope.pem"),
+                         "--no-disk"), "cannot load --tls-cert")
+
+
+def test_every_grafana_query_uses_a_metric_the_daemon_exports(tmp_path):
+    import json
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).parent.parent / "grafana" / "kvstore-daemon.json").read_text())
+    d = Daemon(tmp_path)
+    try:
+        c = DaemonClient(d.url)
+        c.put([(b"\x03" * 16, obj(b"\x03" * 16))])
+        c.get([b"\x03" * 16])
+        text = _get(d.port, "/metrics")[1]
+    finally:
+        d.stop()
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    queries = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(queries) >= 20
+    for expr in queries:
+        for name in re.findall(r"\bkvstore_[a-z_]+", expr):
+            assert name in exported, f"{name} (in {expr!r}) is not exported"
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+def test_the_daemon_applies_a_lossless_disk_codec_without_torch(tmp_path):
+    d = Daemon(tmp_path, "--disk-codec", "lz4", "--cpu-capacity", "1MiB")
+    try:
+        toks = 16 * 64  # 1,024 tokens of all-zero KV: 64 KiB raw, a few hundred bytes in lz4
+        kv = torch.zeros(SPEC.chunk_shape(toks), dtype=SPEC.dtype)
+        objs = []
+        for i in range(20):  # 1.3 MiB: more than the memory tier holds, so some are read from disk
+            key = bytes([i]) * 16
+            objs.append((key, join_parts(encode_object(meta_for(key, SPEC.fingerprint, kv, False), kv))))
+        client = DaemonClient(d.url)
+        assert client.put(objs) == 20
+        client.request("GET", "/v1/stats")  # the writer queue drains in the background
+        import time
+        deadline = time.monotonic() + 10
+        files = []
+        while time.monotonic() < deadline and len(files) < 20:
+            files = list((tmp_path / "disk").rglob("*.kvo"))
+            time.sleep(0.1)
+        assert len(files) == 20 and max(f.stat().st_size for f in files) < len(objs[0][1]) // 20
+        from kvstore.objects import decode_object, read_meta
+        for (key, sent), got in zip(objs, client.get([k for k, _ in objs])):
+            meta = read_meta(sent)[0]
+            assert torch.equal(decode_object(got, meta), kv)  # the same KV, whichever codec it came back in
+        assert "libtorch" not in _maps(d.proc.pid)
+    finally:
+        d.stop()
+    one_line_error(serve("--disk-codec", "cachegen", "--disk-path", str(tmp_path / "d2")), "lossy", "lossless")

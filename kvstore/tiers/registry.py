@@ -39,7 +39,7 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9]*$")  # KVSTORE_<KIND>_<OPTION> splits at 
 # First words of other KVSTORE_* variables (StoreConfig fields, the daemon's, the tools'): a kind
 # named so would take them over. tests/test_extensions.py checks this covers every field.
 RESERVED_NAMES = frozenset({"chunk", "tenant", "salt", "tiers", "save", "promote", "queue", "put", "pin", "max",
-                            "serve", "config", "log", "sglang", "vllm", "lmcache"})
+                            "serve", "admin", "config", "log", "sglang", "vllm", "lmcache"})
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,9 @@ def _check_redis(config: TierConfig) -> None:
 
 
 def _check_remote(config: TierConfig) -> None:
-    if not str(config.url or "").startswith(("kvstore://", "http://")):
-        raise ConfigError("tiers.remote.url must be the daemon's address, e.g. kvstore://127.0.0.1:8765")
+    if not str(config.url or "").startswith(("kvstore://", "http://", "kvstores://", "https://")):
+        raise ConfigError("tiers.remote.url must be the daemon's address, e.g. kvstore://127.0.0.1:8765 "
+                          "(kvstores:// for TLS)")
 
 
 _MEMORY = "kvstore.tiers.memory:MemoryTier"
@@ -177,5 +178,6 @@ register_tier(TierKind("redis", 40, "kvstore.tiers.redis:RedisTier", "kvstore.ti
                        (COMMON_OPTIONS - {"pin_fraction"}) | {"url", "ttl_s", "timeout_s", "key_prefix", "cluster"},
                        check=_check_redis))
 register_tier(TierKind("remote", 50, "kvstore.tiers.remote:RemoteTier", "kvstore.tiers.remote:RemoteTier",
-                       (COMMON_OPTIONS - {"pin_fraction"}) | {"url", "api_key", "timeout_s"}, check=_check_remote))
+                       (COMMON_OPTIONS - {"pin_fraction"}) | {"url", "api_key", "timeout_s", "tls_ca"},
+                       check=_check_remote))
 _BUILTIN = frozenset(_KINDS)

@@ -23,7 +23,8 @@ class RemoteTier(GuardedCalls, BlobTier):
 
     def __init__(self, config: TierConfig, context: TierContext) -> None:
         super().__init__(config, context)
-        self.client = DaemonClient(str(config.url), api_key=config.api_key, timeout_s=config.timeout_s, retries=0)
+        self.client = DaemonClient(str(config.url), api_key=config.api_key, timeout_s=config.timeout_s, retries=0,
+                                   tls_ca=config.tls_ca)
         self._backoff = Backoff(f"daemon tier {config.url}")
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
