@@ -93,12 +93,12 @@ def run_load(url: str, pid: int, budget: int, *, clients: int = 64, procs: int =
     """Drive the daemon at ``url`` (process ``pid``, memory budget ``budget`` bytes)."""
     size = len(make_object(0, tokens)[1])
     count = max(8, 2 * budget // size)  # a working set twice the memory budget
+    base = rss_of(pid)  # the process before it holds any object
     seed = DaemonClient(url)
     for i in range(0, count, 16):  # start full: every key was put once
         seed.put([make_object(j, tokens) for j in range(i, min(count, i + 16))])
     seed.close()
-    base = rss_of(pid)
-    peak = [base]
+    peak = [rss_of(pid)]
     stop = threading.Event()
 
     def sample() -> None:

@@ -60,6 +60,7 @@ class Arena:
             raise ValueError(f"arena size must be positive, got {nbytes}")
         self.nbytes = nbytes
         self._buf = bytearray(nbytes)
+        self._addr = np.frombuffer(self._buf, dtype=np.uint8).ctypes.data
         if prefault:  # one write per page: the kernel maps the whole budget now, not during puts
             np.frombuffer(self._buf, dtype=np.uint8)[::PAGE] = 0
         self._lock = threading.Lock()
@@ -67,9 +68,23 @@ class Arena:
         self._sizes: dict[int, int] = {0: nbytes}
         self._free_bytes = nbytes
         self._refs: dict[int, weakref.ref] = {}   # start -> weakref of the live region
+        self._classes: list[int] = []  # region sizes in use, sorted (see _size_class)
         # Filled by weakref callbacks, which may run in any thread, even one holding our lock:
         # appending to a deque is atomic, and allocate() does the real work.
         self._freed: collections.deque[tuple[int, int]] = collections.deque()
+
+    def owns(self, view: memoryview) -> bool:
+        """Whether ``view`` is memory of this arena (a region allocate() handed out)."""
+        obj = view.obj
+        if not isinstance(obj, np.ndarray):
+            return False
+        addr = obj.ctypes.data
+        return self._addr <= addr < self._addr + self.nbytes
+
+    @staticmethod
+    def region_bytes(view: memoryview) -> int:
+        """Size of the region ``view`` (of this arena, see :meth:`owns`) lies in."""
+        return int(view.obj.nbytes)
 
     @property
     def free_bytes(self) -> int:
@@ -82,8 +97,8 @@ class Arena:
         range is large enough."""
         if nbytes <= 0:
             raise ValueError(f"allocation size must be positive, got {nbytes}")
-        size = -(-nbytes // ALIGN) * ALIGN
         with self._lock:
+            size = self._size_class(nbytes)
             self._drain()
             for i, start in enumerate(self._starts):  # first fit: ranges are few (objects are big)
                 have = self._sizes[start]
@@ -101,6 +116,23 @@ class Arena:
                 self._refs[start] = weakref.ref(region, lambda _r, s=start, n=size: freed.append((s, n)))
                 return memoryview(region)
         return None
+
+    def _size_class(self, nbytes: int) -> int:
+        """The region size for a request: similar sizes share one class (the largest asked, at most
+        1/16 above the smallest). A chunk object and a request body holding one differ by a header
+        of a few hundred bytes; with exact sizes every range an evicted object frees would be a
+        little short of the next body (measured: 6,444 arena misses in 20 s of the load test)."""
+        size = -(-nbytes // ALIGN) * ALIGN
+        classes = self._classes
+        i = bisect.bisect_left(classes, size)
+        if i < len(classes) and classes[i] <= size + size // 16:
+            return classes[i]
+        if i > 0 and classes[i - 1] + classes[i - 1] // 16 >= size:  # a little above a class: grow it
+            classes[i - 1] = size
+            return size
+        if len(classes) < 256:
+            classes.insert(i, size)
+        return size
 
     def _drain(self) -> None:
         while self._freed:

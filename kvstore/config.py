@@ -87,6 +87,7 @@ class TierConfig:
     device: str | None = None  # device tier: torch device (default cuda when available, else cpu)
     pin_fraction: float = 0.5  # share of the capacity pins may hold; pinning past it is refused
     queue_size: int = 64  # writes queued for this tier before queue_full applies
+    queue_bytes: int | None = None  # bytes of writes queued for this tier (default 1/16 of the memory tiers' budget)
     extra: dict[str, Any] = field(default_factory=dict)  # options of a kind registered outside kvstore
 
     def __post_init__(self) -> None:
@@ -99,6 +100,8 @@ class TierConfig:
                                   f"allowed: {sorted(kind.options)}")
         if self.capacity is not None:
             self.capacity = parse_size(self.capacity, f"tiers.{self.kind}.capacity")
+        if self.queue_bytes is not None:
+            self.queue_bytes = parse_size(self.queue_bytes, f"tiers.{self.kind}.queue_bytes")
         if kind.needs_capacity and not self.capacity:
             raise ConfigError(f"tiers.{self.kind}.capacity is required and must be > 0")
         if kind.check is not None:

@@ -71,10 +71,14 @@ class TierStack:
                 if tc.kind == "remote" and not allow_remote:  # a daemon in front of a daemon could loop
                     raise ConfigError("the daemon cannot have a remote tier (it stores bytes for many engines)")
                 self.tiers.append(build_tier(tc, context))
+            # Default byte bound of each write queue: 1/16 of the memory budget (at least 16 MiB).
+            memory = sum(t.config.capacity or 0 for t in self.tiers if t.config.is_memory)
+            default_bytes = max(16 << 20, memory // 16) if memory else None
             for tier in self.tiers[1:]:
                 if isinstance(tier, BlobTier):
                     self.writers[tier.name] = TierWriter(tier, self.counters, tier.config.queue_size,
-                                                         config.queue_full == "block", config.put_timeout_s)
+                                                         config.queue_full == "block", config.put_timeout_s,
+                                                         tier.config.queue_bytes or default_bytes)
         except BaseException:
             self.close()
             raise
@@ -168,7 +172,7 @@ class TierStack:
         return PendingWrite(meta, kv.detach().to("cpu", copy=True))
 
     def copy_into(self, pos: int, meta: ObjectMeta, kv: torch.Tensor | None = None,
-                  blob: Blob | None = None) -> bool:
+                  blob: Blob | None = None, promotion: bool = False) -> bool:
         """Put one object into tier ``pos`` (a promotion or a demotion), from a tensor or an
         encoded object, whichever the tier can take; queued for tiers with a writer. True if it
         was stored or queued. Never raises: a corrupt source is counted and skipped."""
@@ -182,6 +186,8 @@ class TierStack:
             assert isinstance(tier, BlobTier)
             if blob is not None and self._as_encoded(tier, meta):
                 codec = self._recode(tier, meta)
+                if promotion and not codec:
+                    return tier.promote_blob(meta, blob)
                 parts = recode(blob, codec) if codec else [blob]
             else:
                 parts = encode_object(meta, kv if kv is not None else self._tensor(meta, blob), tier.config.codec)
@@ -198,7 +204,7 @@ class TierStack:
             tier = self.tiers[faster]
             if self.contains(tier, [meta.key])[0]:
                 continue
-            if self.copy_into(faster, meta, kv, blob):
+            if self.copy_into(faster, meta, kv, blob, promotion=True):
                 self.counters.tier(tier.name, "promotions")
 
     def _on_evict(self, tier: Tier, key: bytes, fetch: Callable[[], Any]) -> None:

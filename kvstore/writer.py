@@ -37,6 +37,12 @@ class PendingWrite:
     blob: list[bytes | memoryview] | None = None
     recode: str | None = None  # write ``blob`` in this byte codec (an opaque store's tier codec)
 
+    @property
+    def nbytes(self) -> int:
+        if self.blob is not None:
+            return sum(memoryview(p).nbytes for p in self.blob)
+        return 0 if self.tensor is None else self.tensor.numel() * self.tensor.element_size()
+
     def done(self) -> None:
         if self.release is not None:
             self.release()
@@ -45,16 +51,28 @@ class PendingWrite:
 
 class TierWriter:
     def __init__(self, tier: BlobTier, counters: Counters, queue_size: int, block: bool,
-                 timeout_s: float) -> None:
+                 timeout_s: float, max_bytes: int | None = None) -> None:
         self.tier = tier
         self.counters = counters
         self.block = block
         self.timeout_s = timeout_s
         self._q: queue.Queue[PendingWrite | None] = queue.Queue(maxsize=queue_size)
+        # Queued writes hold memory the tiers' budgets do not count (an evicted object on its way
+        # down, a write-through copy): bounded in bytes too, so the process stays near its budget.
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self._room = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"kvstore-writer-{tier.name}", daemon=True)
         self._thread.start()
 
     def submit(self, item: PendingWrite) -> bool:
+        size = item.nbytes
+        if self.max_bytes is not None:
+            with self._room:  # one item always fits, however large
+                if not self._room.wait_for(lambda: self._bytes == 0 or self._bytes + size <= self.max_bytes,
+                                           timeout=self.timeout_s if self.block else 0):
+                    return self._drop(item)
+                self._bytes += size
         try:
             if self.block:
                 self._q.put(item, timeout=self.timeout_s)
@@ -62,9 +80,19 @@ class TierWriter:
                 self._q.put_nowait(item)
             return True
         except queue.Full:
-            item.done()
-            self.counters.tier(self.tier.name, "dropped_writes")
-            return False
+            self._written(size)
+            return self._drop(item)
+
+    def _drop(self, item: PendingWrite) -> bool:
+        item.done()
+        self.counters.tier(self.tier.name, "dropped_writes")
+        return False
+
+    def _written(self, size: int) -> None:
+        if self.max_bytes is not None:
+            with self._room:
+                self._bytes -= size
+                self._room.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -107,6 +135,7 @@ class TierWriter:
             self.counters.tier(self.tier.name, "write_errors", len(work))
         finally:
             for w in work:
+                self._written(w.nbytes)
                 w.done()
 
     @property

@@ -381,6 +381,7 @@ def serve(config: ServeConfig) -> None:
     configuration it must not serve and for a port it cannot listen on."""
     keys = KeyFile.load(config.key_file)
     startup.check(config, keys)
+    startup.limit_malloc_arenas()
     daemon = Daemon(config, keys)
 
     def listening(_aiohttp_banner: str) -> None:  # called once the port is bound

