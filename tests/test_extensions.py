@@ -166,14 +166,20 @@ def xor():
     unregister_codec("xor")
 
 
-def test_a_registered_codec_is_used_through_config_by_both_read_paths(xor, spec, tmp_path):
-    toks = list(range(48))
+def disk_store_in(codec: str, spec, path, tokens: int) -> tuple[list[int], torch.Tensor, dict]:
+    """``tokens`` tokens stored in a disk-only store whose tier writes ``codec``."""
+    toks = list(range(tokens))
     kv = causal_kv(spec, toks)
-    cfg = disk_config(tmp_path / "kv", chunk=16, cpu=None)
-    cfg["tiers"]["disk"]["codec"] = "xor"
+    cfg = disk_config(path, chunk=16, cpu=None)
+    cfg["tiers"]["disk"]["codec"] = codec
     with KVStore(spec, cfg) as s:
         s.put(toks, kv)
         s.flush()
+    return toks, kv, cfg
+
+
+def test_a_registered_codec_is_used_through_config_by_both_read_paths(xor, spec, tmp_path):
+    toks, kv, cfg = disk_store_in("xor", spec, tmp_path / "kv", 48)
     files = list((tmp_path / "kv").rglob("*.kvo"))
     assert len(files) == 3 and all(tensor_bytes(kv[:, :, :16]).tobytes() not in f.read_bytes() for f in files)
     with KVStore(spec, cfg) as s:
@@ -220,13 +226,8 @@ def test_checksummed_cachegen_frames_that_contradict_the_header_are_a_miss(spec,
     from kvstore.codecs import get_codec
     from kvstore.objects import pack_object, read_meta
 
-    toks = list(range(32))
-    kv = causal_kv(spec, toks)
-    cfg = disk_config(tmp_path / "kv", chunk=16, cpu=None)
-    cfg["tiers"]["disk"]["codec"] = "cachegen"
+    toks, kv, cfg = disk_store_in("cachegen", spec, tmp_path / "kv", 32)
     with KVStore(spec, cfg) as s:
-        s.put(toks, kv)
-        s.flush()
         second = s.chunks(toks)[1].key
         path = s.tiers[0].path_of(second)
     meta = read_meta(open(path, "rb").read())[0]

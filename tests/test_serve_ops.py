@@ -171,15 +171,20 @@ def test_tenant_usage_and_quota_survive_a_restart(tenants):
     assert DaemonClient(tenants.url, api_key="kg").stats()["objects"] == 2
 
 
-def test_metrics_follow_prometheus_conventions(tmp_path):
+def scrape_after_traffic(tmp_path) -> str:
+    """/metrics of a live daemon after one put and one get."""
     d = Daemon(tmp_path)
     try:
         c = DaemonClient(d.url)
         c.put([(b"\x02" * 16, obj(b"\x02" * 16))])
         c.get([b"\x02" * 16])
-        text = _get(d.port, "/metrics")[1]
+        return _get(d.port, "/metrics")[1]
     finally:
         d.stop()
+
+
+def test_metrics_follow_prometheus_conventions(tmp_path):
+    text = scrape_after_traffic(tmp_path)
     types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE"))
     for counter in ("kvstore_tier_hits", "kvstore_tier_evictions", "kvstore_tier_corrupt", "kvstore_requests",
                     "kvstore_tier_load_seconds", "kvstore_received_bytes"):
@@ -285,14 +290,7 @@ def test_every_grafana_query_uses_a_metric_the_daemon_exports(tmp_path):
     from pathlib import Path
 
     dash = json.loads((Path(__file__).parent.parent / "grafana" / "kvstore-daemon.json").read_text())
-    d = Daemon(tmp_path)
-    try:
-        c = DaemonClient(d.url)
-        c.put([(b"\x03" * 16, obj(b"\x03" * 16))])
-        c.get([b"\x03" * 16])
-        text = _get(d.port, "/metrics")[1]
-    finally:
-        d.stop()
+    text = scrape_after_traffic(tmp_path)
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     queries = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     assert len(queries) >= 20
