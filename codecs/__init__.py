@@ -6,6 +6,7 @@ regardless of its own configuration. The built-ins are imported when first asked
 (``get_codec``): the byte codecs (raw, lz4) without torch, the lossy ones with it.
 """
 
-from kvstore.codecs.base import Codec, CodecError, available_codecs, get_codec, register_codec, unregister_codec
+from kvstore.codecs.base import (Codec, CodecError, available_codecs, get_codec, is_bytewise, register_codec,
+                                 unregister_codec)
 
-__all__ = ["Codec", "CodecError", "available_codecs", "get_codec", "register_codec", "unregister_codec"]
+__all__ = ["Codec", "CodecError", "available_codecs", "get_codec", "is_bytewise", "register_codec", "unregister_codec"]

@@ -100,12 +100,24 @@ def get_codec(name: str) -> Codec:
         if name in _REGISTRY:
             return _REGISTRY[name]
     if base not in _REGISTRY:
-        raise CodecError(f"unknown codec {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise CodecError(f"unknown codec {name!r}; available: {', '.join(available_codecs())}")
     if not sep or not option:
         raise CodecError(f"malformed codec name {name!r}")
     codec = _REGISTRY[base].configured(option)
     _CONFIGURED[name] = codec
     return codec
+
+
+_BYTEWISE_BUILTINS = frozenset({"raw", "lz4"})
+
+
+def is_bytewise(name: str) -> bool:
+    """Whether codec ``name`` is a byte codec, answered without importing one that is not (a lossy
+    codec's module needs torch, which the daemon must not load for an object that merely names it)."""
+    codec = _REGISTRY.get(name) or _CONFIGURED.get(name)
+    if codec is not None:
+        return codec.bytewise
+    return name in _BYTEWISE_BUILTINS
 
 
 def available_codecs() -> list[str]:

@@ -91,6 +91,8 @@ def _print_stats(st: dict[str, Any]) -> None:
 
 
 def run_admin(args: argparse.Namespace) -> int:
+    if not args.timeout_s > 0:
+        raise KVStoreError(f"--timeout-s must be positive, got {args.timeout_s}")
     client = DaemonClient(args.url, api_key=args.api_key, timeout_s=args.timeout_s, retries=0, tenant=args.tenant,
                           tls_ca=args.tls_ca)
     try:

@@ -12,13 +12,14 @@ one (the daemon keeps it beside its disk tier).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kvstore.buffers import unzeroed
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import CorruptObjectError, InvalidInputError
-from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read_meta
+from kvstore.objects import ITEM_BYTES, NeedMore, ObjectMeta, check_meta, parse_header, read_meta
 from kvstore.owners import OwnerLedger
 from kvstore.tiers.base import BlobTier, ReadResult
 from kvstore.tierstack import TierStack, rekey
@@ -59,7 +60,11 @@ class BlobStore:
         self.tiers = self.stack.tiers
         self.counters = self.stack.counters
         self.pins = self.stack.pins
-        self.owners.load(self.exists)
+        try:
+            self.owners.load(self.exists)
+        except BaseException:
+            self.stack.close()
+            raise
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -127,11 +132,16 @@ class BlobStore:
     def verify(blob: bytes | memoryview, object_key: bytes) -> ObjectMeta:
         """Parse and check an incoming object; raises InvalidInputError naming the problem."""
         try:
-            meta, _payload = read_meta(blob)
+            meta, payload = read_meta(blob)
         except CorruptObjectError as exc:
             raise InvalidInputError(f"object for key {object_key.hex()} is not a valid kvstore object: {exc}") from None
         if meta.key != object_key:
             raise InvalidInputError(f"object names key {meta.key.hex()}, but was sent for {object_key.hex()}")
+        if meta.codec == "raw" and meta.dtype in ITEM_BYTES:
+            need = ITEM_BYTES[meta.dtype] * math.prod(meta.shape)
+            if payload.nbytes != need:
+                raise InvalidInputError(f"object for key {object_key.hex()}: a raw payload of {payload.nbytes} bytes "
+                                        f"for shape {list(meta.shape)} {meta.dtype} (needs {need})")
         return meta
 
     def allocate(self, nbytes: int) -> memoryview:

@@ -73,15 +73,13 @@ def _without_disk(cfg: StoreConfig, args: argparse.Namespace) -> StoreConfig:
 
 def _redacted(config: dict[str, Any]) -> dict[str, Any]:
     """The config as it may be pasted into a ticket: API keys and URL passwords hidden."""
-    from urllib.parse import urlsplit
+    from kvstore.config import redact_url
 
     for tier in config.get("tiers", {}).values():
         if tier.get("api_key"):
             tier["api_key"] = "<redacted>"
-        url = tier.get("url")
-        if url and urlsplit(url).password:
-            parts = urlsplit(url)
-            tier["url"] = url.replace(f":{parts.password}@", ":<redacted>@", 1)
+        if tier.get("url"):
+            tier["url"] = redact_url(tier["url"])
     return config
 
 

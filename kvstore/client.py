@@ -87,9 +87,13 @@ TLS_SCHEMES = ("kvstores", "https")
 def parse_url(url: str) -> Address:
     """``kvstore://host:port`` / ``http://`` (plain), ``kvstores://`` / ``https://`` (TLS)."""
     parts = urlsplit(url if "://" in url else f"kvstore://{url}")
-    if parts.scheme not in ("kvstore", "http", *TLS_SCHEMES) or not parts.hostname:
+    try:
+        port = parts.port or 8765
+    except ValueError:  # not a number, or out of range
+        port = 0
+    if parts.scheme not in ("kvstore", "http", *TLS_SCHEMES) or not parts.hostname or not port:
         raise KVStoreError(f"daemon URL must look like kvstore://host:port (kvstores:// for TLS), got {url!r}")
-    return Address(parts.hostname, parts.port or 8765, parts.scheme in TLS_SCHEMES)
+    return Address(parts.hostname, port, parts.scheme in TLS_SCHEMES)
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:

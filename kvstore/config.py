@@ -46,6 +46,21 @@ def parse_size(value: int | float | str, what: str = "size") -> int:
     return int(float(number) * base ** _POWERS[unit.lower()])
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password or token hidden (user:pass@, a user-only token@, ?password=)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user}:<redacted>@{host}" if sep else f"<redacted>@{host}"
+    query = urlencode([(k, "<redacted>" if k.lower() in ("password", "pass", "token", "auth") else v)
+                       for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="<>")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def format_size(nbytes: int | None) -> str:
     """``4.0 GiB``: sizes in start-up lines and messages, in the units configs use."""
     if nbytes is None:

@@ -142,14 +142,12 @@ def recode(blob: bytes | bytearray | memoryview, codec_name: str) -> list[bytes 
     """The same verified object in byte codec ``codec_name`` (raw <-> lz4), without torch: how the
     daemon applies a tier's lossless codec to objects it never decodes. An object in a codec that
     is not a byte codec (lossy ones: their bytes are not the tensor's) is returned as it came."""
-    from kvstore.codecs import CodecError, get_codec
+    from kvstore.codecs import CodecError, get_codec, is_bytewise
 
     meta, payload = read_meta(blob)
-    if meta.codec == codec_name:
+    if meta.codec == codec_name or not is_bytewise(meta.codec) or meta.dtype not in ITEM_BYTES:
         return [blob]
     src, dst = get_codec(meta.codec), get_codec(codec_name)
-    if not (src.bytewise and dst.bytewise) or meta.dtype not in ITEM_BYTES:
-        return [blob]
     nbytes = ITEM_BYTES[meta.dtype]
     for dim in meta.shape:
         nbytes *= dim

@@ -13,11 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import msgpack
 
+from kvstore.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+def _is_add(record: object) -> bool:
+    return (isinstance(record, list) and len(record) == 3 and isinstance(record[0], bytes) and len(record[0]) <= 64
+            and isinstance(record[1], str) and isinstance(record[2], int) and 0 <= record[2] < 1 << 48)
 
 
 class OwnerLedger:
@@ -28,6 +35,7 @@ class OwnerLedger:
         self._bytes: dict[str, int] = {}
         self._objects: dict[str, int] = {}
         self._journal = None
+        self._records = 0  # records in the journal file, live or not
 
     # ---- persistence ---------------------------------------------------------------------
 
@@ -36,37 +44,56 @@ class OwnerLedger:
         if self.path is None:
             return
         entries: dict[bytes, tuple[str, int]] = {}
+        skipped = 0
         try:
             with open(self.path, "rb") as f:
-                for record in msgpack.Unpacker(f, raw=False):
-                    if isinstance(record, list) and len(record) == 3:
-                        entries[bytes(record[0])] = (str(record[1]), int(record[2]))
-                    elif isinstance(record, list) and len(record) == 1:
-                        entries.pop(bytes(record[0]), None)
+                for record in msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 20):
+                    if _is_add(record):
+                        entries[record[0]] = (record[1], record[2])
+                    elif isinstance(record, list) and len(record) == 1 and isinstance(record[0], bytes):
+                        entries.pop(record[0], None)
+                    else:
+                        skipped += 1
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, msgpack.UnpackException) as exc:  # a torn tail: keep what replayed
+        except Exception as exc:  # a torn tail or garbage: keep what replayed, never fail the start
             log.warning("owner journal %s: stopped reading at a damaged record (%s)", self.path, exc)
+        if skipped:
+            log.warning("owner journal %s: skipped %d malformed records", self.path, skipped)
         keys = list(entries)
         held = present(keys) if keys else []
         with self._lock:
             for key, there in zip(keys, held):
                 if there:
                     self._add_locked(key, *entries[key])
+            self._compact_locked()
+        if self._owner:
+            log.info("owner journal: %d objects of %d tenants restored", len(self._owner), len(self._bytes))
+
+    def _compact_locked(self) -> None:
+        """Rewrite the journal as the live entries only (at start, and when it has grown 4x)."""
+        assert self.path is not None
+        if self._journal is not None:
+            self._journal.close()
+        tmp = f"{self.path}.tmp"
+        try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            tmp = f"{self.path}.tmp"
             with open(tmp, "wb") as f:
                 for key, (owner, size) in self._owner.items():
                     f.write(msgpack.packb([key, owner, size]))
             os.replace(tmp, self.path)
             self._journal = open(self.path, "ab")
-        if self._owner:
-            log.info("owner journal: %d objects of %d tenants restored", len(self._owner), len(self._bytes))
+        except OSError as exc:
+            raise ConfigError(f"owner journal {self.path}: cannot write it ({exc.strerror or exc})") from None
+        self._records = len(self._owner)
 
-    def _append(self, records: Iterable[list]) -> None:
-        if self._journal is not None:
+    def _append(self, records: list[list]) -> None:
+        if self._journal is not None and records:
             self._journal.write(b"".join(msgpack.packb(r) for r in records))
             self._journal.flush()
+            self._records += len(records)
+            if self._records > max(10_000, 4 * len(self._owner)):
+                self._compact_locked()
 
     def close(self) -> None:
         with self._lock:

@@ -144,6 +144,8 @@ class TierStack:
         log.warning("tier %s: object %s rejected: %s", tier.name, key.hex(), why)
         self.counters.tier(tier.name, "corrupt")
         self.guarded(tier, "delete", lambda: tier.delete([key]), 0)
+        if self._on_drop is not None and not any(self.held_locally([key])):
+            self._on_drop(key)
 
     # ---- moving data between tiers -------------------------------------------------------
 

@@ -122,11 +122,16 @@ class TierWriter:
         try:
             encoded = []
             for w in work:
-                if w.blob is not None:
-                    parts = recode(join_parts(w.blob), w.recode) if w.recode else w.blob
-                else:
-                    assert w.tensor is not None, "a pending write carries a tensor or an encoded object"
-                    parts = encode_object(w.meta, w.tensor, codec)
+                try:
+                    if w.blob is not None:
+                        parts = recode(join_parts(w.blob), w.recode) if w.recode else w.blob
+                    else:
+                        assert w.tensor is not None, "a pending write carries a tensor or an encoded object"
+                        parts = encode_object(w.meta, w.tensor, codec)
+                except Exception as exc:  # one object that cannot be encoded fails alone
+                    log.warning("tier %s: object %s not written: %s", self.tier.name, w.meta.key.hex(), exc)
+                    self.counters.tier(self.tier.name, "write_errors")
+                    continue
                 encoded.append((w.meta, parts))
             self.tier.put_blobs(encoded)
             self.counters.tier(self.tier.name, "write_seconds", time.perf_counter() - t0)

@@ -285,7 +285,8 @@ class Daemon:
         """Everything (admin), or one tenant's objects (``{"tenant": NAME}``, admin)."""
         if not request["principal"].admin:
             return _error(403, "clear needs an admin key")
-        tenant = (await self._control(request)).get("tenant")
+        # With an acting tenant (X-Kvstore-Tenant) a clear is that tenant's, never everyone's.
+        tenant = (await self._control(request)).get("tenant") or request.headers.get(TENANT_HEADER)
         if tenant is None:
             await self._run(self.store.clear)
             return _msgpack({"cleared": True})
@@ -350,13 +351,19 @@ class Daemon:
 
             self.lmcache = LMCacheListener(self.store, self.config.lmcache_tenant, self.config.max_body_bytes,
                                            self.keys.quotas.get(self.config.lmcache_tenant), self.metrics)
-            self.lmcache.start(self.config.lmcache_host, self.config.lmcache_port)
+            try:
+                self.lmcache.start(self.config.lmcache_host, self.config.lmcache_port)
+            except OSError as exc:
+                raise _bind_error(self.config.lmcache_host, self.config.lmcache_port, exc, "--lmcache-port") from None
         if self.config.metrics_port is not None:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", self.metrics_view)
             self._metrics_runner = web.AppRunner(metrics_app, access_log=None)
             await self._metrics_runner.setup()
-            await web.TCPSite(self._metrics_runner, self.config.metrics_host, self.config.metrics_port).start()
+            try:
+                await web.TCPSite(self._metrics_runner, self.config.metrics_host, self.config.metrics_port).start()
+            except OSError as exc:
+                raise _bind_error(self.config.metrics_host, self.config.metrics_port, exc, "--metrics-port") from None
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         self.ready = False
@@ -392,5 +399,9 @@ def serve(config: ServeConfig) -> None:
         web.run_app(daemon.app(), host=config.host, port=config.port, shutdown_timeout=30, print=listening,
                     access_log=None, ssl_context=startup.tls_context(config))
     except OSError as exc:  # the bind: a port in use, an address this host does not have
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
+        raise _bind_error(config.host, config.port, exc, "--port") from None
+
+
+def _bind_error(host: str, port: int, exc: OSError, flag: str) -> ConfigError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return ConfigError(f"cannot listen on {host}:{port} ({flag}): {reason}")

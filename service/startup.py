@@ -13,7 +13,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING
 
-from kvstore.config import TierConfig, format_size
+from kvstore.config import TierConfig, format_size, redact_url
 from kvstore.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
 
 
 def _tier(tc: TierConfig) -> str:
-    where = {"disk": tc.path, "redis": tc.url}.get(tc.kind)
+    where = {"disk": tc.path, "redis": redact_url(tc.url or "")}.get(tc.kind)
     codec = "" if tc.is_memory else f", codec {tc.codec}"
     budget = format_size(tc.capacity) if tc.capacity is not None else "its own budget"
     return f"{tc.kind} {budget}{f' at {where}' if where else ''}{codec}"

@@ -331,3 +331,62 @@ def test_the_daemon_applies_a_lossless_disk_codec_without_torch(tmp_path):
     finally:
         d.stop()
     one_line_error(serve("--disk-codec", "cachegen", "--disk-path", str(tmp_path / "d2")), "lossy", "lossless")
+
+
+def test_review_findings_stay_fixed(tmp_path):
+    """An adversarial review of the daemon found each of these; one daemon checks them all."""
+    import msgpack
+
+    from kvstore.objects import pack_object
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # A journal of garbage (wrong types, a huge int) is skipped with a warning, never a failed start.
+    (disk / "daemon-owners.journal").write_bytes(msgpack.packb([None, "a", 5]) + msgpack.packb([10**12, "t", 1])
+                                                 + msgpack.packb([{"a": 1}, "t", 5]) + b"\xc1garbage")
+    kf = tmp_path / "keys.yaml"
+    kf.write_text("keys:\n  ka: {tenant: a}\n  kb: {tenant: b}\n  kadmin: {tenant: ops, admin: true}\n")
+    redis_port, busy = free_port(), socket.socket()
+    d = Daemon(tmp_path, "--disk-codec", "lz4", "--cpu-capacity", "1MiB",
+               "--redis-url", f"redis://:s3cret@127.0.0.1:{redis_port}/0", key_file=kf)
+    try:
+        log = (tmp_path / "daemon.log").read_text()
+        assert "malformed records" in log or "damaged record" in log
+        assert "s3cret" not in log and "redis://:<redacted>@" in log
+        a, b = DaemonClient(d.url, api_key="ka"), DaemonClient(d.url, api_key="kb")
+        # A lossy-codec object written down to an lz4 disk tier does not make the daemon load torch.
+        kv = torch.randn(SPEC.chunk_shape(16)).half()
+        key = b"\x0a" * 16
+        lossy = join_parts(encode_object(meta_for(key, SPEC.fingerprint, kv, False, codec="int8"), kv, "int8"))
+        raws = [(bytes([i]) * 16, obj(bytes([i]) * 16, tokens=16 * 32)) for i in range(1, 6)]  # evict to disk
+        assert a.put([(key, lossy)] + raws) == 6
+        import time
+        time.sleep(1.0)
+        assert "libtorch" not in _maps(d.proc.pid)
+        # A raw object whose payload does not fit its shape is refused at the door (it would fail
+        # the whole disk write batch it landed in).
+        short = join_parts(pack_object(meta_for(b"\x0b" * 16, SPEC.fingerprint, kv, False), b"x" * 10, "raw"))
+        with pytest.raises(ServiceError) as e:
+            b.put([(b"\x0b" * 16, short)])
+        assert e.value.status == 400 and "raw payload of 10 bytes" in e.value.message
+        # An admin acting as one tenant clears only that tenant, also through the library.
+        b.put([(b"\x0c" * 16, obj(b"\x0c" * 16))])
+        DaemonClient(d.url, api_key="kadmin", tenant="a").clear()
+        assert b.exists([b"\x0c" * 16]) == [True] and a.exists([key]) == [False]
+        # A corrupt object on disk leaves the tenant's usage when it is found.
+        b.put([(bytes([i]) * 16, obj(bytes([i]) * 16, tokens=16 * 256)) for i in range(20, 24)])  # 2 MiB: some only on disk
+        time.sleep(1.0)
+        for f in (tmp_path / "disk").rglob("*.kvo"):
+            f.write_bytes(f.read_bytes()[:-1] + b"\x00")
+        before = b.stats()["objects"]
+        b.get([bytes([i]) * 16 for i in range(20, 24)])
+        assert b.stats()["objects"] < before
+    finally:
+        d.stop()
+    # A busy metrics (or lm://) port is named as the one that failed.
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    one_line_error(serve("--no-disk", "--metrics-port", str(busy.getsockname()[1])), "--metrics-port", "in use")
+    busy.close()
+    r = admin("http://127.0.0.1:notaport", "stats")
+    assert r.returncode == 2 and "daemon URL must look like" in r.stderr and "Traceback" not in r.stderr
