@@ -206,7 +206,10 @@ class KVStore:
         self.spec.check_kv(kv, num_tokens=total - kv_start)
         refs = self.chunks(tokens, include_partial=self.config.save_partial)
         new = self._unheld(refs, kv_start)
-        stored = sum(self.stack.write(self._meta(r), kv=kv[:, :, r.start - kv_start:r.end - kv_start]) for r in new)
+        # Tail first: when the prompt is larger than the fastest tier, the chunks its own put
+        # evicts are then its tail, never its head (which would leave nothing to hit).
+        stored = sum(self.stack.write(self._meta(r), kv=kv[:, :, r.start - kv_start:r.end - kv_start])
+                     for r in reversed(new))
         if new and not stored:
             log.debug("kvstore: no tier took any of %d new chunks", len(new))
         self.stack.touch([r.key for r in reversed(refs)])

@@ -65,7 +65,8 @@ class TierStack:
         self._said: set[tuple[str, str]] = set()
         if self.opaque:
             _check_opaque_codecs(config)
-        context = TierContext(spec, config.chunk_size, self.counters, self.pins, namespace, self._on_evict)
+        context = TierContext(spec, config.chunk_size, self.counters, self.pins, namespace, self._on_evict,
+                              self._on_lost)
         try:
             for tc in config.tiers.values():
                 if tc.kind == "remote" and not allow_remote:  # a daemon in front of a daemon could loop
@@ -144,8 +145,7 @@ class TierStack:
         log.warning("tier %s: object %s rejected: %s", tier.name, key.hex(), why)
         self.counters.tier(tier.name, "corrupt")
         self.guarded(tier, "delete", lambda: tier.delete([key]), 0)
-        if self._on_drop is not None and not any(self.held_locally([key])):
-            self._on_drop(key)
+        self._on_lost(key)
 
     # ---- moving data between tiers -------------------------------------------------------
 
@@ -208,6 +208,11 @@ class TierStack:
                 continue
             if self.copy_into(faster, meta, kv, blob, promotion=True):
                 self.counters.tier(tier.name, "promotions")
+
+    def _on_lost(self, key: bytes) -> None:
+        """A tier found an object gone: if no local tier holds it any more, it left the store."""
+        if self._on_drop is not None and not any(self.held_locally([key])):
+            self._on_drop(key)
 
     def _on_evict(self, tier: Tier, key: bytes, fetch: Callable[[], Any]) -> None:
         """Demote an object a tier is dropping to the next tier down that lacks it."""

@@ -128,3 +128,29 @@ def test_refusals_are_counted_each_and_logged_once(spec, caplog):
         assert s.stats()["tiers"]["cpu"]["rejected"] == 3
         said = [r for r in caplog.records if "refuses writes" in r.getMessage()]
         assert len(said) == 1 and "pinned" in said[0].getMessage()
+
+
+def test_a_prompt_larger_than_the_only_tier_keeps_its_head(spec):
+    toks = list(range(40))  # chunks of 16, 16 and a tail of 8, into a tier of two slots
+    kv = causal_kv(spec, toks)
+    with KVStore(spec, {"chunk_size": 16, "tiers": {"cpu": {"capacity": 2 * 16 * spec.bytes_per_token}}}) as s:
+        s.put(toks, kv)
+        assert s.lookup(toks) == 32
+        hit, got = s.get(toks)
+        assert hit == 32 and torch.equal(got, kv[:, :, :32])
+
+
+def test_an_object_deleted_from_disk_by_hand_leaves_its_owners_usage(tmp_path):
+    objs = _objects(6, size=2048)
+    store = BlobStore({"tiers": {"cpu": {"capacity": 5000}, "disk": {"path": str(tmp_path), "capacity": "1MiB"}}},
+                      owners_journal=str(tmp_path / "owners.journal"))
+    store.put(objs, owner="a")
+    store.flush()
+    assert store.stats()["tenants"]["a"]["objects"] == 6
+    for f in tmp_path.rglob("*.kvo"):
+        f.unlink()
+    keys = [o.storage_key for o in objs]
+    got = store.get(keys, [o.meta.key for o in objs])
+    held = sum(g is not None for g in got)  # the ones still in memory
+    assert store.stats()["tenants"]["a"]["objects"] == held < 6
+    store.close()

@@ -46,6 +46,7 @@ class TierContext:
     pins: PinRegistry  # pinned keys must not be evicted
     namespace: bytes  # model + tenant: scopes clear(), stats and on-disk directories
     on_evict: EvictHandler | None = None  # call before dropping an object, so it can be demoted
+    on_lost: Callable[[bytes], None] | None = None  # call when an indexed object is found gone (deleted by hand)
 
 
 class Tier(ABC):

@@ -32,6 +32,7 @@ class DiskTier(BlobTier):
     def __init__(self, config: TierConfig, context: TierContext) -> None:
         super().__init__(config, context)
         namespace, pins, on_evict = context.namespace, context.pins, context.on_evict
+        self._on_lost = context.on_lost
         # One directory per model+tenant namespace: stores of different models can share a cache
         # dir, and clear() removes only this namespace. The capacity applies per namespace.
         self.root = os.path.join(os.path.expanduser(str(config.path)), _LAYOUT, namespace.hex()[:16])
@@ -211,10 +212,13 @@ class DiskTier(BlobTier):
         return ReadResult.OK
 
     def _forget(self, key: bytes) -> None:
+        """An indexed file is gone (deleted from outside): drop it, and say so to the stack."""
         with self._lock:
             size = self._index.pop(key, None)
             if size is not None:
                 self._used -= size
+        if size is not None and self._on_lost is not None:
+            self._on_lost(key)
 
     # ---- writes --------------------------------------------------------------------------
 
