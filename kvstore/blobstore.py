@@ -12,14 +12,13 @@ one (the daemon keeps it beside its disk tier).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kvstore.buffers import unzeroed
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import CorruptObjectError, InvalidInputError
-from kvstore.objects import ITEM_BYTES, NeedMore, ObjectMeta, check_meta, parse_header, read_meta
+from kvstore.objects import NeedMore, ObjectMeta, check_meta, parse_header, read_meta, tensor_nbytes
 from kvstore.owners import OwnerLedger
 from kvstore.tiers.base import BlobTier, ReadResult
 from kvstore.tierstack import TierStack, rekey
@@ -137,11 +136,10 @@ class BlobStore:
             raise InvalidInputError(f"object for key {object_key.hex()} is not a valid kvstore object: {exc}") from None
         if meta.key != object_key:
             raise InvalidInputError(f"object names key {meta.key.hex()}, but was sent for {object_key.hex()}")
-        if meta.codec == "raw" and meta.dtype in ITEM_BYTES:
-            need = ITEM_BYTES[meta.dtype] * math.prod(meta.shape)
-            if payload.nbytes != need:
-                raise InvalidInputError(f"object for key {object_key.hex()}: a raw payload of {payload.nbytes} bytes "
-                                        f"for shape {list(meta.shape)} {meta.dtype} (needs {need})")
+        need = tensor_nbytes(meta) if meta.codec == "raw" else None
+        if need is not None and payload.nbytes != need:
+            raise InvalidInputError(f"object for key {object_key.hex()}: a raw payload of {payload.nbytes} bytes "
+                                    f"for shape {list(meta.shape)} {meta.dtype} (needs {need})")
         return meta
 
     def allocate(self, nbytes: int) -> memoryview:

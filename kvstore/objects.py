@@ -138,6 +138,17 @@ ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "fl
 """Bytes per element of each dtype name objects record (kvstore.spec.DTYPES), without torch."""
 
 
+def tensor_nbytes(meta: ObjectMeta) -> int | None:
+    """Bytes of the tensor an object describes (its raw payload), without torch; None for a dtype
+    name this module does not know."""
+    if meta.dtype not in ITEM_BYTES:
+        return None
+    nbytes = ITEM_BYTES[meta.dtype]
+    for dim in meta.shape:
+        nbytes *= dim
+    return nbytes
+
+
 def recode(blob: bytes | bytearray | memoryview, codec_name: str) -> list[bytes | memoryview]:
     """The same verified object in byte codec ``codec_name`` (raw <-> lz4), without torch: how the
     daemon applies a tier's lossless codec to objects it never decodes. An object in a codec that
@@ -145,12 +156,10 @@ def recode(blob: bytes | bytearray | memoryview, codec_name: str) -> list[bytes 
     from kvstore.codecs import CodecError, get_codec, is_bytewise
 
     meta, payload = read_meta(blob)
-    if meta.codec == codec_name or not is_bytewise(meta.codec) or meta.dtype not in ITEM_BYTES:
+    nbytes = tensor_nbytes(meta)
+    if meta.codec == codec_name or not is_bytewise(meta.codec) or nbytes is None:
         return [blob]
     src, dst = get_codec(meta.codec), get_codec(codec_name)
-    nbytes = ITEM_BYTES[meta.dtype]
-    for dim in meta.shape:
-        nbytes *= dim
     try:
         raw = src.decode_bytes(payload, nbytes)
     except CodecError as exc:

@@ -209,9 +209,12 @@ class TierStack:
             if self.copy_into(faster, meta, kv, blob, promotion=True):
                 self.counters.tier(tier.name, "promotions")
 
-    def _on_lost(self, key: bytes) -> None:
-        """A tier found an object gone: if no local tier holds it any more, it left the store."""
-        if self._on_drop is not None and not any(self.held_locally([key])):
+    def _on_lost(self, key: bytes, gone_from: Tier | None = None) -> None:
+        """An object left a tier (found gone, rejected, or evicted without a demotion: then
+        ``gone_from``, which still holds it during the call): if no other local tier holds it, it
+        left the store."""
+        if self._on_drop is not None and not any(
+                self.contains(t, [key])[0] for t in self.tiers if t is not gone_from and not t.is_remote):
             self._on_drop(key)
 
     def _on_evict(self, tier: Tier, key: bytes, fetch: Callable[[], Any]) -> None:
@@ -238,9 +241,8 @@ class TierStack:
             if demoted:
                 self.counters.tier(tier.name, "demotions")
             break
-        if not demoted and self._on_drop is not None and not any(
-                t.contains([key])[0] for t in self.tiers if t is not tier and not t.is_remote):
-            self._on_drop(key)
+        if not demoted:
+            self._on_lost(key, gone_from=tier)
 
     # ---- writing new objects -------------------------------------------------------------
 
@@ -350,10 +352,10 @@ class TierStack:
 def _check_opaque_codecs(config: StoreConfig) -> None:
     """A store of opaque objects can only apply byte codecs: a lossy one would need torch and the
     model's tensors, and must be chosen by the engines, which then send objects already in it."""
-    from kvstore.codecs import get_codec
+    from kvstore.codecs import is_bytewise
 
     for tc in config.tiers.values():
-        if tc.codec != "raw" and not get_codec(tc.codec).bytewise:
+        if not is_bytewise(tc.codec):
             raise ConfigError(f"tiers.{tc.kind}.codec {tc.codec!r} is lossy: the daemon stores engines' objects "
                               f"without decoding them, so it applies only lossless byte codecs (raw, lz4); set a "
                               f"lossy codec on the engines' tiers instead")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from kvstore.objects import ObjectMeta, encode_object, join_parts, recode
+from kvstore.wire import parts_nbytes
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier
 
@@ -40,7 +41,7 @@ class PendingWrite:
     @property
     def nbytes(self) -> int:
         if self.blob is not None:
-            return sum(memoryview(p).nbytes for p in self.blob)
+            return parts_nbytes(self.blob)
         return 0 if self.tensor is None else self.tensor.numel() * self.tensor.element_size()
 
     def done(self) -> None:
