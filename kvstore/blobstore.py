@@ -104,6 +104,17 @@ class BlobStore:
             todo = [i for i in todo if out[i] is None]
         return out
 
+    def in_memory(self, keys: Sequence[bytes]) -> bool:
+        """Whether the first tier holds every key in process memory: a get of them then does
+        no I/O (and no hashing: the memory tier holds what was verified on the way in)."""
+        first = self.tiers[0] if self.tiers else None
+        return first is not None and first.is_memory_blob and all(first.contains(keys))
+
+    def put_without_waiting(self, nbytes: int) -> bool:
+        """Whether a put of ``nbytes`` would finish without waiting on I/O (see
+        TierStack.writes_without_waiting): the daemon then does it on its event loop."""
+        return self.stack.writes_without_waiting(nbytes)
+
     def read_into(self, keys: Sequence[bytes], expect: Sequence[ObjectMeta],
                   outs: Sequence[memoryview]) -> list[bool]:
         """Raw-codec payloads straight into the caller's memory where the holding tier can do it
@@ -134,19 +145,26 @@ class BlobStore:
             meta, payload = read_meta(blob)
         except CorruptObjectError as exc:
             raise InvalidInputError(f"object for key {object_key.hex()} is not a valid kvstore object: {exc}") from None
+        BlobStore.check(meta, payload.nbytes, object_key)
+        return meta
+
+    @staticmethod
+    def check(meta: ObjectMeta, payload_nbytes: int, object_key: bytes) -> None:
+        """What an intact object must also be to be stored: sent for the key it names, and a
+        raw payload the size its shape says. Raises InvalidInputError."""
         if meta.key != object_key:
             raise InvalidInputError(f"object names key {meta.key.hex()}, but was sent for {object_key.hex()}")
         need = tensor_nbytes(meta) if meta.codec == "raw" else None
-        if need is not None and payload.nbytes != need:
-            raise InvalidInputError(f"object for key {object_key.hex()}: a raw payload of {payload.nbytes} bytes "
+        if need is not None and payload_nbytes != need:
+            raise InvalidInputError(f"object for key {object_key.hex()}: a raw payload of {payload_nbytes} bytes "
                                     f"for shape {list(meta.shape)} {meta.dtype} (needs {need})")
-        return meta
 
-    def allocate(self, nbytes: int) -> memoryview:
+    def allocate(self, nbytes: int, *, fresh: bool = True) -> memoryview | None:
         """Writable memory to receive an object into before ``put`` (from the memory tier's
-        pre-faulted arena when it has one): the put then keeps it without a copy."""
+        arena): the put then keeps it without a copy. Without ``fresh``, None while the arena
+        has no free region (BlobTier.allocate); never blocks."""
         first = self.tiers[0] if self.tiers else None
-        return first.allocate(nbytes) if isinstance(first, BlobTier) else unzeroed(nbytes)
+        return first.allocate(nbytes, fresh=fresh) if isinstance(first, BlobTier) else unzeroed(nbytes)
 
     def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None) -> int:
         """Store objects not already present; returns how many new ones some tier took. All or

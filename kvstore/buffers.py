@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import collections
 import mmap
+import sys
 import threading
 import weakref
 
@@ -33,6 +34,9 @@ PAGE = 4096
 # memory is reused with its pages already mapped; at or above it every allocation is a fresh
 # mapping of its own anyway.
 _HEAP_MAX = 32 << 20
+# Linux 5.14+: fault a range in with one call (Python 3.11's mmap module lacks the names).
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
 def unzeroed(nbytes: int, *, transient: bool = False) -> memoryview:
@@ -59,10 +63,26 @@ class Arena:
         if nbytes <= 0:
             raise ValueError(f"arena size must be positive, got {nbytes}")
         self.nbytes = nbytes
-        self._buf = bytearray(nbytes)
+        # An anonymous mapping: address space only, until a page is first written. Without
+        # ``prefault`` the process grows as objects arrive (like any allocator), but a freed region
+        # keeps its pages, so once the tier has filled, every put lands in memory already mapped:
+        # fresh pages cost a 2 MiB put more than its copy (measured: 0.6 vs 1.0 GB/s).
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0)
+        if prefault:  # the kernel maps the whole budget now, not during puts
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        else:  # no commit charge for pages never written
+            flags |= _NORESERVE
+        self._buf = mmap.mmap(-1, nbytes, flags=flags)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # see unzeroed(): huge pages stall puts on compaction
+            self._buf.madvise(mmap.MADV_NOHUGEPAGE)
         self._addr = np.frombuffer(self._buf, dtype=np.uint8).ctypes.data
-        if prefault:  # one write per page: the kernel maps the whole budget now, not during puts
+        if prefault and not hasattr(mmap, "MAP_POPULATE"):  # one write per page instead
             np.frombuffer(self._buf, dtype=np.uint8)[::PAGE] = 0
+        # Below this offset every page has been mapped. First fit hands out low ranges first, so
+        # it only grows; a region above it is populated in one call when handed out (a 2 MiB
+        # region: 0.5 ms instead of 0.9 ms of page faults inside the socket read).
+        self._mapped = nbytes if prefault else 0
+        self._populate = _POPULATE_WRITE
         self._lock = threading.Lock()
         self._starts: list[int] = [0]          # free ranges, sorted by start
         self._sizes: dict[int, int] = {0: nbytes}
@@ -100,21 +120,36 @@ class Arena:
         with self._lock:
             size = self._size_class(nbytes)
             self._drain()
-            for i, start in enumerate(self._starts):  # first fit: ranges are few (objects are big)
-                have = self._sizes[start]
-                if have < size:
-                    continue
-                del self._sizes[start]
-                if have == size:
-                    del self._starts[i]
-                else:
-                    self._starts[i] = start + size
-                    self._sizes[start + size] = have - size
-                self._free_bytes -= size
-                region = np.frombuffer(self._buf, dtype=np.uint8, count=nbytes, offset=start)
-                freed = self._freed
-                self._refs[start] = weakref.ref(region, lambda _r, s=start, n=size: freed.append((s, n)))
-                return memoryview(region)
+            start = self._take(size)
+            if start is None:
+                return None
+            region = np.frombuffer(self._buf, dtype=np.uint8, count=nbytes, offset=start)
+            freed = self._freed
+            self._refs[start] = weakref.ref(region, lambda _r, s=start, n=size: freed.append((s, n)))
+            end = min(start + size, self.nbytes)
+            fresh = max(start, self._mapped) // PAGE * PAGE
+            self._mapped = max(self._mapped, end)
+        if fresh < end and self._populate is not None:  # outside the lock: the range is ours
+            try:
+                self._buf.madvise(self._populate, fresh, end - fresh)
+            except OSError:  # an older kernel: the pages fault in as they are written
+                self._populate = None
+        return memoryview(region)
+
+    def _take(self, size: int) -> int | None:
+        """The start of a free range of ``size`` bytes, now in use. Caller holds the lock."""
+        for i, start in enumerate(self._starts):  # first fit: ranges are few (objects are big)
+            have = self._sizes[start]
+            if have < size:
+                continue
+            del self._sizes[start]
+            if have == size:
+                del self._starts[i]
+            else:
+                self._starts[i] = start + size
+                self._sizes[start + size] = have - size
+            self._free_bytes -= size
+            return start
         return None
 
     def _size_class(self, nbytes: int) -> int:

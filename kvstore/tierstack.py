@@ -20,6 +20,7 @@ decides between waiting up to ``put_timeout_s`` and dropping, both counted).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -72,6 +73,11 @@ class TierStack:
                 if tc.kind == "remote" and not allow_remote:  # a daemon in front of a daemon could loop
                     raise ConfigError("the daemon cannot have a remote tier (it stores bytes for many engines)")
                 self.tiers.append(build_tier(tc, context))
+            first = self.tiers[0] if self.tiers else None
+            if first is not None and first.is_memory_blob:  # reads land where a promotion keeps them
+                for tier in self.tiers[1:]:
+                    if isinstance(tier, BlobTier):
+                        tier.read_buffers = functools.partial(first.allocate, fresh=False)
             # Default byte bound of each write queue: 1/16 of the memory budget (at least 16 MiB).
             memory = sum(t.config.capacity or 0 for t in self.tiers if t.config.is_memory)
             default_bytes = max(16 << 20, memory // 16) if memory else None
@@ -118,6 +124,16 @@ class TierStack:
                     where[i] = pos
             todo = [i for i in todo if where[i] is None]
         return where
+
+    def writes_without_waiting(self, nbytes: int) -> bool:
+        """Whether a write of ``nbytes`` new bytes would finish without waiting on I/O: the first
+        tier is in process memory, no tier is remote (its index is a round trip away), and every
+        writer has room for the write-through copy plus demotions of what it evicts (taken as
+        twice as much again). A snapshot: a concurrent write can still fill a queue first, and
+        then this write waits as any would (up to the tier's put budget)."""
+        if not self.tiers or not self.tiers[0].is_memory_blob or any(t.is_remote for t in self.tiers):
+            return False
+        return all(w.has_room(3 * nbytes, items=4) for w in self.writers.values())
 
     def held_locally(self, keys: Sequence[bytes]) -> list[bool]:
         """Whether an in-process or on-disk tier holds each key (remote tiers dedupe in their

@@ -144,6 +144,17 @@ class TierWriter:
                 self._written(w.nbytes)
                 w.done()
 
+    def has_room(self, nbytes: int, items: int = 1) -> bool:
+        """Whether ``items`` submits of ``nbytes`` in all would be taken now without waiting. A
+        snapshot (another thread may fill the queue first), for a caller choosing between doing a
+        put on its own thread and handing it to one that may block."""
+        if self._q.maxsize and self._q.qsize() + items > self._q.maxsize:
+            return False
+        if self.max_bytes is None:
+            return True
+        with self._room:
+            return self._bytes == 0 or self._bytes + nbytes <= self.max_bytes
+
     @property
     def pending(self) -> int:
         return self._q.unfinished_tasks

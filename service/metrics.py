@@ -77,6 +77,8 @@ class Metrics:
                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
         self.object_bytes = Histogram("kvstore_object_bytes", "size of objects put and got", ["op"],
                                       registry=self.registry, buckets=SIZE_BUCKETS)
+        self.arena_waits = Counter("kvstore_arena_waits", "request bodies that waited for memory-tier space "
+                                   "(back-pressure: objects in flight filled the arena)", registry=self.registry)
         self.bytes_in = Counter("kvstore_received_bytes", "object bytes received", registry=self.registry)
         self.bytes_out = Counter("kvstore_sent_bytes", "object bytes sent", registry=self.registry)
         self.lmcache = Counter("kvstore_lmcache_requests", "LMCache protocol requests and rejections", ["what"],

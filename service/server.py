@@ -3,14 +3,16 @@
 Data plane: exists/lookup/get/put of self-describing objects in batches (kvstore.wire). Control
 plane: pin/unpin/delete/clear, stats, health, Prometheus metrics, OpenAPI. Every object is
 stored under a tenant-scoped key (service.auth.storage_key), verified on the way in, and
-verified again on the way out; blocking store work runs in a thread pool so one slow disk read
-never stalls other requests.
+verified again on the way out; store work that may block (a disk read, a full writer queue,
+Redis) runs in a thread pool so one slow disk read never stalls other requests, and work that
+cannot (memory hits, puts with room in the queues) runs on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -26,14 +28,20 @@ from kvstore.config import StoreConfig, parse_size
 from kvstore.errors import ConfigError, InvalidInputError, KVStoreError, PinLimitError
 from kvstore.service import startup
 from kvstore.service.auth import KeyFile, Principal, storage_key
+from kvstore.service.intake import BodyIntake
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
 from kvstore.client import TENANT_HEADER
 from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, WireError, batch_header, check_keys,
-                          pack_control, unpack_batch, unpack_control)
+                          pack_control, unpack_control)
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_ARENA_WAIT_S = 1.0  # longest a body waits for arena memory before it takes fresh memory
+_SEND_SLICE = 256 << 10  # GET responses are written in slices of this size (see Daemon.get)
+# aiohttp buffers up to twice this per connection before it pauses the socket: enough that it
+# does not pause every 64 KiB (its default), little enough that 64 uploads hold 32 MiB at most.
+_READ_CHUNK = 256 << 10
 _OPEN = {"/healthz", "/readyz", "/openapi.json"}
 
 
@@ -210,7 +218,10 @@ class Daemon:
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         keys, skeys = self._keys(await self._control(request), request["principal"])
-        blobs = await self._run(self.store.get, skeys, keys)
+        # All in process memory: no I/O, so no thread hop (it costs 0.1-0.2 ms, a tenth of a
+        # 2 MiB request).
+        local = self._local_only and self.store.in_memory(skeys)
+        blobs = self.store.get(skeys, keys) if local else await self._run(self.store.get, skeys, keys)
         sizes = [-1 if b is None else memoryview(b).nbytes for b in blobs]
         resp = web.StreamResponse(headers={"Content-Type": BATCH_CONTENT_TYPE})
         resp.content_length = len(batch_header(keys, sizes)) + sum(s for s in sizes if s > 0)
@@ -218,25 +229,34 @@ class Daemon:
         await resp.write(batch_header(keys, sizes))
         for blob in blobs:  # streamed object by object: no response-sized buffer
             if blob is not None:
-                await resp.write(blob)
-                self.metrics.bytes_out.inc(memoryview(blob).nbytes)
-                self.metrics.object_bytes.labels("get").observe(memoryview(blob).nbytes)
+                view = memoryview(blob).cast("B")
+                # In slices: what the socket does not take at once is copied into the transport's
+                # buffer (Python 3.11), so a whole 2 MiB write to a slow reader would hold a second
+                # copy of the object outside the memory budget; each slice waits for the last.
+                for at in range(0, view.nbytes, _SEND_SLICE):
+                    await resp.write(view[at:at + _SEND_SLICE])
+                self.metrics.bytes_out.inc(view.nbytes)
+                self.metrics.object_bytes.labels("get").observe(view.nbytes)
         await resp.write_eof()
         return resp
 
-    async def _body(self, request: web.Request) -> bytes | memoryview:
-        """A large body straight into one buffer of its Content-Length, from the memory tier
-        (its pre-faulted arena with --cpu-prealloc, else unzeroed memory): aiohttp's ``read()``
-        grows a bytearray chunk by chunk and then copies it into bytes."""
+    async def _intake(self, request: web.Request) -> BodyIntake:
+        """The body, checked as it arrives (service.intake). A large one goes straight into one
+        buffer of its Content-Length from the memory tier's arena (unzeroed memory when it has
+        no free region): aiohttp's ``read()`` grows a bytearray chunk by chunk and then copies
+        it into bytes."""
         length = request.content_length
         if length is None or length < 65536:
-            return await request.read()
+            intake = BodyIntake(memoryview(await request.read()), self.config.max_batch)
+            intake.feed(intake.buf.nbytes)
+            return intake
         if length > self.config.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.config.max_body_bytes, actual_size=length)
+        buf = await self._receive_buffer(length)
         raise_limit = getattr(request.content, "set_read_chunk_size", None)
         if raise_limit is not None:  # aiohttp >= 3.13: else the socket pauses every 64 KiB
-            raise_limit(length)
-        buf = self.store.allocate(length)  # the memory tier's pre-faulted arena when it has one
+            raise_limit(min(length, _READ_CHUNK))
+        intake = BodyIntake(buf, self.config.max_batch)
         got = 0
         while got < length:
             chunk = await request.content.readany()
@@ -244,22 +264,51 @@ class Daemon:
                 raise WireError(f"request body does not match its Content-Length {length} ({got + len(chunk)} bytes)")
             buf[got:got + len(chunk)] = chunk
             got += len(chunk)
+            intake.feed(got)
+        return intake
+
+    async def _receive_buffer(self, length: int) -> memoryview:
+        """A region of the memory tier's arena for a body. When every free byte is taken by
+        objects still in flight (bodies being received, evicted objects still being sent or
+        queued for disk), wait for one to be freed rather than take memory beyond the budget:
+        until then the body waits in the kernel's socket buffer and the client is slowed, which
+        is the back-pressure that keeps the daemon near its budget under load. After
+        ``_ARENA_WAIT_S`` it takes fresh memory (counted as ``arena_misses``): a stall must
+        not become a timeout."""
+        buf = await self._allocate(length, fresh=False)
+        if buf is None:
+            self.metrics.arena_waits.inc()
+        deadline = time.monotonic() + _ARENA_WAIT_S
+        delay = 0.0005
+        while buf is None and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+            buf = await self._allocate(length, fresh=False)
+        if buf is None:
+            buf = await self._allocate(length, fresh=True)
+        assert buf is not None
         return buf
+
+    async def _allocate(self, length: int, fresh: bool) -> memoryview | None:
+        # Making room evicts, and an evicted object is demoted through a writer queue that may
+        # be full: on the event loop only when the queues have room.
+        if self.store.put_without_waiting(length):
+            return self.store.allocate(length, fresh=fresh)
+        return await self._run(functools.partial(self.store.allocate, length, fresh=fresh))
 
     async def put(self, request: web.Request) -> web.Response:
         principal: Principal = request["principal"]
-        body = await self._body(request)
-        self.metrics.bytes_in.inc(memoryview(body).nbytes)
-        items = unpack_batch(body, self.config.max_batch)
+        intake = await self._intake(request)
+        self.metrics.bytes_in.inc(intake.buf.nbytes)
         objects = []
-        for key, blob in items:
-            if blob is None:
-                raise WireError(f"put batch has no object for key {key.hex()}")
-            data = blob  # a view of the request body, which nothing else writes to
-            meta = BlobStore.verify(data, key)
+        for key, data, meta in intake.finish():  # data: a view of the body, which nothing else writes to
             objects.append(StoredObject(storage_key(principal.tenant, key), meta, data))
-            self.metrics.object_bytes.labels("put").observe(memoryview(data).nbytes)
-        stored = await self._run(self.store.put, objects, principal.tenant, self.keys.quotas.get(principal.tenant))
+            self.metrics.object_bytes.labels("put").observe(data.nbytes)
+        args = (objects, principal.tenant, self.keys.quotas.get(principal.tenant))
+        if self.store.put_without_waiting(intake.buf.nbytes):  # memory, and room in the writers' queues
+            stored = self.store.put(*args)
+        else:
+            stored = await self._run(self.store.put, *args)
         return _msgpack({"stored": stored})
 
     # ---- control plane -------------------------------------------------------------------

@@ -131,6 +131,11 @@ class BlobTier(Tier):
     """A tier of serialized objects (disk, Redis, the daemon): SGLang-HiCache-style batch API."""
 
     last_error: str = ""  # why the last read_into answered CORRUPT, for the log line
+    # Where get_blobs may read objects into: set by the stack below an in-process tier of
+    # objects (the daemon's memory tier), whose arena it draws on. A hit promoted there then
+    # needs no copy, and a daemon's reads stay within its memory budget. None from it: no free
+    # region now, use your own buffer.
+    read_buffers: Callable[[int], memoryview | None] | None = None
 
     @abstractmethod
     def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | bytearray | memoryview | None]:
@@ -159,9 +164,11 @@ class BlobTier(Tier):
         can do this overrides it (the disk tier); the rest answer FALLBACK and are read whole."""
         return ReadResult.FALLBACK
 
-    def allocate(self, nbytes: int) -> memoryview:
+    def allocate(self, nbytes: int, *, fresh: bool = True) -> memoryview | None:
         """Writable memory to build an object in before putting it here; tiers that keep objects
-        in memory may hand out memory they can keep without a copy."""
+        in memory may hand out memory they can keep without a copy. Without ``fresh``, None
+        where the tier would have to hand out memory beyond its budget (the caller may wait for
+        some to be freed: an evicted object still being sent or written). Never blocks."""
         return unzeroed(nbytes)
 
     def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:

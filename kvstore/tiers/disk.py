@@ -145,7 +145,7 @@ class DiskTier(BlobTier):
                 size = os.fstat(f.fileno()).st_size
                 # np.empty skips the zero-fill a bytearray would do; the scratch buffer also skips
                 # the page faults of a fresh allocation, which cost more than reading the file.
-                buf = scratch.get(size) if scratch is not None else np.empty(size, dtype=np.uint8)
+                buf = scratch.get(size) if scratch is not None else self._buffer(size)
                 view = memoryview(buf)[:size]
                 got = 0
                 while got < size:
@@ -163,6 +163,10 @@ class DiskTier(BlobTier):
             if key in self._index:
                 self._index.move_to_end(key)
         return view[:got]
+
+    def _buffer(self, size: int) -> memoryview | np.ndarray:
+        view = self.read_buffers(size) if self.read_buffers is not None and size else None
+        return view if view is not None else np.empty(size, dtype=np.uint8)
 
     def read_into(self, key: bytes, expect: ObjectMeta, segments: list[memoryview]) -> ReadResult:
         """Read a raw-codec object's payload straight into ``segments`` (the caller's buffer, in

@@ -24,27 +24,38 @@ class MemoryBlobTier(BlobTier):
         self._lock = threading.Lock()
         self._blobs: OrderedDict[bytes, memoryview] = OrderedDict()
         self._used = 0
-        # The arena also holds objects on their way in (request bodies, read before the key is
-        # known to be new) and on their way out (a GET still sending an evicted object): 1/16 more
-        # than the budget keeps those in it, so the process stays within ~6% of its budget.
-        self.arena = Arena(self.capacity + self.capacity // 16) if config.prealloc else None
+        # Every object lives in the arena (pre-faulted with ``prealloc``, else mapped as it fills):
+        # its memory is reused warm after an eviction, and the tier's memory is bounded. It also
+        # holds objects on their way in (request bodies, disk reads to promote) and on their way
+        # out (a GET still sending an evicted object), for which the cache gives up objects (see
+        # allocate), so 1/64 above the budget is slack for size classes only.
+        self.arena = Arena(self.capacity + self.capacity // 64, prefault=config.prealloc) if self.capacity else None
 
-    def allocate(self, nbytes: int) -> memoryview:
-        """Writable memory for an object about to be put here: from the pre-faulted arena when
-        there is one, else fresh. When the arena is full this evicts what the put would evict
-        anyway (least recently used first), no more: an evicted object's memory only returns once
-        nobody reads it (a GET still sending it, a disk write still queued), and evicting further
-        to wait that out would empty the tier during a burst. Then it falls back to fresh memory
-        (counted as ``arena_misses``)."""
+    def allocate(self, nbytes: int, *, fresh: bool = True) -> memoryview | None:
+        """Writable memory for an object about to be put here (or read from a lower tier to be
+        promoted): from the arena when a region is free, else fresh.
+
+        When the arena is full, objects in flight hold it: bodies being received, evicted
+        objects still being sent or queued for disk. Then the tier gives up cached objects, least
+        recently used first, one at a time until a region frees (an evicted object's memory only
+        returns once nobody reads it): the cache shrinks by what transfers hold, so cache plus
+        transfers stay within the budget. At most ``max(4 x nbytes, capacity / 16)`` is evicted
+        for one allocation, so a burst of transfers cannot empty the tier. Then fresh memory
+        (counted as ``arena_misses``), or without ``fresh`` None: the daemon waits for a
+        region."""
         if self.arena is not None and nbytes <= self.capacity:
             view = self.arena.allocate(nbytes)
-            if view is None:
-                with self._lock:
-                    victims = self._evict_lru(nbytes)
+            evicted, most = 0, max(4 * nbytes, self.capacity // 16)
+            while view is None and evicted < most:
+                with self._lock:  # what the put would evict anyway, then the oldest, one by one
+                    victims = self._evict_lru(nbytes if not evicted else 0, at_least=1)
+                if not victims:
+                    break
+                evicted += sum(v.nbytes for _, v in victims)
                 self._report(victims)
                 del victims  # the last references: their regions return to the arena (unless still read)
                 view = self.arena.allocate(nbytes)
-            if view is not None:
+            if view is not None or not fresh:
                 return view
             self.counters.tier(self.name, "arena_misses")
         return unzeroed(nbytes)
@@ -64,8 +75,8 @@ class MemoryBlobTier(BlobTier):
         return self.arena is not None and (not self.arena.owns(blob) or self.arena.region_bytes(blob) > 2 * blob.nbytes)
 
     def _into_arena(self, blob: memoryview) -> memoryview | None:
-        region = self.allocate(blob.nbytes)
-        if not self.arena.owns(region):  # type: ignore[union-attr]
+        region = self.allocate(blob.nbytes, fresh=False)
+        if region is None:
             return None  # no free region: every one is still being sent or written
         region[:] = blob
         return region
@@ -117,12 +128,12 @@ class MemoryBlobTier(BlobTier):
             self.counters.tier(self.name, "put_bytes", size)
         return written
 
-    def _evict_lru(self, room: int) -> list[tuple[bytes, memoryview]]:
-        """Pop unpinned objects, least recently used first, until ``room`` more bytes fit.
-        Caller holds the lock."""
+    def _evict_lru(self, room: int, at_least: int = 0) -> list[tuple[bytes, memoryview]]:
+        """Pop unpinned objects, least recently used first, until ``room`` more bytes fit (and
+        at least ``at_least`` objects). Caller holds the lock."""
         victims = []
         for key in list(self._blobs):
-            if self._used + room <= self.capacity:
+            if self._used + room <= self.capacity and len(victims) >= at_least:
                 break
             if self._pins.is_pinned(key):
                 continue
