@@ -150,8 +150,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("available benchmarks: " + ", ".join(scripts))
         return 0 if not args.name else 2
     sys.argv = [str(root / "bench" / f"{args.name}.py"), *args.args]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if not missing or missing == "kvstore":
+            raise  # our own import broke: a bug, keep its traceback
+        setup = _ENGINE_SETUP.get(missing, "pip install " + missing)
+        print(f"kvstore: error: bench {args.name} needs the '{missing}' package, which is not installed here "
+              f"({setup})", file=sys.stderr)
+        return 2
     return 0
+
+
+# What sets up an engine a benchmark imports (each engine has its own venv: see the README).
+_ENGINE_SETUP = {
+    "sglang": "bash scripts/test_sglang.sh sets up .venv-sglang with it; run the bench with that venv's python",
+    "vllm": "bash scripts/test_vllm.sh sets up .venv-vllm with it; run the bench with that venv's python",
+    "lmcache": "bash scripts/test_lmcache.sh sets up .venv-lmcache with it; run the bench with that venv's python",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,10 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# A bare `pip install torch` pulls a multi-GB CUDA build; the CPU build is enough and is what
-# these machines carry.
-if ! "$PY" -c "import torch" 2>/dev/null; then
-    "$PY" -m pip install --quiet torch==2.13.0
-fi
+. scripts/torch.sh
+ensure_torch
 "$PY" -m pip install --quiet -e ".[demo]"
 exec "$PY" -m kvstore demo "$@"

@@ -14,6 +14,16 @@ def test_help_everywhere(cmd):
     assert r.returncode == 0 and "usage: kvstore" in r.stdout
 
 
+def test_a_bench_without_its_engine_says_what_to_install():
+    import importlib.util
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("sglang is installed here: the message is for machines without it")
+    r = run("bench", "sglang_storage", timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs the 'sglang' package" in lines[0] and "scripts/test_sglang.sh" in lines[0]
+
+
 def test_config_resolves_flags_over_env(tmp_path):
     import os
     env = {**os.environ, "KVSTORE_CHUNK_SIZE": "128", "KVSTORE_CPU_CAPACITY": "2GiB"}
