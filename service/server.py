@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -116,6 +117,14 @@ def _flag(value: Any) -> bool:
     raise ValueError(value)
 
 
+def _release(exc: BaseException) -> None:
+    """Drop the locals of the frames an error passed through. A handler's frame holds the
+    request body (an arena region of the memory tier), and the exception's traceback, in a cycle
+    with the task that ran the handler, would keep it until the garbage collector runs: every
+    rejected 2 MiB body held its region, and the next puts waited for memory."""
+    traceback.clear_frames(exc.__traceback__)
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -168,18 +177,26 @@ class Daemon:
             raise
         except (WireError, InvalidInputError) as exc:
             status = 403 if isinstance(exc, QuotaExceededError) else 400
+            _release(exc)
             return _error(status, str(exc))
-        except asyncio.TimeoutError:
+        except ConnectionResetError as exc:  # the client went away mid-body or mid-response: not ours
+            status = 499  # nginx's "client closed request": counted, not logged as an error
+            _release(exc)
+            return _error(499, "client closed the connection")
+        except asyncio.TimeoutError as exc:
             status = 503
+            _release(exc)
             return _error(503, f"request took longer than {self.config.request_timeout_s}s")
         except PinLimitError as exc:  # the tier's pinned-bytes cap: a conflict, nothing was pinned
             status = 409
             return _error(409, str(exc))
         except KVStoreError as exc:
             status = 400
+            _release(exc)
             return _error(400, str(exc))
-        except Exception:  # a bug: log it, answer 500, keep serving
+        except Exception as exc:  # a bug: log it, answer 500, keep serving
             log.exception("unhandled error on %s", request.path)
+            _release(exc)
             return _error(500, "internal error (logged)")
         finally:
             self.metrics.requests.labels(route, str(status)).inc()

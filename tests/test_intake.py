@@ -91,3 +91,74 @@ def test_a_large_batch_with_one_bad_object_stores_nothing(daemon):
     objects[1][-1] ^= 1
     assert client.put([(k, bytes(o)) for k, o in zip(keys, objects)]) == 3
     assert [bytes(b) for b in client.get(keys)] == [bytes(o) for o in objects]
+
+
+def _metric(port: int, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_rejected_body_frees_its_memory_at_once(tmp_path):
+    """A 400 must not keep the body's arena region alive (the error's traceback held it until
+    the garbage collector ran): later good puts then waited a second each for memory."""
+    from conftest import Daemon
+
+    d = Daemon(tmp_path, "--cpu-capacity", "8MiB", "--no-disk")
+    try:
+        client = DaemonClient(d.url)
+        keys = [bytes([i]) * 16 for i in range(20, 28)]
+        good = [obj(k, 3000) for k in keys]  # about 750 KiB each
+        for k, o in zip(keys[:4], good):
+            bad = bytearray(o)
+            bad[-7] ^= 4
+            with pytest.raises(ServiceError, match="checksum"):
+                client.put([(k, bytes(bad))])
+            with pytest.raises(ServiceError):  # a bad object first in a batch with a good one
+                client.put([(k, bytes(bad)), (keys[6], good[6])])
+        for k, o in zip(keys, good):
+            assert client.put([(k, o)]) == 1
+        assert _metric(d.port, "kvstore_arena_waits_total") == 0
+        assert _metric(d.port, 'kvstore_tier_arena_misses_total') == 0
+    finally:
+        d.stop()
+
+
+def test_clients_that_hang_up_are_not_server_errors(tmp_path):
+    """A GET reader that closes mid-response and an upload cut short are the client's doing:
+    no 500, no 'unhandled error' in the log, nothing of the cut batch stored."""
+    import socket
+
+    from conftest import Daemon
+    from kvstore.wire import pack_control
+
+    d = Daemon(tmp_path, "--no-disk")
+    try:
+        client = DaemonClient(d.url)
+        keys = [bytes([i]) * 16 for i in range(30, 32)]
+        objects = [obj(k, 8192) for k in keys]  # 2 MiB each
+        assert client.put(list(zip(keys, objects))) == 2
+        for _ in range(3):
+            body = pack_control({"keys": keys})
+            s = socket.create_connection(("127.0.0.1", d.port))
+            s.sendall(b"POST /v1/get HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            s.recv(1000)
+            s.close()
+        cut = b"".join(pack_batch([(b"\x09" * 16, obj(b"\x09" * 16, 8192))]))
+        for upto in (10, 600_000):
+            s = socket.create_connection(("127.0.0.1", d.port))
+            s.sendall(b"POST /v1/put HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-kvstore-batch\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(cut) + cut[:upto])
+            s.close()
+        import time
+
+        time.sleep(1)
+        assert client.exists([b"\x09" * 16]) == [False]
+        assert [bytes(b) for b in client.get(keys)] == objects  # still served
+        assert _metric(d.port, 'kvstore_requests_total{code="500"') == 0
+    finally:
+        d.stop()
+    assert "unhandled error" not in (tmp_path / "daemon.log").read_text()
