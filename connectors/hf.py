@@ -123,6 +123,9 @@ class HFConnector:
         if ids.shape[0] != 1:
             raise InvalidInputError(f"HFConnector.generate takes one prompt (batch size 1), got {ids.shape[0]}")
         tokens = ids[0].tolist()
+        # The last call's save runs in the background; wait for it, so a follow-up prompt (the
+        # next chat turn) hits what the last one stored instead of racing it.
+        self.hooks.release("hf")
         if self.bypass:
             self.last_hit_tokens = 0
             return self.model.generate(ids.to(self.model.device), **kwargs)
