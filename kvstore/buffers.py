@@ -39,7 +39,7 @@ _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.starts
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
-def unzeroed(nbytes: int, *, transient: bool = False) -> memoryview:
+def unzeroed(nbytes: int, *, transient: bool = False, populate: bool = True) -> memoryview:
     """Writable memory to receive into, its contents undefined until written.
 
     From ``_HEAP_MAX`` up, an anonymous mapping the kernel populates in one call. It beat both
@@ -48,13 +48,16 @@ def unzeroed(nbytes: int, *, transient: bool = False) -> memoryview:
     memory compaction (numpy 0.79x of bytearray, populate 1.09x; client GETs 1.27x).
 
     Below it, heap memory: mappings per object would run into ``vm.max_map_count`` in a daemon
-    keeping tens of thousands of objects. ``transient`` (a client's response buffer, dropped
+    keeping tens of thousands of objects. Without ``populate`` a mapping's pages are faulted in
+    as they are written (memory for data a peer has only announced). ``transient`` (a client's response buffer, dropped
     soon): ``numpy.empty``, reused heap memory that needs no zeroing (a fresh populated mapping
     was 0.53x for 2 MiB GETs). Kept memory is new either way, and ``bytearray`` measured the
     same as a mapping for 2 MiB PUTs."""
     if nbytes < _HEAP_MAX:
-        return memoryview(np.empty(nbytes, dtype=np.uint8) if transient else bytearray(nbytes))
-    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0) | getattr(mmap, "MAP_POPULATE", 0)
+        return memoryview(np.empty(nbytes, dtype=np.uint8) if transient or not populate else bytearray(nbytes))
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0)
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
     return memoryview(mmap.mmap(-1, nbytes, flags=flags))
 
 

@@ -269,20 +269,26 @@ class Daemon:
             return intake
         if length > self.config.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.config.max_body_bytes, actual_size=length)
+        # Memory only once the body starts: a connection that announces a length and sends
+        # nothing holds none.
+        chunk = await request.content.readany()
+        if not chunk:
+            raise WireError(f"request body ended before its first byte (Content-Length {length})")
         buf = await self._receive_buffer(length)
         raise_limit = getattr(request.content, "set_read_chunk_size", None)
         if raise_limit is not None:  # aiohttp >= 3.13: else the socket pauses every 64 KiB
             raise_limit(min(length, _READ_CHUNK))
         intake = BodyIntake(buf, self.config.max_batch)
         got = 0
-        while got < length:
-            chunk = await request.content.readany()
+        while True:
             if not chunk or got + len(chunk) > length:
                 raise WireError(f"request body does not match its Content-Length {length} ({got + len(chunk)} bytes)")
             buf[got:got + len(chunk)] = chunk
             got += len(chunk)
             intake.feed(got)
-        return intake
+            if got == length:
+                return intake
+            chunk = await request.content.readany()
 
     async def _receive_buffer(self, length: int) -> memoryview:
         """A region of the memory tier's arena for a body. When every free byte is taken by

@@ -162,3 +162,33 @@ def test_clients_that_hang_up_are_not_server_errors(tmp_path):
     finally:
         d.stop()
     assert "unhandled error" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_announced_bodies_hold_memory_only_as_they_arrive(tmp_path):
+    """Connections that announce large bodies and send a few bytes: the daemon's RSS grows by
+    what arrived, not by what was announced (the helper's 300 MiB Content-Length probe)."""
+    import socket
+    import time
+
+    from conftest import Daemon
+
+    def rss(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    d = Daemon(tmp_path, "--cpu-capacity", "8MiB", "--no-disk")
+    socks = []
+    try:
+        before = rss(d.proc.pid)
+        for length in [300 << 20] + [4 << 20] * 12:  # one larger than the tier, twelve that fit it
+            s = socket.create_connection(("127.0.0.1", d.port))
+            s.sendall(b"POST /v1/put HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-kvstore-batch\r\n"
+                      b"Content-Length: %d\r\n\r\n" % length + b"\x10\x00\x00\x00")
+            socks.append(s)
+        time.sleep(2.5)  # past the arena wait, so the waiting bodies have taken their fallback memory
+        grown = rss(d.proc.pid) - before
+        assert grown < 24 << 20, f"RSS grew {grown >> 20} MiB for 13 bodies of 4 bytes each"
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()

@@ -58,7 +58,9 @@ class MemoryBlobTier(BlobTier):
             if view is not None or not fresh:
                 return view
             self.counters.tier(self.name, "arena_misses")
-        return unzeroed(nbytes)
+        # Beyond the arena (an object larger than the tier, or none free for a second): mapped
+        # as it is written, so a peer that announces a huge body and sends little holds little.
+        return unzeroed(nbytes, populate=False)
 
     def promote_blob(self, meta: ObjectMeta, blob: bytes | memoryview) -> bool:
         """A copy of an object a slower tier holds: declined when the arena has no free region
