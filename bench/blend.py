@@ -5,11 +5,12 @@ quality: a trained model (the packaged one unless --model); prompts of 2-8 stdli
   full prefill and greedy agreement over the first 32 generated tokens. Also 15% with the paper's
   selection rule (largest K/V deviation) in place of ours (largest change in what the query reads),
   and how concentrated the true KV deviation is.
-speed: a 16-layer model with random weights (speed does not depend on them); 4 documents of
-  1K tokens plus a 64-token question, documents in the cpu tier; blend time against full
-  prefill, beside the ideal compute fraction.
+speed: a 16-layer model with random weights (speed does not depend on them), or with
+  ``--model smollm2`` the real SmolLM2-135M-Instruct on English text; 4 documents of 1K tokens
+  plus a 64-token question, documents in the cpu tier; blend time against full prefill, beside
+  the ideal compute fraction.
 
-    python bench/blend.py [quality|speed|all] [--prompts 5] [--repeat 3]
+    python bench/blend.py [quality|speed|all] [--prompts 5] [--repeat 3] [--model DIR|smollm2]
 """
 
 from __future__ import annotations
@@ -131,14 +132,28 @@ def quality(args: argparse.Namespace) -> None:
           f"greedy agreement >= 90% ({100 * a15:.1f}%: {'met' if a15 >= 0.9 else 'NOT met'})")
 
 
+def _smollm2_text() -> tuple[Engine, list[int]]:
+    """SmolLM2 (bench/engine.py's loader) and English text: this repository's README and docs."""
+    from engine import smollm2
+
+    return smollm2()
+
+
 def speed(args: argparse.Namespace) -> None:
-    cfg = tiny_config("llama", vocab_size=4096, hidden_size=256, num_layers=16, num_heads=4, num_kv_heads=2,
-                      head_dim=64, intermediate_size=768, max_position_embeddings=16384)
-    engine = Engine(Transformer(cfg, random_weights(cfg, seed=0)), model_id="bench/llama-16l-256")
     rng = random.Random(args.seed)
-    docs = [[rng.randrange(6, 4090) for _ in range(1024)] for _ in range(4)]
-    question = [rng.randrange(6, 4090) for _ in range(64)]
-    print(f"speed: {cfg.num_layers} layers, hidden {cfg.hidden_size}, 4 documents x 1024 tokens + 64-token "
+    if args.model == "smollm2":
+        engine, text = _smollm2_text()
+        cfg = engine.config
+        starts = [rng.randrange(0, len(text) - 1100) for _ in range(5)]
+        docs = [text[s:s + 1024] for s in starts[:4]]
+        question = text[starts[4]:starts[4] + 64]
+    else:
+        cfg = tiny_config("llama", vocab_size=4096, hidden_size=256, num_layers=16, num_heads=4, num_kv_heads=2,
+                          head_dim=64, intermediate_size=768, max_position_embeddings=16384)
+        engine = Engine(Transformer(cfg, random_weights(cfg, seed=0)), model_id="bench/llama-16l-256")
+        docs = [[rng.randrange(6, 4090) for _ in range(1024)] for _ in range(4)]
+        question = [rng.randrange(6, 4090) for _ in range(64)]
+    print(f"speed on {engine.model_id}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, 4 documents x 1024 tokens + 64-token "
           f"question, documents in the cpu tier; {torch.get_num_threads()} threads; median of {args.repeat}")
     with KVStore(engine.kv_spec(), {"chunk_size": 256, "tiers": {"cpu": {"capacity": "4GiB"}}}) as store:
         rows = [["method", "prefill s", "vs full", "ideal compute", "recomputed"]]
@@ -167,12 +182,15 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5, help="prompts per document count (quality)")
     ap.add_argument("--doc-tokens", type=int, default=128, help="tokens per document (quality)")
     ap.add_argument("--model", default=str(DEFAULT_MODEL),
-                    help="trained model directory (quality), e.g. one from reference.train --layers 12")
+                    help="trained model directory (quality), e.g. one from reference.train --layers 12; "
+                         "for speed: 'smollm2' runs the real model (else a random 16-layer one)")
     ap.add_argument("--check-layers", type=lambda text: tuple(int(x) for x in text.split(",")), default=None,
                     help="e.g. 1 or 1,2,3 (default: the library's)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.model == "smollm2" and args.what != "speed":
+        sys.exit("quality on smollm2 needs a question set over real documents, not built yet: run 'speed'")
     if args.what in ("quality", "all"):
         quality(args)
     if args.what in ("speed", "all"):
