@@ -132,17 +132,12 @@ def quality(args: argparse.Namespace) -> None:
           f"greedy agreement >= 90% ({100 * a15:.1f}%: {'met' if a15 >= 0.9 else 'NOT met'})")
 
 
-def _smollm2_text() -> tuple[Engine, list[int]]:
-    """SmolLM2 (bench/engine.py's loader) and English text: this repository's README and docs."""
-    from engine import smollm2
-
-    return smollm2()
-
-
 def speed(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     if args.model == "smollm2":
-        engine, text = _smollm2_text()
+        from engine import smollm2  # bench/engine.py's loader: the model and English text
+
+        engine, text = smollm2()
         cfg = engine.config
         starts = [rng.randrange(0, len(text) - 1100) for _ in range(5)]
         docs = [text[s:s + 1024] for s in starts[:4]]

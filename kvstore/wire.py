@@ -83,6 +83,15 @@ def pack_batch(items: Sequence[tuple[bytes, Blob | tuple[Blob, ...] | None]]) ->
     return parts
 
 
+def batch_header_end(buf: bytes | memoryview) -> int | None:
+    """Where a batch body's header ends (the offset of its first object), from its first four
+    bytes; None with fewer (a body still arriving)."""
+    view = memoryview(buf)
+    if view.nbytes < _LEN.size:
+        return None
+    return _LEN.size + _LEN.unpack_from(view, 0)[0]
+
+
 def parse_batch_header(buf: bytes | memoryview, max_keys: int) -> tuple[list[bytes], list[int], int]:
     """(keys, sizes, offset of the first object) from the start of a batch body."""
     view = memoryview(buf)
@@ -105,21 +114,28 @@ def parse_batch_header(buf: bytes | memoryview, max_keys: int) -> tuple[list[byt
     return keys, sizes, _LEN.size + hlen
 
 
+def object_spans(keys: Sequence[bytes], sizes: Sequence[int], offset: int,
+                 total: int) -> list[tuple[bytes, slice | None]]:
+    """Where each object of a batch lies in its body of ``total`` bytes (None: absent), from
+    its header; WireError unless the objects fill the body exactly."""
+    spans: list[tuple[bytes, slice | None]] = []
+    for key, size in zip(keys, sizes):
+        if size < 0:
+            spans.append((key, None))
+            continue
+        if offset + size > total:
+            raise WireError(f"batch body truncated: object for {key.hex()} needs {size} bytes at offset {offset}")
+        spans.append((key, slice(offset, offset + size)))
+        offset += size
+    if offset != total:
+        raise WireError(f"{total - offset} trailing bytes after the batch's objects")
+    return spans
+
+
 def unpack_batch(body: bytes | memoryview, max_keys: int = 1 << 20) -> list[tuple[bytes, memoryview | None]]:
     keys, sizes, off = parse_batch_header(body, max_keys)
     view = memoryview(body)
-    out: list[tuple[bytes, memoryview | None]] = []
-    for key, size in zip(keys, sizes):
-        if size < 0:
-            out.append((key, None))
-            continue
-        if off + size > view.nbytes:
-            raise WireError(f"batch body truncated: object for {key.hex()} needs {size} bytes at offset {off}")
-        out.append((key, view[off:off + size]))
-        off += size
-    if off != view.nbytes:
-        raise WireError(f"{view.nbytes - off} trailing bytes after the batch's objects")
-    return out
+    return [(key, None if span is None else view[span]) for key, span in object_spans(keys, sizes, off, view.nbytes)]
 
 
 def iter_chunks(parts: Sequence[bytes | memoryview], chunk: int = 4 << 20) -> Iterator[memoryview]:

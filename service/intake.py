@@ -10,7 +10,6 @@ parse, the same digest, the same key and size checks): only its timing differs.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import xxhash
@@ -18,9 +17,7 @@ import xxhash
 from kvstore.blobstore import BlobStore
 from kvstore.errors import CorruptObjectError, InvalidInputError
 from kvstore.objects import Header, NeedMore, ObjectMeta, parse_header
-from kvstore.wire import WireError, parse_batch_header
-
-_LEN = struct.Struct("<I")
+from kvstore.wire import WireError, batch_header_end, object_spans, parse_batch_header
 
 
 @dataclass
@@ -69,20 +66,15 @@ class BodyIntake:
 
     def _layout(self) -> bool:
         """Parse the batch header once it is all here; False while it is not."""
-        if self.got < _LEN.size:
-            return False
-        (hlen,) = _LEN.unpack_from(self.buf, 0)
-        if self.got < _LEN.size + hlen and self.got < self.buf.nbytes:
+        end = batch_header_end(self.buf[:self.got])
+        if end is None or self.got < min(end, self.buf.nbytes):
             return False
         keys, sizes, off = parse_batch_header(self.buf[:self.got], self.max_keys)  # raises WireError
         objects = []
-        for key, size in zip(keys, sizes):
-            if size < 0:
+        for key, span in object_spans(keys, sizes, off, self.buf.nbytes):
+            if span is None:
                 raise WireError(f"put batch has no object for key {key.hex()}")
-            objects.append(_Pending(key, off, off + size))
-            off += size
-        if off != self.buf.nbytes:
-            raise WireError(f"batch sizes add up to {off} bytes, the body has {self.buf.nbytes}")
+            objects.append(_Pending(key, span.start, span.stop))
         self._objects = objects
         return True
 

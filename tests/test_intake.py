@@ -65,7 +65,7 @@ def test_layout_errors():
     k = b"\x01" * 16
     good = obj(k, 4)
     body = b"".join(pack_batch([(k, good)]))
-    with pytest.raises(WireError, match="add up"):  # one byte more than the sizes say
+    with pytest.raises(WireError, match="1 trailing bytes"):  # one byte more than the sizes say
         fed(body + b"x", 0).finish()
     with pytest.raises(WireError):  # the header says more than the body holds
         fed(body[:-1], 0).finish()
