@@ -125,6 +125,11 @@ def _release(exc: BaseException) -> None:
     traceback.clear_frames(exc.__traceback__)
 
 
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -179,7 +184,15 @@ class Daemon:
             status = 403 if isinstance(exc, QuotaExceededError) else 400
             _release(exc)
             return _error(status, str(exc))
-        except ConnectionResetError as exc:  # the client went away mid-body or mid-response: not ours
+        except ConnectionError as exc:
+            # The client went away mid-body or mid-response (aiohttp says ConnectionResetError
+            # while reading, a plain ConnectionError("Connection lost") while draining a write):
+            # not ours. Any other connection error is a bug, below.
+            if not isinstance(exc, ConnectionResetError) and not _client_gone(request):
+                log.exception("unhandled error on %s", request.path)
+                status = 500
+                _release(exc)
+                return _error(500, "internal error (logged)")
             status = 499  # nginx's "client closed request": counted, not logged as an error
             _release(exc)
             return _error(499, "client closed the connection")

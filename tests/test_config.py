@@ -83,6 +83,8 @@ def test_unknown_env_var_is_an_error():
         load_config(env={"KVSTORE_CHUNKSIZE": "1"})
     # Reserved names are not store config.
     load_config(env={"KVSTORE_LOG_LEVEL": "DEBUG", "KVSTORE_SERVE_PORT": "1"})
+    # Every KVSTORE_* variable the README documents for something other than the store.
+    load_config(env={"KVSTORE_MODEL_CACHE": "/tmp/models", "KVSTORE_CONFIG": "", "KVSTORE_ADMIN_URL": "x"})
 
 
 def test_budget_that_cannot_hold_one_chunk():
