@@ -3,10 +3,14 @@ and checks what they left in a store against a reference."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +72,64 @@ def run(tmp: Path, name: str, prompts: list, kvstore_config: dict | None, *, mul
     full_env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocessing else "0", VLLM_CPU_KVCACHE_SPACE="1",
                     PYTHONPATH=os.pathsep.join([str(HERE), full_env.get("PYTHONPATH", "")]))
     full_env.update(env or {})
-    out = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600, cwd=tmp)
-    (tmp / f"{name}.log").write_text(out.stdout + out.stderr)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-6000:]
+    log = tmp / f"{name}.log"
+    code = _Zygote.get().run(cmd[1:], full_env, tmp, log, timeout=600)
+    assert code == 0, log.read_text(errors="replace")[-8000:]
     return json.loads((tmp / f"{name}.out.json").read_text())
+
+
+class _Zygote:
+    """The session's fork server (tests/vllm_zygote.py): vLLM imported once, a forked child
+    per engine run. Started on first use, stopped at exit."""
+
+    _one: "_Zygote | None" = None
+
+    @classmethod
+    def get(cls) -> "_Zygote":
+        if cls._one is None or cls._one.proc.poll() is not None:
+            cls._one = cls()
+        return cls._one
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "vllm_zygote.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=HERE)
+        atexit.register(self.stop)
+
+    def _answer(self, deadline: float) -> dict:
+        assert self.proc.stdout is not None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError("the vLLM fork server exited")
+                return json.loads(line)
+
+    def run(self, argv: list[str], env: dict, cwd: Path, log: Path, timeout: float) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        pid = self._answer(deadline)["pid"]
+        try:
+            return int(self._answer(deadline)["status"])
+        except TimeoutError:
+            os.killpg(pid, signal.SIGKILL)
+            self._answer(time.monotonic() + 30)
+            raise AssertionError(f"the engine run timed out after {timeout} s: {log}") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 def same_output(got: dict, want: dict, tol: float = 1e-4) -> str | None:
