@@ -41,8 +41,11 @@ class Counters:
         self._store = dict.fromkeys(STORE_COUNTERS, 0)
 
     def tier(self, tier: str, name: str, amount: float = 1) -> None:
+        """Count ``name`` for ``tier``; names beyond TIER_COUNTERS are a tier's own (a fault
+        tier's ``injected_*``) and appear in its stats once counted."""
         with self._lock:
-            self._tier[tier][name] += amount
+            counts = self._tier[tier]
+            counts[name] = counts.get(name, 0) + amount
 
     def store(self, name: str, amount: int = 1) -> None:
         with self._lock:

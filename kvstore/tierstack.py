@@ -106,6 +106,20 @@ class TierStack:
                             tier.name, what, exc)
             return fallback
 
+    def guarded_write(self, tier: Tier, call: Callable[[], bool]) -> bool:
+        """A write in the caller's thread (the first tier is one of serialized objects): a
+        tier that raises did not take the object, counted as ``write_errors`` and logged once,
+        never an exception in the engine's put."""
+        try:
+            return call()
+        except Exception as exc:
+            self.counters.tier(tier.name, "write_errors")
+            if (tier.name, "put_blobs") not in self._said:
+                self._said.add((tier.name, "put_blobs"))
+                log.warning("tier %s: put_blobs raised %r; the object was not stored (counted as write_errors, "
+                            "said once)", tier.name, exc)
+            return False
+
     # ---- where things are ----------------------------------------------------------------
 
     def contains(self, tier: Tier, keys: Sequence[bytes]) -> list[bool]:
@@ -284,7 +298,8 @@ class TierStack:
             codec = self._recode(first, meta)
             if parts is None:
                 parts = encode_object(meta, kv, first.config.codec)
-            took = first.put_blobs([(meta, recode(join_parts(parts), codec) if codec else parts)]) > 0
+            item = (meta, recode(join_parts(parts), codec) if codec else parts)
+            took = self.guarded_write(first, lambda: first.put_blobs([item]) > 0)
         self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
         if not through:
             return took

@@ -62,6 +62,7 @@ class TierWriter:
         # down, a write-through copy): bounded in bytes too, so the process stays near its budget.
         self.max_bytes = max_bytes
         self._bytes = 0
+        self._failed = False  # a batch failed already: later failures are counted, not logged
         self._room = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"kvstore-writer-{tier.name}", daemon=True)
         self._thread.start()
@@ -136,8 +137,15 @@ class TierWriter:
                 encoded.append((w.meta, parts))
             self.tier.put_blobs(encoded)
             self.counters.tier(self.tier.name, "write_seconds", time.perf_counter() - t0)
-        except Exception:  # never let one bad write kill the writer thread
-            log.exception("writer for tier %s failed on a batch of %d", self.tier.name, len(work))
+        except Exception as exc:  # never let one bad write kill the writer thread
+            # The first failure with its traceback (a bug shows where), later ones counted only:
+            # a backend that keeps failing must not flood the log.
+            if not self._failed:
+                self._failed = True
+                log.exception("writer for tier %s failed on a batch of %d (later failures are counted as "
+                              "write_errors, not logged)", self.tier.name, len(work))
+            else:
+                log.debug("writer for tier %s failed on a batch of %d: %r", self.tier.name, len(work), exc)
             self.counters.tier(self.tier.name, "write_errors", len(work))
         finally:
             for w in work:

@@ -87,7 +87,13 @@ def render() -> str:
         info = tier_kind(kind)
         assert info is not None
         lines += [f"### `{kind}`", "", _row("option", "type", "default", "env", "flag", "meaning"), _row(*["---"] * 6)]
+        own = {o.name: o for o in info.own}
         for opt in sorted(info.options):
+            if opt in own:
+                o = own[opt]
+                lines.append(_row(f"`{opt}`", f"`{o.type}`", "none" if o.default is None else f"`{o.default}`",
+                                  f"`KVSTORE_{kind.upper()}_{opt.upper()}`", "", o.doc))
+                continue
             f = fields[opt]
             default = {"capacity": "required" if info.needs_capacity else "none"}.get(opt, _default(f))
             if (kind, opt) == ("cpu", "capacity"):

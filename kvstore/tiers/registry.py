@@ -43,6 +43,17 @@ RESERVED_NAMES = frozenset({"chunk", "tenant", "salt", "tiers", "save", "promote
 
 
 @dataclass(frozen=True)
+class KindOption:
+    """An option a kind takes beyond TierConfig's fields (it lands in ``TierConfig.extra``),
+    described for the generated configuration reference."""
+
+    name: str
+    type: str
+    default: object
+    doc: str
+
+
+@dataclass(frozen=True)
 class TierKind:
     """One kind of tier, as the config and the tier stack see it.
 
@@ -61,6 +72,7 @@ class TierKind:
     memory: bool = False  # holds tensors in this process (device, cpu): no writer thread, no codec
     needs_capacity: bool = False
     check: Callable[[TierConfig], None] | None = None
+    own: tuple[KindOption, ...] = ()  # the kind's own options, described (their names are in ``options`` too)
 
 
 _KINDS: dict[str, TierKind] = {}
@@ -180,4 +192,26 @@ register_tier(TierKind("redis", 40, "kvstore.tiers.redis:RedisTier", "kvstore.ti
 register_tier(TierKind("remote", 50, "kvstore.tiers.remote:RemoteTier", "kvstore.tiers.remote:RemoteTier",
                        (COMMON_OPTIONS - {"pin_fraction"}) | {"url", "api_key", "timeout_s", "tls_ca"},
                        check=_check_remote))
+# Faults on purpose (kvstore/tiers/fault.py): wraps a tier of serialized objects; it accepts what
+# any of those accepts, and the wrapped kind's own check runs on its options.
+_FAULT = "kvstore.tiers.fault:FaultTier"
+_FAULT_OPTIONS = (
+    KindOption("wraps", "str", None, "the kind of serialized objects it wraps (disk, redis, remote); their options apply"),
+    KindOption("seed", "int", 0, "seed of the fault draws: the same seed and requests give the same faults"),
+    *(KindOption(f"read_{f}", "float", 0.0, f"probability that an object read {what}")
+      for f, what in (("miss", "misses (a lost object)"), ("error", "raises an I/O error"),
+                      ("delay", "comes `delay_s` late"), ("stall", "comes `stall_s` late (past a client's timeout)"),
+                      ("truncate", "is cut to half"), ("flip", "has one byte changed"),
+                      ("swap", "is another stored key's object"))),
+    *(KindOption(f"write_{f}", "float", 0.0, f"probability that an object write {what}")
+      for f, what in (("lose", "is acknowledged and never made"), ("error", "raises an I/O error"),
+                      ("truncate", "stores half the object (a torn write)"))),
+    KindOption("delay_s", "float", 0.05, "how late a `read_delay` read is"),
+    KindOption("stall_s", "float", 5.0, "how late a `read_stall` read is"),
+)
+register_tier(TierKind("fault", 35, _FAULT, _FAULT,
+                       frozenset().union(*(k.options for k in _KINDS.values() if not k.memory))
+                       | {o.name for o in _FAULT_OPTIONS},
+                       check=lambda config: importlib.import_module("kvstore.tiers.fault").check(config),
+                       own=_FAULT_OPTIONS))
 _BUILTIN = frozenset(_KINDS)

@@ -1,0 +1,308 @@
+"""Faults on purpose (kvstore/tiers/fault.py) through every layer a user runs: under any fault a
+read is the exact KV or a miss, never an exception and never wrong bytes; and afterwards a later
+request and a fresh store on the same data get exact KV."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Daemon, causal_kv
+
+from kvstore import KVStore
+from kvstore.config import load_config
+from kvstore.errors import ConfigError
+
+READS = {"read_miss": 0.1, "read_error": 0.1, "read_delay": 0.05, "read_truncate": 0.1, "read_flip": 0.15,
+         "read_swap": 0.15}
+WRITES = {"write_lose": 0.1, "write_error": 0.1, "write_truncate": 0.1}
+CHUNK = 16
+
+
+def faulty(path: Path, cpu: bool = True, seed: int = 1, **rates: float) -> dict:
+    tiers: dict = {"fault": {"wraps": "disk", "path": str(path), "capacity": "64MiB", "seed": seed,
+                             "delay_s": 0.001, **rates}}
+    if cpu:  # room for two chunks: most reads come from the faulty tier
+        tiers["cpu"] = {"capacity": 2 * CHUNK * 64}
+    return {"chunk_size": CHUNK, "tiers": tiers}
+
+
+def prompts(n: int = 16, seed: int = 0) -> list[list[int]]:
+    """Four families (distinct first chunks, so one corrupt chunk does not end every hit) of
+    exact chunk multiples, one token more or less, and partial tails."""
+    rng = random.Random(seed)
+    out = []
+    for _family in range(4):
+        base = [rng.randrange(1, 5000) for _ in range(96)]
+        out += [base[:64], base[:63], base[:65] + [rng.randrange(1, 5000)], base[:rng.randrange(20, 96)]]
+    return out[:n]
+
+
+def exact_or_miss(spec, tokens: list[int], hit: int, got: torch.Tensor | None) -> None:
+    """The hit prefix is exactly the KV of those tokens (never another's, never garbage)."""
+    assert 0 <= hit <= len(tokens)
+    if hit:
+        want = causal_kv(spec, tokens)[:, :, :hit]
+        assert got is not None and torch.equal(got[:, :, :hit], want), "wrong KV served"
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="wraps must name a tier kind of serialized objects"):
+        load_config({"tiers": {"fault": {"wraps": "cpu", "capacity": "1MiB"}}})
+    with pytest.raises(ConfigError, match="read_flip must be a probability"):
+        load_config({"tiers": {"fault": {"wraps": "disk", "path": str(tmp_path), "capacity": "1MiB",
+                                         "read_flip": 1.5}}})
+    with pytest.raises(ConfigError, match="add up to more than 1"):
+        load_config({"tiers": {"fault": {"wraps": "disk", "path": str(tmp_path), "capacity": "1MiB",
+                                         "read_flip": 0.6, "read_swap": 0.6}}})
+    with pytest.raises(ConfigError, match="unknown option 'read_flipp'"):
+        load_config({"tiers": {"fault": {"wraps": "disk", "path": str(tmp_path), "capacity": "1MiB",
+                                         "read_flipp": 0.1}}})
+    # set through the environment like any tier's option
+    cfg = load_config(env={"KVSTORE_FAULT_WRAPS": "disk", "KVSTORE_FAULT_PATH": str(tmp_path),
+                           "KVSTORE_FAULT_CAPACITY": "1MiB", "KVSTORE_FAULT_READ_FLIP": "0.25"})
+    assert cfg.tiers["fault"].extra == {"wraps": "disk", "read_flip": "0.25"}  # parsed by the tier
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["get", "get_layers"])
+def test_read_faults_are_misses_never_wrong_kv(spec, tmp_path, layerwise):
+    ps = prompts()
+    with KVStore(spec, faulty(tmp_path / "kv", cpu=False)) as s:
+        for p in ps:
+            s.put(p, causal_kv(spec, p))
+        s.flush()
+    with KVStore(spec, faulty(tmp_path / "kv", **READS)) as s:
+        for _round in range(6):
+            for p in ps:
+                s.put(p, causal_kv(spec, p))  # as an engine does after a miss: recompute, store
+                s.flush()
+                if layerwise:
+                    h = s.get_layers(p)
+                    layers = []
+                    try:
+                        layers = [h.wait(i) for i in range(spec.num_layers)] if h.hit_tokens else []
+                    except Exception as exc:  # a layer that failed: the engine recomputes
+                        assert type(exc).__name__ in ("LoadFailed", "LoadError"), exc
+                        continue
+                    got = torch.stack(layers) if layers else None
+                    exact_or_miss(spec, p, h.hit_tokens, got)
+                else:
+                    hit, got = s.get(p)
+                    exact_or_miss(spec, p, hit, got)
+        tiers = s.stats()["tiers"]
+        injected = {k: v for k, v in tiers["fault"].items() if k.startswith("injected_") and v}
+        # every kind of fault happened, and the corrupting ones were caught as corrupt
+        assert {"injected_miss", "injected_error", "injected_truncate", "injected_flip",
+                "injected_swap"} <= set(injected), tiers["fault"]
+        assert tiers["fault"]["corrupt"] > 0 and tiers["fault"]["read_errors"] > 0
+    # a later store without faults on the same directory: exact KV or a miss for every prompt,
+    # and the prompts whose objects were never corrupted still hit
+    with KVStore(spec, faulty(tmp_path / "kv")) as s:
+        hits = 0
+        for p in ps:
+            hit, got = s.get(p)
+            exact_or_miss(spec, p, hit, got)
+            hits += hit > 0
+        assert hits > 0
+
+
+def test_write_faults_leave_nothing_wrong_behind(spec, tmp_path):
+    ps = prompts(16, seed=3)
+    with KVStore(spec, faulty(tmp_path / "kv", cpu=False, seed=5, **WRITES)) as s:
+        for p in ps:
+            s.put(p, causal_kv(spec, p))  # a raising backend is the writer's, not the caller's
+        s.flush()
+        injected = {k for k, v in s.stats()["tiers"]["fault"].items() if k.startswith("injected_") and v}
+        assert {"injected_write_lose", "injected_write_error", "injected_write_truncate"} <= injected
+    with KVStore(spec, faulty(tmp_path / "kv")) as s:
+        # The store heals as an engine uses it: a read finds a torn object (a miss, and the object
+        # is deleted), the engine's put after the miss stores it again. A torn chunk behind the
+        # first failing one is only found by a later read, so this takes a few rounds.
+        served = []
+        for _round in range(6):
+            served.append(0)
+            for p in ps:
+                hit, got = s.get(p)
+                exact_or_miss(spec, p, hit, got)
+                served[-1] += hit
+                s.put(p, causal_kv(spec, p))
+            s.flush()
+        assert 0 < served[0] < served[-1] == sum(len(p) for p in ps), served
+
+
+def test_pagestore_pages_are_exact_or_missing_under_faults(tmp_path):
+    from kvstore.pagestore import PageStore
+
+    ident = {"engine": "test", "model": "m", "tp": (0, 1), "layout": "layer_first"}
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(512, generator=g).to(torch.bfloat16) for _ in range(24)]
+    keys = [f"{i:064x}" for i in range(24)]
+    clean = {"tiers": {"disk": {"path": str(tmp_path), "capacity": "64MiB"}}}
+    ps = PageStore(load_config(clean), ident, tokens_per_page=16)
+    assert ps.put(keys, src) == 24
+    ps.close()
+    cfg = {"tiers": {"fault": {"wraps": "disk", "path": str(tmp_path), "capacity": "64MiB", "seed": 2, **READS}}}
+    ps = PageStore(load_config(cfg), ident, tokens_per_page=16)
+    ok_total = 0
+    for _ in range(3):
+        outs = [torch.zeros_like(p) for p in src]
+        ok = ps.get_into(keys, outs)
+        for hit, a, b in zip(ok, src, outs):
+            if hit:
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), "wrong page served"
+        ok_total += sum(ok)
+    assert 0 < ok_total < 72  # some pages were served, some faults made misses
+    ps.close()
+
+
+def test_daemon_over_a_faulty_disk_serves_verified_bytes_or_misses(tmp_path):
+    """A daemon whose disk tier fails on purpose (configured from a file, as an operator would):
+    every object a client gets is byte-identical to what was put."""
+    from kvstore.service.client import KVStoreClient
+    from kvstore.objects import encode_object, join_parts, meta_for
+    from kvstore.spec import KVSpec
+
+    spec = KVSpec(model_id="test/tiny", num_layers=2, num_kv_heads=2, head_size=8, dtype=torch.float16)
+    conf = tmp_path / "kv.json"
+    conf.write_text(json.dumps({"tiers": {"cpu": {"capacity": "1MiB"}, "fault": {
+        "wraps": "disk", "path": str(tmp_path / "disk"), "capacity": "64MiB", "seed": 4, **READS}}}))
+    d = Daemon(tmp_path, "--config", str(conf), "--no-disk", "--cpu-capacity", "1MiB")
+    try:
+        client = KVStoreClient(d.url)
+        objects = {}
+        for i in range(40):  # 40 x 32 KiB: beyond the 1 MiB memory tier, so reads reach the disk
+            key = bytes([i]) * 16
+            kv = torch.full(spec.chunk_shape(512), float(i), dtype=torch.float16)
+            blob = join_parts(encode_object(meta_for(key, spec.fingerprint, kv, False), kv))
+            objects[key] = blob
+        assert client.put(list(objects.items())) == 40
+        served = 0
+        for _ in range(3):
+            got = client.get(list(objects))
+            for key, blob in zip(objects, got):
+                if blob is not None:
+                    assert bytes(blob) == objects[key], "wrong bytes served"
+                    served += 1
+        assert served > 0
+        faults = client.stats()["tiers"]["fault"]
+        assert sum(v for k, v in faults.items() if k.startswith("injected_")) > 0, faults  # reads reached it
+        client.close()
+    finally:
+        d.stop()
+    assert "unhandled error" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_a_stalled_daemon_disk_is_a_miss_within_the_clients_timeout(spec, tmp_path):
+    """The daemon's disk hangs on every read (longer than the engine's timeout): the engine's
+    get returns a miss after its timeout, not after the stall, and the next request does too."""
+    import time
+
+    conf = tmp_path / "kv.json"
+    conf.write_text(json.dumps({"tiers": {"cpu": {"capacity": "1MiB"}, "fault": {
+        "wraps": "disk", "path": str(tmp_path / "disk"), "capacity": "64MiB", "read_stall": 1.0, "stall_s": 8}}}))
+    d = Daemon(tmp_path, "--config", str(conf), "--no-disk", "--cpu-capacity", "1MiB")
+    try:
+        cfg = {"chunk_size": CHUNK, "tiers": {"remote": {"url": d.url, "timeout_s": 0.5}}}
+        ps = [[i * 2000 + t for t in range(1024)] for i in range(1, 21)]  # 2.5 MiB of KV: past the 1 MiB
+        with KVStore(spec, cfg) as s:
+            for p in ps:
+                s.put(p, causal_kv(spec, p))
+            s.flush()
+            t0 = time.monotonic()
+            hit, got = s.get(ps[0])  # its head was evicted to the stalling disk
+            took = time.monotonic() - t0
+            exact_or_miss(spec, ps[0], hit, got)
+            assert took < 3, f"a get waited {took:.1f} s on a stalled tier (timeout 0.5 s)"
+            assert hit < len(ps[0])
+    finally:
+        d.stop()
+
+
+# ---- engines on a faulty store: the output of an engine without kvstore ------------------------
+
+def _engine_prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    system = [rng.randrange(6, 4096) for _ in range(64)]  # a shared prefix, two chunks
+    out = []
+    for i in range(8):
+        # exact chunk multiples (of the chunk and of the paged engine's 16-token blocks), one
+        # token more or less, and ragged lengths
+        n = (64, 63, 65, 96, 33, 80, 47, 128)[i]
+        out.append(system + [rng.randrange(6, 4096) for _ in range(n)])
+    return out
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_reference_engine_on_a_faulty_store_generates_what_it_does_without(tmp_path, paged):
+    from kvstore.connectors.hooks import KVHooks
+    from kvstore.connectors.reference import Engine, SamplingParams, build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", seed=3)
+    plain = Engine.load(model_dir, paged=paged)
+    params = SamplingParams(max_new_tokens=6)
+    ps = _engine_prompts()
+    want = [plain.generate(p, params) for p in ps]
+    engine = Engine.load(model_dir, paged=paged)
+    cfg = {"chunk_size": 32, "tiers": {"cpu": {"capacity": "64KiB"}, "fault": {
+        "wraps": "disk", "path": str(tmp_path / "kv"), "capacity": "64MiB", "seed": 9, **READS, **WRITES}}}
+    with KVStore(engine.kv_spec(), cfg) as store:
+        engine.attach(KVHooks(store))
+        hits = 0
+        for _round in range(3):  # later requests meet what earlier faults left behind
+            for p, w in zip(ps, want):
+                g = engine.generate(p, params)
+                assert g.tokens == w.tokens
+                assert torch.allclose(g.first_logits, w.first_logits, atol=1e-2), "logits moved: wrong KV?"
+                hits += g.hit_tokens
+            store.flush()
+        assert hits > 0
+    # a fresh engine and store on the same directory, no faults: the same output
+    fresh = Engine.load(model_dir, paged=paged)
+    with KVStore(fresh.kv_spec(), {"chunk_size": 32, "tiers": {"disk": {"path": str(tmp_path / "kv"),
+                                                                       "capacity": "64MiB"}}}) as store:
+        fresh.attach(KVHooks(store))
+        for p, w in zip(ps, want):
+            g = fresh.generate(p, params)
+            assert g.tokens == w.tokens and torch.allclose(g.first_logits, w.first_logits, atol=1e-2)
+
+
+def test_cacheblend_on_a_faulty_store_reuses_only_exact_documents(tmp_path):
+    """Documents whose loads fail are recomputed, never blended in wrong: when every document
+    loaded, full reuse (ratio 0) gives exactly what a clean store gives; whatever loaded, the
+    store afterwards holds each document's own KV or nothing."""
+    from kvstore.connectors.blend import BlendConfig, Blender
+    from kvstore.connectors.reference import Engine, build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", seed=4)
+    engine = Engine.load(model_dir)
+    rng = random.Random(1)
+    docs = [[rng.randrange(6, 4096) for _ in range(n)] for n in (64, 47, 96, 33)]
+    query = [rng.randrange(6, 4096) for _ in range(12)]
+    clean = KVStore(engine.kv_spec(), {"chunk_size": 32, "tiers": {"cpu": {"capacity": "8MiB"}}})
+    reference = Blender(engine, clean, BlendConfig(recompute_ratio=0.0))
+    mild = {k: v / 6 for k, v in READS.items()}  # so that some rounds load every document
+    cfg = {"chunk_size": 32, "tiers": {"fault": {"wraps": "disk", "path": str(tmp_path / "kv"),
+                                                 "capacity": "64MiB", "seed": 11, **mild}}}
+    whole = 0
+    with KVStore(engine.kv_spec(), cfg) as store:
+        blender = Blender(engine, store, BlendConfig(recompute_ratio=0.0))
+        for _round in range(12):
+            order = [docs[i] for i in rng.sample(range(len(docs)), len(docs))]
+            got = blender.blend(order, query)
+            if got.reused_tokens == sum(map(len, docs)):
+                whole += 1
+                want = reference.blend(order, query)
+                assert torch.allclose(got.logits, want.logits, atol=1e-4), "a document's KV was not its own"
+            store.flush()
+        blender.close()
+        for doc in docs:
+            hit, kv = store.get(doc)
+            if hit:
+                assert torch.allclose(kv[:, :, :hit].float(), engine.prefill_kv(doc)[0][:, :, :hit].float(),
+                                      atol=1e-3), "the store holds another document's KV"
+    reference.close()
+    clean.close()
+    assert whole > 0  # some rounds loaded every document (else the comparison never ran)
