@@ -306,3 +306,125 @@ def test_cacheblend_on_a_faulty_store_reuses_only_exact_documents(tmp_path):
     reference.close()
     clean.close()
     assert whole > 0  # some rounds loaded every document (else the comparison never ran)
+
+
+# ---- a full disk: a real, small file system ------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs (mounting needs root: CI runs as root, so there it must work)."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(f"cannot mount a tmpfs for the full-disk test: {r.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs needs root: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_counted_said_twice_and_recovers(spec, small_fs, caplog):
+    """ENOSPC on every write: puts go on (the memory tier still takes them), failures are
+    counted, the log says it once when writes start failing and once when they succeed again,
+    no partial file is left, what is on disk still reads exactly, and writes resume once space
+    returns."""
+    filler = small_fs / "filler"
+    cfg = {"chunk_size": CHUNK, "tiers": {"cpu": {"capacity": "256KiB"},
+                                          "disk": {"path": str(small_fs / "kv"), "capacity": "64MiB"}}}
+    early = prompts(4, seed=7)
+    with caplog.at_level("WARNING", logger="kvstore.tiers.disk"), KVStore(spec, cfg) as s:
+        for p in early:
+            s.put(p, causal_kv(spec, p))
+        s.flush()
+        with open(filler, "wb", buffering=0) as f:  # the rest of the file system
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        rng = random.Random(2)
+        later = [[rng.randrange(1, 5000) for _ in range(256)] for _ in range(12)]
+        for p in later:
+            s.put(p, causal_kv(spec, p))  # never raises
+        s.flush()
+        disk = s.stats()["tiers"]["disk"]
+        assert disk["write_errors"] > 0
+        failing = [r for r in caplog.records if "writes under" in r.getMessage()]
+        assert len(failing) == 1 and "No space left" in failing[0].getMessage()
+        assert not list((small_fs / "kv").rglob("*.tmp")), "a partial file was left behind"
+        for p in early:  # what is on disk still reads, exactly (past the small memory tier)
+            hit, got = s.get(p)
+            assert hit == len(p)
+            exact_or_miss(spec, p, hit, got)
+        filler.unlink()  # space returns
+        more = [[rng.randrange(1, 5000) for _ in range(64)] for _ in range(4)]
+        for p in more:
+            s.put(p, causal_kv(spec, p))
+        s.flush()
+        assert any("succeed again" in r.getMessage() for r in caplog.records)
+        assert s.stats()["tiers"]["disk"]["puts"] > disk["puts"]
+    with KVStore(spec, {"chunk_size": CHUNK, "tiers": {"disk": {"path": str(small_fs / "kv"),
+                                                               "capacity": "64MiB"}}}) as s:
+        for p in early + more:  # a fresh store on the same directory
+            hit, got = s.get(p)
+            assert hit == len(p)
+            exact_or_miss(spec, p, hit, got)
+
+
+# ---- durability: what survives kill -9 -----------------------------------------------------------
+
+_KILLED = """
+import sys, random
+sys.path.insert(0, {tests!r})
+from conftest import causal_kv
+from test_faults import CHUNK
+from kvstore import KVSpec, KVStore
+import torch
+spec = KVSpec(model_id="test/tiny", num_layers=2, num_kv_heads=2, head_size=8, dtype=torch.float16)
+s = KVStore(spec, {{"chunk_size": CHUNK, "tiers": {{"cpu": {{"capacity": "1MiB"}},
+             "disk": {{"path": {path!r}, "capacity": "64MiB", "fsync": {fsync}}}}}}})
+rng = random.Random(0)
+for i in range(400):
+    p = [rng.randrange(1, 5000) for _ in range(rng.randrange(8, 200))]
+    s.put(p, causal_kv(spec, p))
+    if i == 40:
+        s.flush()
+        print("flushed", flush=True)  # the first 41 prompts are on disk now
+"""
+
+
+@pytest.mark.parametrize("fsync", [False, True], ids=["no-fsync", "fsync"])
+def test_what_flush_returned_for_survives_kill_9(spec, tmp_path, fsync):
+    """A process killed with SIGKILL while it writes: every prompt stored before its flush()
+    returned is served whole to a new store, with either fsync setting; what it was writing
+    after is exact or a miss; its partial files are removed at the next start."""
+    import signal
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).parent)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED.format(tests=tests, path=str(tmp_path / "kv"),
+                                                                    fsync=fsync)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "flushed"
+    import time
+
+    time.sleep(0.3)  # mid-way through the later puts
+    child.send_signal(signal.SIGKILL)
+    child.wait(30)
+    rng = random.Random(0)
+    ps = [[rng.randrange(1, 5000) for _ in range(rng.randrange(8, 200))] for _ in range(400)]
+    with KVStore(spec, {"chunk_size": CHUNK, "tiers": {"disk": {"path": str(tmp_path / "kv"),
+                                                               "capacity": "64MiB"}}}) as s:
+        for i, p in enumerate(ps):
+            hit, got = s.get(p)
+            exact_or_miss(spec, p, hit, got)
+            if i <= 40:
+                assert hit == len(p), f"prompt {i}, stored before flush() returned, lost {len(p) - hit} tokens"
+    assert not list((tmp_path / "kv").rglob("*.tmp"))

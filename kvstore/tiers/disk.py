@@ -43,6 +43,7 @@ class DiskTier(BlobTier):
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, LRU first
         self._used = 0
         self._reserved = 0
+        self._failing = 0  # writes failed in a row (a full or broken disk): said at the first and at recovery
         self._local = threading.local()
         try:
             os.makedirs(self.root, exist_ok=True)
@@ -271,12 +272,23 @@ class DiskTier(BlobTier):
             os.replace(tmp, path)
             if self.config.fsync:
                 _fsync_dir(os.path.dirname(path))
-            return True
         except OSError as exc:
-            log.warning("disk tier: write of %s failed: %s", path, exc)
-            self.counters.tier(self.name, "write_errors")
+            # A full disk fails every write until space returns: one line when it starts and one
+            # when it ends, the count in between (write_errors). No partial file stays behind.
             _unlink(tmp)
+            self.counters.tier(self.name, "write_errors")
+            with self._lock:
+                self._failing += 1
+                first = self._failing == 1
+            if first:
+                log.warning("tier %s: writes under %s fail: %s (each counted as write_errors; said again when "
+                            "writes succeed)", self.name, self.root, exc)
             return False
+        with self._lock:
+            failed, self._failing = self._failing, 0
+        if failed:
+            log.warning("tier %s: writes succeed again after %d failed", self.name, failed)
+        return True
 
     # ---- eviction ------------------------------------------------------------------------
 
