@@ -428,3 +428,28 @@ def test_what_flush_returned_for_survives_kill_9(spec, tmp_path, fsync):
             if i <= 40:
                 assert hit == len(p), f"prompt {i}, stored before flush() returned, lost {len(p) - hit} tokens"
     assert not list((tmp_path / "kv").rglob("*.tmp"))
+
+
+def test_hf_generate_on_a_faulty_store_is_plain_generate(tmp_path):
+    """transformers' generate() through the HF connector, with every read and write fault on:
+    each call gives exactly what generate() without kvstore gives, the boundary prompts
+    included (an exact multiple of the chunk, one token more, one less)."""
+    transformers = pytest.importorskip("transformers")
+    from kvstore.connectors.hf import HFConnector
+    from kvstore.connectors.reference import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "hf", seed=5, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    base = torch.arange(10, 200)
+    prompts_ = [base[:n][None] for n in (128, 129, 127, 160, 97, 190)]
+    want = [model.generate(p, max_new_tokens=6, do_sample=False) for p in prompts_]
+    cfg = {"chunk_size": 32, "tiers": {"cpu": {"capacity": "128KiB"}, "fault": {
+        "wraps": "disk", "path": str(tmp_path / "kv"), "capacity": "64MiB", "seed": 3, **READS, **WRITES}}}
+    hits = 0
+    with HFConnector(model, cfg) as conn:
+        for _round in range(3):
+            for p, w in zip(prompts_, want):
+                assert torch.equal(conn.generate(p, max_new_tokens=6, do_sample=False), w)
+                hits += conn.last_hit_tokens
+            conn.flush()
+    assert hits > 0
