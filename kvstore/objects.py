@@ -172,7 +172,8 @@ def check_meta(meta: ObjectMeta, expect: ObjectMeta) -> None:
     for name in ("key", "fingerprint", "shape", "dtype", "num_tokens"):
         got, want = getattr(meta, name), getattr(expect, name)
         if got != want:
-            raise MismatchedObjectError(f"object {name} {got!r} does not match the requested {want!r}")
+            got_s, want_s = (v.hex() if isinstance(v, (bytes, bytearray)) else repr(v) for v in (got, want))
+            raise MismatchedObjectError(f"object {name} {got_s} does not match the requested {want_s}")
 
 
 def decode_object(blob: bytes | bytearray | memoryview, expect: ObjectMeta) -> torch.Tensor:

@@ -169,10 +169,14 @@ class TierStack:
         self.counters.tier(self.tiers[pos].name, "hit_tokens", tokens)
 
     def reject(self, pos: int, key: bytes, why: object) -> None:
-        """An object in tier ``pos`` failed verification or belongs elsewhere: a miss there, one
-        warning, a ``corrupt`` count, and the object is deleted from that tier."""
+        """An object in tier ``pos`` failed verification or belongs elsewhere: a miss there, a
+        ``corrupt`` count (the first said in the log), and the object is deleted from that tier."""
         tier = self.tiers[pos]
-        log.warning("tier %s: object %s rejected: %s", tier.name, key.hex(), why)
+        # The first with its reason; later ones are counted (a failing disk rejects thousands).
+        said = (tier.name, "reject") in self._said
+        self._said.add((tier.name, "reject"))
+        log.log(logging.DEBUG if said else logging.WARNING, "tier %s: object %s rejected: %s%s", tier.name,
+                key.hex(), why, "" if said else " (each counted as corrupt; said once)")
         self.counters.tier(tier.name, "corrupt")
         self.guarded(tier, "delete", lambda: tier.delete([key]), 0)
         self._on_lost(key)

@@ -52,7 +52,7 @@ def exact_or_miss(spec, tokens: list[int], hit: int, got: torch.Tensor | None) -
 def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="wraps must name a tier kind of serialized objects"):
         load_config({"tiers": {"fault": {"wraps": "cpu", "capacity": "1MiB"}}})
-    with pytest.raises(ConfigError, match="read_flip must be a probability"):
+    with pytest.raises(ConfigError, match=r"read_flip must be a finite number in \[0.0, 1.0\]"):
         load_config({"tiers": {"fault": {"wraps": "disk", "path": str(tmp_path), "capacity": "1MiB",
                                          "read_flip": 1.5}}})
     with pytest.raises(ConfigError, match="add up to more than 1"):
@@ -61,6 +61,11 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="unknown option 'read_flipp'"):
         load_config({"tiers": {"fault": {"wraps": "disk", "path": str(tmp_path), "capacity": "1MiB",
                                          "read_flipp": 0.1}}})
+    for bad in ({"read_flip": "abc"}, {"seed": "x"}, {"seed": 1.7}, {"delay_s": float("nan")}, {"read_flip": [1]}):
+        with pytest.raises(ConfigError, match="tiers.fault"):
+            load_config({"tiers": {"fault": {"wraps": "disk", "path": str(tmp_path), "capacity": "1MiB", **bad}}})
+    with pytest.raises(ConfigError, match="path is required when it wraps disk"):  # never the real cache
+        load_config({"tiers": {"fault": {"wraps": "disk", "capacity": "1MiB", "write_truncate": 0.5}}})
     # set through the environment like any tier's option
     cfg = load_config(env={"KVSTORE_FAULT_WRAPS": "disk", "KVSTORE_FAULT_PATH": str(tmp_path),
                            "KVSTORE_FAULT_CAPACITY": "1MiB", "KVSTORE_FAULT_READ_FLIP": "0.25"})

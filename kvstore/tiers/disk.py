@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
@@ -43,7 +44,11 @@ class DiskTier(BlobTier):
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, LRU first
         self._used = 0
         self._reserved = 0
-        self._failing = 0  # writes failed in a row (a full or broken disk): said at the first and at recovery
+        # Writes failed in a row (a full or broken disk): said when they start (at most once a
+        # minute, should they fail and succeed by turns) and when they succeed again.
+        self._failing = 0
+        self._failing_said = False
+        self._failing_said_at = -1e9
         self._local = threading.local()
         try:
             os.makedirs(self.root, exist_ok=True)
@@ -275,18 +280,22 @@ class DiskTier(BlobTier):
         except OSError as exc:
             # A full disk fails every write until space returns: one line when it starts and one
             # when it ends, the count in between (write_errors). No partial file stays behind.
-            _unlink(tmp)
+            _unlink(tmp, quiet=True)  # may never have been made (the failure says why, below)
             self.counters.tier(self.name, "write_errors")
+            now = time.monotonic()
             with self._lock:
                 self._failing += 1
-                first = self._failing == 1
-            if first:
+                say = not self._failing_said and now - self._failing_said_at > 60  # at most once a minute
+                if say:
+                    self._failing_said, self._failing_said_at = True, now
+            if say:
                 log.warning("tier %s: writes under %s fail: %s (each counted as write_errors; said again when "
                             "writes succeed)", self.name, self.root, exc)
             return False
         with self._lock:
-            failed, self._failing = self._failing, 0
-        if failed:
+            failed, said = self._failing, self._failing_said
+            self._failing, self._failing_said = 0, False
+        if said:
             log.warning("tier %s: writes succeed again after %d failed", self.name, failed)
         return True
 
@@ -388,13 +397,14 @@ def _read_path(path: str) -> bytes | None:
         return None
 
 
-def _unlink(path: str) -> None:
+def _unlink(path: str, quiet: bool = False) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc)
+        if not quiet:
+            log.warning("cannot remove %s: %s", path, exc)
 
 
 def _fsync_dir(path: str) -> None:

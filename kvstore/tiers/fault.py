@@ -1,6 +1,6 @@
 """A tier that fails on purpose: it wraps a tier of serialized objects (disk, Redis, the daemon,
-or a registered one) and injects the faults real storage has, at rates a config sets, from a
-seed, so a failing run replays exactly.
+or a registered one) and injects the faults real storage has, at rates a config sets, drawn
+from a seed.
 
 Why a tier and not mocks in tests: the promise that matters most ("exact KV or a miss, never
 wrong bytes, never an exception in the engine's path") must hold through every layer a user
@@ -13,11 +13,17 @@ any tier, it reaches all of them with no test hooks in the code under test::
 
 Read faults, each drawn per object read (``read_<fault>`` is its probability):
 ``miss`` (the object is not there: a lost file, an evicted key), ``error`` (the backend raises),
-``delay`` (``delay_s`` late), ``stall`` (``stall_s`` late: longer than a client's timeout),
+``delay`` (``delay_s`` late), ``stall`` (``stall_s`` late, in the process the fault tier runs in:
+inside a daemon that is a backend slower than its clients' ``timeout_s``; in an engine's own
+process it blocks the reading thread, as a hung local disk does),
 ``truncate`` (half the object), ``flip`` (one byte changed), ``swap`` (another stored key's
 object: valid bytes under the wrong name). Write faults, per object written: ``lose`` (the write
 is acknowledged and never made), ``error`` (the backend raises), ``truncate`` (a torn write: half
 the object is stored). Every injected fault is counted under this tier as ``injected_<fault>``.
+Faults are drawn per object and attempt from the seed: the n-th read of an object meets the same
+fault in every run. Which reads reach this tier can still vary from run to run when a background
+writer races the reads (write-through behind a memory tier), so a whole run replays exactly only
+when this tier is written synchronously (it is the first tier).
 
 The wrapped tier counts under this tier's name. Blocking behaviour: as the wrapped tier's, plus
 the injected delays and stalls (a stall blocks the calling thread for ``stall_s``).
@@ -26,12 +32,15 @@ the injected delays and stalls (a stall blocks the calling thread for ``stall_s`
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
+
+import xxhash
 
 from kvstore.config import TierConfig
 from kvstore.errors import ConfigError
@@ -41,6 +50,9 @@ from kvstore.tiers.registry import tier_kind
 
 READ_FAULTS = ("miss", "error", "delay", "stall", "truncate", "flip", "swap")
 WRITE_FAULTS = ("lose", "error", "truncate")
+
+
+_UNDRAWN = object()
 
 
 class InjectedFault(OSError):
@@ -62,21 +74,25 @@ class FaultPlan:
         the defaults the registry documents."""
         opts = {**_defaults(), **extra}
 
-        def rate(name: str) -> float:
-            value = float(opts[name])
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"tiers.fault.{name} must be a probability in [0, 1], got {value}")
+        def number(name: str, low: float, high: float = math.inf) -> float:
+            try:
+                value = float(opts[name])
+            except (TypeError, ValueError):
+                raise ConfigError(f"tiers.fault.{name} must be a number, got {opts[name]!r}") from None
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ConfigError(f"tiers.fault.{name} must be a finite number in [{low}, {high}], got {value}")
             return value
 
-        read = tuple((f, rate(f"read_{f}")) for f in READ_FAULTS)
-        write = tuple((f, rate(f"write_{f}")) for f in WRITE_FAULTS)
+        read = tuple((f, number(f"read_{f}", 0.0, 1.0)) for f in READ_FAULTS)
+        write = tuple((f, number(f"write_{f}", 0.0, 1.0)) for f in WRITE_FAULTS)
         for plan, what in ((read, "read"), (write, "write")):
             if sum(p for _, p in plan) > 1.0:
                 raise ConfigError(f"tiers.fault: the {what} fault probabilities add up to more than 1")
-        delay, stall = float(opts["delay_s"]), float(opts["stall_s"])
-        if delay < 0 or stall < 0:
-            raise ConfigError("tiers.fault.delay_s and stall_s must be >= 0")
-        return cls(str(opts["wraps"] or ""), int(opts["seed"]), read, write, delay, stall)
+        seed = opts["seed"]
+        if isinstance(seed, bool) or not str(seed).lstrip("-").isdigit():
+            raise ConfigError(f"tiers.fault.seed must be a whole number, got {seed!r}")
+        return cls(str(opts["wraps"] or ""), int(seed), read, write, number("delay_s", 0.0),
+                   number("stall_s", 0.0))
 
 
 def _defaults() -> dict[str, object]:
@@ -105,6 +121,9 @@ def check(config: TierConfig) -> None:
                           f"{', '.join(k for k in tier_kinds() if not tier_kind(k).memory and k != 'fault')}), "
                           f"got {wraps!r}")
     FaultPlan.from_extra(config.extra)
+    if kind.name == "disk" and not config.path:
+        raise ConfigError("tiers.fault.path is required when it wraps disk: it tears and loses objects on purpose, "
+                          "so it must not share a real cache's directory (the default ~/.cache/kvstore)")
     inner = inner_config(config)
     for key, value in dataclasses.asdict(inner).items():  # the wrapped kind fills its defaults in
         if key not in ("kind", "extra"):
@@ -122,16 +141,21 @@ class FaultTier(BlobTier):
             raise ConfigError(f"tiers.fault cannot wrap {self.plan.wraps!r}: not a tier of serialized objects")
         self.inner.name = self.name  # its counters are this tier's
         self.is_remote = self.inner.is_remote
-        self._rng = random.Random(self.plan.seed)
         self._lock = threading.Lock()
+        self._attempts: dict[tuple[str, bytes], int] = {}
         self._recent: deque[bytes] = deque(maxlen=64)  # keys seen, for swaps
-        self._pending: dict[bytes, str] = {}  # corruption chosen in read_into, done by the whole read
+        # What read_into drew for a key it passed on to the whole-object read (None: no fault)
+        self._pending: dict[bytes, str | None] = {}
 
     # ---- the dice --------------------------------------------------------------------------
 
-    def _draw(self, plan: tuple[tuple[str, float], ...]) -> str | None:
+    def _draw(self, op: str, key: bytes, plan: tuple[tuple[str, float], ...]) -> str | None:
+        """The fault for the n-th ``op`` on ``key``: a hash of (seed, key, op, n), so the same
+        requests meet the same faults whatever other threads (the writers) do meanwhile."""
         with self._lock:
-            x = self._rng.random()
+            n = self._attempts.get((op, key), 0)
+            self._attempts[(op, key)] = n + 1
+        x = xxhash.xxh64_intdigest(key + f":{op}:{n}".encode(), seed=self.plan.seed & (2**64 - 1)) / 2**64
         for fault, p in plan:
             if x < p:
                 return fault
@@ -143,35 +167,34 @@ class FaultTier(BlobTier):
 
     def _corrupt(self, fault: str, key: bytes, blob: bytes | bytearray | memoryview) -> bytes | None:
         data = bytes(blob)
+        rng = random.Random(xxhash.xxh64_intdigest(key, seed=self.plan.seed & (2**64 - 1)) + len(data))
         if fault == "truncate":
             return data[:len(data) // 2]
         if fault == "flip":
-            with self._lock:
-                at = self._rng.randrange(len(data)) if data else 0
+            at = rng.randrange(len(data)) if data else 0
             return data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1:] if data else data
-        # swap: another key's object, valid in itself
+        # swap: another key's object, valid in itself (one read recently, in the order reads came)
         others = [k for k in self._recent if k != key]
         if others:
-            with self._lock:
-                other = self._rng.choice(others)
-            got = self.inner.get_blobs([other])[0]
+            got = self.inner.get_blobs([rng.choice(others)])[0]
             if got is not None:
                 return bytes(got)
         return data
 
     def _read_fault(self, key: bytes) -> str | None:
-        """Apply the timing faults now; return the data fault to apply to ``key``'s bytes."""
+        """Apply the timing faults now; return the data fault to apply to ``key``'s bytes. A read
+        that read_into passed on to the whole-object path keeps the draw it had there."""
         with self._lock:
-            fault = self._pending.pop(key, None)
-        fault = fault or self._draw(self.plan.read)
-        if fault is None:
-            return None
-        self._count(fault)
-        if fault == "error":
-            raise InjectedFault(f"injected read error for {key.hex()[:12]}")
-        if fault in ("delay", "stall"):
-            time.sleep(self.plan.delay_s if fault == "delay" else self.plan.stall_s)
-            return None
+            fault = self._pending.pop(key, _UNDRAWN)
+        if fault is _UNDRAWN:
+            fault = self._draw("read", key, self.plan.read)
+            if fault is not None:
+                self._count(fault)
+                if fault == "error":
+                    raise InjectedFault(f"injected read error for {key.hex()[:12]}")
+                if fault in ("delay", "stall"):
+                    time.sleep(self.plan.delay_s if fault == "delay" else self.plan.stall_s)
+                    return None
         return fault
 
     def _faulted(self, key: bytes, blob: bytes | bytearray | memoryview | None
@@ -208,7 +231,11 @@ class FaultTier(BlobTier):
             with self._lock:
                 self._pending[key] = fault
             return ReadResult.FALLBACK
-        return self.inner.read_into(key, expect, segments)
+        result = self.inner.read_into(key, expect, segments)
+        if result is ReadResult.FALLBACK:  # read whole next: drawn already, no second draw
+            with self._lock:
+                self._pending[key] = None
+        return result
 
     # ---- writes ----------------------------------------------------------------------------
 
@@ -216,7 +243,7 @@ class FaultTier(BlobTier):
         keep: list[tuple[ObjectMeta, list[bytes | memoryview]]] = []
         lost = 0
         for meta, parts in items:
-            fault = self._draw(self.plan.write)
+            fault = self._draw("write", bytes(meta.key), self.plan.write)
             if fault is not None:
                 self._count(f"write_{fault}")
             if fault == "error":

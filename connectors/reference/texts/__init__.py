@@ -36,10 +36,10 @@ class Question:
     answers: tuple[str, ...]  # acceptable answer spans
 
     def answered_by(self, reply: str) -> bool:
-        """Whether ``reply`` contains one of the answer spans (case and spacing ignored): the
-        usual exact-match-of-span scoring for short extractive answers."""
-        got = normalise(reply)
-        return any(normalise(a) in got for a in self.answers)
+        """Whether ``reply`` contains one of the answer spans as whole words (case, spacing and
+        most punctuation ignored): the usual exact-match-of-span scoring for short extractive
+        answers. Whole words, so "2001" is not found in "12001", nor "ABC" in "Fabcd"."""
+        return any(contains_span(reply, a) for a in self.answers)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,17 @@ class ChatScript:
 
 
 def normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s.]", " ", text.lower()).split())
+    """Lower case, single spaces, punctuation other than "." and "%" dropped (a "." ending a
+    sentence too, so "Paris." reads as "paris")."""
+    text = re.sub(r"[^\w\s.%]", " ", text.lower())
+    text = re.sub(r"\.(?!\w)", " ", text)
+    return " ".join(text.split())
+
+
+def contains_span(text: str, span: str) -> bool:
+    """``span`` in ``text`` as whole words, both normalised."""
+    want = normalise(span)
+    return bool(want) and re.search(rf"(?<![\w.%]){re.escape(want)}(?![\w%])", normalise(text)) is not None
 
 
 @cache

@@ -1,25 +1,22 @@
 """Validate rag.json: ids, references, and that every answer occurs in its own document and no other.
 
-Answers are compared case-insensitively with whitespace normalised, and again with the looser
-normalisation used for scoring replies (``texts.normalise``: punctuation other than "." dropped).
+Answers are compared case-insensitively with whitespace normalised, and again the way replies are
+scored (``texts.contains_span``: whole words, most punctuation dropped), so no answer can score
+in another document.
 
-Run: python3 connectors/reference/texts/check.py   (stdlib only; exits 1 naming the first problem)
+Run: python3 connectors/reference/texts/check.py   (exits 1 naming the first problem)
 """
 import json
-import re
 import sys
 from pathlib import Path
+
+from kvstore.connectors.reference.texts import contains_span, normalise
 
 PATH = Path(__file__).with_name("rag.json")
 
 
 def norm(s: str) -> str:
     return " ".join(s.split()).casefold()
-
-
-def norm_score(s: str) -> str:
-    """Same as texts.normalise (kept in sync by hand; this script is stdlib-only)."""
-    return " ".join(re.sub(r"[^\w\s.]", " ", s.lower()).split())
 
 
 def fail(msg: str) -> None:
@@ -39,7 +36,7 @@ def main() -> None:
         if d["id"] in texts:
             fail(f"duplicate document id {d['id']!r}")
         texts[d["id"]] = norm(d["text"])
-        scored[d["id"]] = norm_score(d["text"])
+        scored[d["id"]] = d["text"]
     seen: set[str] = set()
     per_doc = {i: 0 for i in texts}
     for q in questions:
@@ -52,16 +49,17 @@ def main() -> None:
         answers = [norm(a) for a in q.get("answers", [])]
         if not answers or not q.get("question", "").strip():
             fail(f"{qid}: empty question or answers")
-        if not any(a in texts[q["doc"]] for a in answers):
+        if not any(a in texts[q["doc"]] for a in answers) or not any(
+                contains_span(scored[q["doc"]], a) for a in q["answers"]):
             fail(f"{qid}: no answer occurs in its document {q['doc']!r}")
-        loose = [norm_score(a) for a in q["answers"]]
+        loose = [normalise(a) for a in q["answers"]]
         if min(len(a) for a in loose) < 2:
             fail(f"{qid}: an answer is shorter than 2 characters once normalised for scoring")
         for other in texts:
             if other == q["doc"]:
                 continue
             for a, b in zip(answers, loose):
-                if a in texts[other] or b in scored[other]:
+                if a in texts[other] or contains_span(scored[other], b):
                     fail(f"{qid}: answer {a!r} also occurs in document {other!r}")
         for a in answers:
             if a in norm(q["question"]):
