@@ -64,6 +64,8 @@ def test_the_vllm_snippet_hits_on_its_second_request(tmp_path):
             raise RuntimeError("vllm is not installed in this engine step")
         pytest.skip("needs vllm: run by scripts/test_vllm.sh")
     for index, block in blocks:
-        lines = [line for line in _run(block, index, tmp_path).splitlines() if line.strip()]
-        (first_hit, first), (second_hit, second) = (line.split(" ", 1) for line in lines[-2:])
-        assert int(first_hit) == 0 and int(second_hit) >= 256 and first == second, lines
+        out = _run(block, index, tmp_path)
+        printed = re.findall(r"^(\d+) ('.*')$", out, re.M)  # the snippet's own lines among vLLM's logs
+        assert len(printed) == 2, out[-3000:]
+        (first_hit, first), (second_hit, second) = printed
+        assert int(first_hit) == 0 and int(second_hit) >= 256 and first == second, printed
