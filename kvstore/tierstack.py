@@ -100,11 +100,18 @@ class TierStack:
             return call()
         except Exception as exc:
             self.counters.tier(tier.name, "read_errors")
-            if (tier.name, what) not in self._said:
-                self._said.add((tier.name, what))
+            if self._first(tier, what):
                 log.warning("tier %s: %s raised %r; treated as a miss (counted as read_errors, said once)",
                             tier.name, what, exc)
             return fallback
+
+    def _first(self, tier: Tier, what: str) -> bool:
+        """True the first time ``what`` happens in ``tier``: what is said once, and counted after."""
+        key = (tier.name, what)
+        if key in self._said:
+            return False
+        self._said.add(key)
+        return True
 
     def guarded_write(self, tier: Tier, call: Callable[[], bool]) -> bool:
         """A write in the caller's thread (the first tier is one of serialized objects): a
@@ -114,8 +121,7 @@ class TierStack:
             return call()
         except Exception as exc:
             self.counters.tier(tier.name, "write_errors")
-            if (tier.name, "put_blobs") not in self._said:
-                self._said.add((tier.name, "put_blobs"))
+            if self._first(tier, "put_blobs"):
                 log.warning("tier %s: put_blobs raised %r; the object was not stored (counted as write_errors, "
                             "said once)", tier.name, exc)
             return False
@@ -173,10 +179,9 @@ class TierStack:
         ``corrupt`` count (the first said in the log), and the object is deleted from that tier."""
         tier = self.tiers[pos]
         # The first with its reason; later ones are counted (a failing disk rejects thousands).
-        said = (tier.name, "reject") in self._said
-        self._said.add((tier.name, "reject"))
-        log.log(logging.DEBUG if said else logging.WARNING, "tier %s: object %s rejected: %s%s", tier.name,
-                key.hex(), why, "" if said else " (each counted as corrupt; said once)")
+        first = self._first(tier, "reject")
+        log.log(logging.WARNING if first else logging.DEBUG, "tier %s: object %s rejected: %s%s", tier.name,
+                key.hex(), why, " (each counted as corrupt; said once)" if first else "")
         self.counters.tier(tier.name, "corrupt")
         self.guarded(tier, "delete", lambda: tier.delete([key]), 0)
         self._on_lost(key)

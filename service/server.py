@@ -130,6 +130,13 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
+    """A bug: logged with its traceback, answered 500; the daemon keeps serving."""
+    log.exception("unhandled error on %s", request.path)
+    _release(exc)
+    return _error(500, "internal error (logged)")
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -189,10 +196,8 @@ class Daemon:
             # while reading, a plain ConnectionError("Connection lost") while draining a write):
             # not ours. Any other connection error is a bug, below.
             if not isinstance(exc, ConnectionResetError) and not _client_gone(request):
-                log.exception("unhandled error on %s", request.path)
                 status = 500
-                _release(exc)
-                return _error(500, "internal error (logged)")
+                return _internal_error(request, exc)
             status = 499  # nginx's "client closed request": counted, not logged as an error
             _release(exc)
             return _error(499, "client closed the connection")
@@ -208,9 +213,7 @@ class Daemon:
             _release(exc)
             return _error(400, str(exc))
         except Exception as exc:  # a bug: log it, answer 500, keep serving
-            log.exception("unhandled error on %s", request.path)
-            _release(exc)
-            return _error(500, "internal error (logged)")
+            return _internal_error(request, exc)
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)

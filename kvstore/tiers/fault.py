@@ -46,7 +46,7 @@ from kvstore.config import TierConfig
 from kvstore.errors import ConfigError
 from kvstore.objects import ObjectMeta
 from kvstore.tiers.base import BlobTier, ReadResult, TierContext, TierStats
-from kvstore.tiers.registry import tier_kind
+from kvstore.tiers.registry import tier_kind, tier_kinds
 
 READ_FAULTS = ("miss", "error", "delay", "stall", "truncate", "flip", "swap")
 WRITE_FAULTS = ("lose", "error", "truncate")
@@ -105,15 +105,14 @@ def _defaults() -> dict[str, object]:
 
 def inner_config(config: TierConfig) -> TierConfig:
     """The wrapped tier's config: this one's, as the wrapped kind, without the fault options."""
+    own = _defaults()
     return dataclasses.replace(config, kind=str(config.extra.get("wraps") or ""),
-                               extra={k: v for k, v in config.extra.items() if k not in _defaults()})
+                               extra={k: v for k, v in config.extra.items() if k not in own})
 
 
 def check(config: TierConfig) -> None:
     """Config-time checks: a known kind of serialized objects to wrap, valid rates, and the
     wrapped kind's own checks (run by building its config)."""
-    from kvstore.tiers.registry import tier_kinds
-
     wraps = config.extra.get("wraps")
     kind = tier_kind(str(wraps)) if wraps else None
     if kind is None or kind.memory or kind.name == "fault":
