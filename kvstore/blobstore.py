@@ -23,6 +23,7 @@ from kvstore.owners import OwnerLedger
 from kvstore.tiers.base import BlobTier, ReadResult
 from kvstore.tierstack import TierStack, rekey
 from kvstore.wire import Blob, as_parts, parts_nbytes
+from kvstore.writer import WriteAcks
 
 
 @dataclass(frozen=True)
@@ -166,16 +167,26 @@ class BlobStore:
         first = self.tiers[0] if self.tiers else None
         return first.allocate(nbytes, fresh=fresh) if isinstance(first, BlobTier) else unzeroed(nbytes)
 
-    def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None) -> int:
+    def durable(self) -> bool:
+        """Whether some tier keeps objects when this process dies: what ``put(durable=True)`` waits for."""
+        return bool(self.tiers) and (self.tiers[0].is_durable or bool(self.stack.durable_tiers()))
+
+    def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None, *,
+            durable: bool = False, timeout_s: float | None = None) -> int:
         """Store objects not already present; returns how many new ones some tier took. All or
-        nothing on quota."""
+        nothing on quota.
+
+        With ``durable`` it blocks until the durable tiers (disk) have written the new objects
+        (or failed to, or ``timeout_s`` passed) and counts only those they all hold: a client
+        told "stored" then finds them after this process is killed."""
         where = self.stack.holders([o.storage_key for o in objects])
         new = [o for o, pos in zip(objects, where) if pos is None]
         used = self.owners.add([(o.storage_key, owner, o.nbytes) for o in new], quota)
         if used is not None:
             raise QuotaExceededError(f"tenant {owner!r} quota exceeded: holds {used} bytes, this put adds "
                                      f"{sum(o.nbytes for o in new)}, quota is {quota}")
-        stored = 0
+        acks = WriteAcks() if durable and not self.tiers[0].is_durable else None
+        took_new: list[bytes] = []
         for o, pos in zip(objects, where):
             if pos == 0:
                 continue
@@ -183,13 +194,18 @@ class BlobStore:
             # just showed it is hot, and its next GET then needs no disk read. The lower tiers
             # already hold it, so only new objects are written through.
             took = self.stack.write(rekey(o.meta, o.storage_key), parts=o.parts(),
-                                    keep_parts=not isinstance(o.blob, tuple), through=pos is None)
+                                    keep_parts=not isinstance(o.blob, tuple), through=pos is None, acks=acks)
             if pos is None:
                 if took:
-                    stored += 1
+                    took_new.append(o.storage_key)
                 else:
                     self.owners.forget([o.storage_key])
-        return stored
+        if acks is None:
+            return len(took_new)
+        if not acks.wait(timeout_s):
+            return 0
+        # Not durable is not lost: the memory tier still serves it until it is evicted.
+        return sum(1 for k in took_new if not acks.failed(k))
 
     def _forget_one(self, key: bytes) -> None:
         self.owners.forget([key])

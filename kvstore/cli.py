@@ -134,7 +134,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 SERVE_OPTIONS = ("host", "port", "key_file", "max_body_bytes", "max_batch", "request_timeout_s",
                  "lmcache_port", "lmcache_host", "lmcache_tenant", "insecure", "metrics_port", "metrics_host",
-                 "tls_cert", "tls_key")
+                 "tls_cert", "tls_key", "ack")
 
 
 def _repo_root() -> Path | None:
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", dest="max_body_bytes", help="largest request body (default 2GiB)")
     srv.add_argument("--max-batch", dest="max_batch", type=int, help="most keys per request (default 4096)")
     srv.add_argument("--request-timeout-s", dest="request_timeout_s", type=float, help="per-request limit")
+    srv.add_argument("--ack", choices=("memory", "disk"),
+                     help="answer a PUT once memory holds it (default) or once the disk tier has written it")
     srv.add_argument("--lmcache-port", dest="lmcache_port", type=int,
                      help="also speak LMCache's lm:// protocol on this port (off by default)")
     srv.add_argument("--lmcache-host", dest="lmcache_host", help="bind address of that listener (default 127.0.0.1)")

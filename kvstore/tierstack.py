@@ -33,7 +33,7 @@ from kvstore.pins import PinRegistry, check_pin_budget
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier, TierContext
 from kvstore.tiers.registry import build_tier
-from kvstore.writer import PendingWrite, TierWriter
+from kvstore.writer import PendingWrite, TierWriter, WriteAcks
 
 if TYPE_CHECKING:  # the daemon's opaque stack never loads torch
     import torch
@@ -154,6 +154,10 @@ class TierStack:
         if not self.tiers or not self.tiers[0].is_memory_blob or any(t.is_remote for t in self.tiers):
             return False
         return all(w.has_room(3 * nbytes, items=4) for w in self.writers.values())
+
+    def durable_tiers(self) -> list[Tier]:
+        """The tiers written through that keep objects when this process dies (disk)."""
+        return [t for t in self.tiers[1:] if t.is_durable and t.config.write == "through" and t.name in self.writers]
 
     def held_locally(self, keys: Sequence[bytes]) -> list[bool]:
         """Whether an in-process or on-disk tier holds each key (remote tiers dedupe in their
@@ -286,12 +290,13 @@ class TierStack:
     # ---- writing new objects -------------------------------------------------------------
 
     def write(self, meta: ObjectMeta, kv: torch.Tensor | None = None, parts: list[Blob] | None = None, *,
-              keep_parts: bool = False, through: bool = True) -> bool:
+              keep_parts: bool = False, through: bool = True, acks: WriteAcks | None = None) -> bool:
         """Store a new object: synchronously in the first tier, then (``through``) in every
         ``write: through`` tier, memory tiers at once and slower ones through their writers.
         Give the tensor ``kv``, the encoded object as byte ``parts``, or both. ``parts`` are the
         caller's memory unless ``keep_parts`` (one buffer the store may keep as it is): queued
-        writes get a copy. True if some tier took it (stored, or queued for a writer)."""
+        writes get a copy. True if some tier took it (stored, or queued for a writer). With
+        ``acks``, every queued write to a durable tier reports its outcome there."""
         first = self.tiers[0]
         t0 = time.perf_counter()
         view: torch.Tensor | None = None
@@ -329,6 +334,8 @@ class TierStack:
                 assert kv is not None, "an object in another codec needs the tensor"
                 owned = owned if owned is not None else kv.detach().to("cpu", copy=True).contiguous()
                 item = PendingWrite(meta, owned)
+            if acks is not None and tier.is_durable:
+                item.on_written = acks.expect(meta.key)
             took = self.writers[tier.name].submit(item) or took
         return took
 

@@ -37,6 +37,9 @@ class PendingWrite:
     release: Callable[[], None] | None = None
     blob: list[bytes | memoryview] | None = None
     recode: str | None = None  # write ``blob`` in this byte codec (an opaque store's tier codec)
+    # Told once whether the tier holds the object after its write (False: dropped, failed, or
+    # refused): a put that acknowledges only durable objects waits on it (WriteAcks).
+    on_written: Callable[[bool], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -44,10 +47,47 @@ class PendingWrite:
             return parts_nbytes(self.blob)
         return 0 if self.tensor is None else self.tensor.numel() * self.tensor.element_size()
 
-    def done(self) -> None:
+    def done(self, held: bool = False) -> None:
         if self.release is not None:
             self.release()
             self.release = None
+        if self.on_written is not None:
+            self.on_written(held)
+            self.on_written = None
+
+
+class WriteAcks:
+    """Waits for the outcome of queued writes: how a put learns which of its objects reached a
+    durable tier before it answers (the daemon's ``serve.ack: disk``). Outcomes are per object;
+    an object counts as written only if every write registered for it held."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._failed: set[bytes] = set()
+
+    def expect(self, key: bytes) -> Callable[[bool], None]:
+        """A callback for one queued write of ``key`` (PendingWrite.on_written)."""
+        with self._cond:
+            self._waiting += 1
+
+        def written(held: bool) -> None:
+            with self._cond:
+                self._waiting -= 1
+                if not held:
+                    self._failed.add(key)
+                self._cond.notify_all()
+        return written
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Blocks until every expected write has an outcome; False if ``timeout_s`` passed first
+        (then no object can be taken as written)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._waiting == 0, timeout=timeout_s)
+
+    def failed(self, key: bytes) -> bool:
+        with self._cond:
+            return key in self._failed
 
 
 class TierWriter:
@@ -137,6 +177,10 @@ class TierWriter:
                 encoded.append((w.meta, parts))
             self.tier.put_blobs(encoded)
             self.counters.tier(self.tier.name, "write_seconds", time.perf_counter() - t0)
+            waited = [w for w in work if w.on_written is not None]
+            if waited:  # what the tier holds now is the outcome (a refusal or a failed file is not)
+                for w, held in zip(waited, self.tier.contains([w.meta.key for w in waited])):
+                    w.done(held)
         except Exception as exc:  # never let one bad write kill the writer thread
             # The first failure with its traceback (a bug shows where), later ones counted only:
             # a backend that keeps failing must not flood the log.

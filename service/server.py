@@ -64,6 +64,8 @@ class ServeConfig:
     metrics_host: str = "127.0.0.1"  # bind address of the metrics listener
     tls_cert: str | None = None  # PEM certificate (chain): serve HTTPS (kvstores:// for clients)
     tls_key: str | None = None  # PEM private key of tls_cert
+    # Objects a failed disk write left only in memory are served but not counted as "stored".
+    ack: str = "memory"  # answer a PUT once memory holds it (kill -9 loses queued disk writes) or once the disk has it
     store: StoreConfig = field(default_factory=StoreConfig)  # the tiers (the rest of the config file)
 
     def __post_init__(self) -> None:
@@ -77,6 +79,8 @@ class ServeConfig:
             raise ConfigError(f"serve.max_batch must be >= 1, got {self.max_batch}")
         if self.request_timeout_s <= 0:
             raise ConfigError(f"serve.request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.ack not in ("memory", "disk"):
+            raise ConfigError(f"serve.ack must be memory or disk, got {self.ack!r}")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], store: StoreConfig) -> "ServeConfig":
@@ -152,6 +156,10 @@ class Daemon:
         disk = config.store.tiers.get("disk")
         journal = os.path.join(os.path.expanduser(str(disk.path)), "daemon-owners.journal") if disk else None
         self.store = BlobStore(config.store, owners_journal=journal)
+        if config.ack == "disk" and not self.store.durable():
+            self.store.close()
+            raise ConfigError("serve.ack is disk, but no disk tier is written through (add tiers.disk, "
+                              "or leave --ack at memory)")
         self.metrics = Metrics(self.store.stats)
         self.started = time.monotonic()
         self.listening = False
@@ -344,7 +352,10 @@ class Daemon:
             objects.append(StoredObject(storage_key(principal.tenant, key), meta, data))
             self.metrics.object_bytes.labels("put").observe(data.nbytes)
         args = (objects, principal.tenant, self.keys.quotas.get(principal.tenant))
-        if self.store.put_without_waiting(intake.buf.nbytes):  # memory, and room in the writers' queues
+        if self.config.ack == "disk":  # waits for the disk writes: never on the event loop
+            stored = await self._run(functools.partial(self.store.put, *args, durable=True,
+                                                       timeout_s=self.config.request_timeout_s))
+        elif self.store.put_without_waiting(intake.buf.nbytes):  # memory, and room in the writers' queues
             stored = self.store.put(*args)
         else:
             stored = await self._run(self.store.put, *args)

@@ -55,6 +55,7 @@ class Tier(ABC):
     is_memory: bool = False
     is_remote: bool = False  # shared across processes/machines; a round-trip per call
     is_memory_blob: bool = False  # serialized objects in this process's memory (verified on entry)
+    is_durable: bool = False  # keeps what it holds when this process dies (files on this machine)
 
     def __init__(self, config: TierConfig, context: TierContext) -> None:
         self.config = config

@@ -30,6 +30,8 @@ _LAYOUT = "v1"  # directory layout version, bumped if file naming ever changes
 
 
 class DiskTier(BlobTier):
+    is_durable = True
+
     def __init__(self, config: TierConfig, context: TierContext) -> None:
         super().__init__(config, context)
         namespace, pins, on_evict = context.namespace, context.pins, context.on_evict

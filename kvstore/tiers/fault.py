@@ -140,6 +140,7 @@ class FaultTier(BlobTier):
             raise ConfigError(f"tiers.fault cannot wrap {self.plan.wraps!r}: not a tier of serialized objects")
         self.inner.name = self.name  # its counters are this tier's
         self.is_remote = self.inner.is_remote
+        self.is_durable = self.inner.is_durable
         self._lock = threading.Lock()
         self._attempts: dict[tuple[str, bytes], int] = {}
         self._recent: deque[bytes] = deque(maxlen=64)  # keys seen, for swaps
