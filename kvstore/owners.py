@@ -5,14 +5,19 @@ scopes their keys by tenant, one way), so after a restart the objects found on d
 against nobody and quotas would stop holding. Each change is appended as a msgpack record to a
 file beside the disk tier; start-up replays it, keeps only keys some tier still holds, and
 rewrites it compacted. A crash can lose the last records: those objects then count against no
-one (as every object did before), never against the wrong tenant.
+one (as every object did before), never against the wrong tenant. A journal write that fails (a
+full disk) never fails the put that made it: the ledger in memory stays right, the failure is
+said once, and the journal is rewritten whole from memory once the disk takes writes again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import threading
+import time
 from typing import Callable, Sequence
 
 import msgpack
@@ -36,6 +41,8 @@ class OwnerLedger:
         self._objects: dict[str, int] = {}
         self._journal = None
         self._records = 0  # records in the journal file, live or not
+        self._failing_since: float | None = None  # a journal write failed: rewrite it when we can
+        self._retry_at = 0.0
 
     # ---- persistence ---------------------------------------------------------------------
 
@@ -66,15 +73,22 @@ class OwnerLedger:
             for key, there in zip(keys, held):
                 if there:
                     self._add_locked(key, *entries[key])
-            self._compact_locked()
+            try:
+                self._compact_locked()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:  # a path the daemon cannot write: the operator's to fix
+                    raise ConfigError(f"owner journal {self.path}: cannot write it ({exc.strerror or exc})") from None
+                self._failed(exc)  # a full disk: start anyway, serve what is stored
         if self._owner:
             log.info("owner journal: %d objects of %d tenants restored", len(self._owner), len(self._bytes))
 
     def _compact_locked(self) -> None:
-        """Rewrite the journal as the live entries only (at start, and when it has grown 4x)."""
+        """Rewrite the journal as the live entries only (at start, when it has grown 4x, and
+        after a failed write). Raises OSError, leaving the old journal in place."""
         assert self.path is not None
         if self._journal is not None:
-            self._journal.close()
+            journal, self._journal = self._journal, None
+            journal.close()
         tmp = f"{self.path}.tmp"
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -82,21 +96,60 @@ class OwnerLedger:
                 for key, (owner, size) in self._owner.items():
                     f.write(msgpack.packb([key, owner, size]))
             os.replace(tmp, self.path)
-            self._journal = open(self.path, "ab")
-        except OSError as exc:
-            raise ConfigError(f"owner journal {self.path}: cannot write it ({exc.strerror or exc})") from None
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._journal = open(self.path, "ab")
         self._records = len(self._owner)
 
     def _append(self, records: list[list]) -> None:
-        if self._journal is not None and records:
+        if self.path is None or not records:
+            return
+        if self._failing_since is not None:  # the records are in memory: the rewrite carries them
+            if time.monotonic() >= self._retry_at:
+                self._rewrite()
+            return
+        assert self._journal is not None
+        try:
             self._journal.write(b"".join(msgpack.packb(r) for r in records))
             self._journal.flush()
-            self._records += len(records)
-            if self._records > max(10_000, 4 * len(self._owner)):
-                self._compact_locked()
+        except OSError as exc:
+            self._failed(exc)
+            return
+        self._records += len(records)
+        if self._records > max(10_000, 4 * len(self._owner)):
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        try:
+            self._compact_locked()
+        except OSError as exc:
+            self._failed(exc)
+            return
+        if self._failing_since is not None:
+            log.warning("owner journal %s: written again after %.0f s", self.path, time.monotonic() - self._failing_since)
+            self._failing_since = None
+
+    def _failed(self, exc: OSError) -> None:
+        """A write failed, maybe halfway through a record: stop appending to this file (its end
+        may be torn) and rewrite it whole from memory later, at most every few seconds."""
+        if self._journal is not None:
+            try:
+                self._journal.close()  # flushes what it can; the rewrite replaces the file anyway
+            except OSError:
+                pass
+            self._journal = None
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("owner journal %s: cannot write it (%s); tenants' usage is kept in memory and the journal "
+                        "rewritten once the disk takes writes again", self.path, getattr(exc, "strerror", None) or exc)
+        self._retry_at = time.monotonic() + 2.0
 
     def close(self) -> None:
         with self._lock:
+            if self._failing_since is not None:
+                self._rewrite()  # a last chance for what only memory holds
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None

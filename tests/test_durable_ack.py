@@ -4,11 +4,13 @@ write failed is still served from memory but is not counted as stored."""
 
 import json
 import signal
+import time
 
 import pytest
 
 from conftest import Daemon, free_port
 from kvstore.client import DaemonClient
+from test_faults import small_fs  # noqa: F401  (a fixture)
 from test_serve_ops import obj, one_line_error, serve
 
 
@@ -71,3 +73,43 @@ def test_ack_is_read_from_the_config_file_and_checked(tmp_path):
     path = tmp_path / "kv.json"
     path.write_text(json.dumps({"serve": {"ack": "always"}, "tiers": {"disk": {"path": str(tmp_path / "d")}}}))
     one_line_error(serve("--config", str(path)), "serve.ack must be memory or disk, got 'always'")
+
+
+def test_a_full_disk_never_fails_a_put_and_the_owner_journal_catches_up(small_fs, caplog):
+    """The daemon's store on a disk that fills: puts answer (not acknowledged while full), the
+    owner journal's failure is said once and never reaches the client, and once space returns
+    the journal is rewritten, so a restart restores every tenant's usage."""
+    from kvstore.blobstore import BlobStore, StoredObject
+    from kvstore.objects import read_meta
+
+    journal = str(small_fs / "daemon-owners.journal")
+    cfg = {"tiers": {"cpu": {"capacity": "4MiB"}, "disk": {"path": str(small_fs / "kv"), "capacity": "64MiB"}}}
+
+    def put(store, i):
+        key = i.to_bytes(16, "big")
+        blob = obj(key)
+        return store.put([StoredObject(key, read_meta(blob)[0], blob)], owner="t", durable=True)
+
+    store = BlobStore(cfg, owners_journal=journal)
+    assert all(put(store, i) == 1 for i in range(5))
+    filler = small_fs / "filler"
+    with open(filler, "wb", buffering=0) as f, caplog.at_level("WARNING"):
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+        assert [put(store, i) for i in range(5, 300)] == [0] * 295  # served from memory, never promised
+        said = [r.getMessage() for r in caplog.records if "owner journal" in r.getMessage()]
+        assert len(said) == 1 and "cannot write it" in said[0], said
+    filler.unlink()
+    time.sleep(2.1)  # the journal is retried at most every 2 s
+    assert put(store, 300) == 1
+    assert any("written again" in r.getMessage() for r in caplog.records)
+    usage = store.usage("t")
+    assert usage == 301 * len(obj(b"x" * 16))
+    store.close()
+    again = BlobStore(cfg, owners_journal=journal)  # what the disk holds, accounted to its tenant
+    held = sum(again.exists([i.to_bytes(16, "big") for i in range(301)]))
+    assert again.usage("t") == held * len(obj(b"x" * 16)) and held >= 6
+    again.close()
