@@ -145,3 +145,27 @@ def test_pin_before_async_write_still_reaches_redis_ttl(spec, redis_url):
         (key,) = client.keys("kvstore:*")
         assert client.ttl(key) > 50
     client.close()
+
+
+def test_calls_in_flight_when_an_outage_begins_do_not_lengthen_the_back_off():
+    """Eight threads' calls fail together when Redis dies: one outage, so the back-off is the
+    first step (0.5 s), not 2^8 of it; a failure after it ends doubles it; a success resets it."""
+    from kvstore.tiers.backoff import Backoff
+
+    now = [100.0]
+    b = Backoff("redis tier x", initial_s=0.5, clock=lambda: now[0])
+    for _ in range(8):
+        b.failed(OSError("connection reset"))
+    now[0] += 0.49
+    assert not b.available
+    now[0] += 0.02
+    assert b.available
+    b.failed(OSError("connection refused"))  # still down when the back-off ended
+    now[0] += 0.9
+    assert not b.available
+    now[0] += 0.11
+    assert b.available
+    b.succeeded()
+    b.failed(OSError("down again"))
+    now[0] += 0.51
+    assert b.available

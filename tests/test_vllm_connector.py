@@ -15,7 +15,7 @@ from vllm_harness import require_vllm
 
 require_vllm()
 
-from vllm_harness import disk_config, run
+from vllm_harness import disk_config, foreign_objects, run, same_output, stored_objects
 
 # Five vLLM engines start in the module fixture (5-40 s each): far beyond the suite's 120 s default.
 pytestmark = pytest.mark.timeout(1500)
@@ -26,10 +26,19 @@ STORED = [BASE, BASE[:300] + [7] * 50]            # what the storing engine sees
 PROBES = {                                          # prompt -> kvstore hit tokens expected
     "full": (BASE, 576),                            # 9 chunks; the last prompt token is computed
     "exact": (BASE[:576], 544),                     # all 9 stored: the last block is computed
+    "one_more": (BASE[:577], 576),                  # a chunk multiple plus one token
+    "one_less": (BASE[:575], 512),                  # one short of it: chunk 9 is incomplete
+    "blocks": (BASE[:544], 512),                    # 17 blocks, 8.5 chunks
     "own_tail": (STORED[1], 320),                   # 4 shared chunks + the one it stored itself
     "partial": (BASE[:400] + [9] * 100, 384),       # diverges inside chunk 7
     "diverging": ([5] + BASE[1:600], 0),            # differs at token 0: nothing matches
 }
+
+
+def faulty_config(path) -> dict:
+    rates = {f"read_{f}": 0.06 for f in ("miss", "error", "delay", "truncate", "flip", "swap")}
+    return {"chunk_size": 64, "tiers": {"fault": {"wraps": "disk", "path": str(path), "capacity": "256MiB", "seed": 5,
+                                                  "delay_s": 0.02, "write_lose": 0.2, "write_truncate": 0.2, **rates}}}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +63,14 @@ def runs(tmp_path_factory):
         f.write_bytes(bytes(data))
     out["corrupt"] = run(tmp, "corrupt", probes, disk_config(corrupt))
     out["files"] = len(files)
+    # The store's disk behind a fault tier: reads miss, fail, come late, torn, flipped or as
+    # another chunk; writes are lost or torn. Every probe twice (the second meets whatever the
+    # first left), then a fresh engine without faults on what remains.
+    shutil.copytree(tmp / "kv_pristine", tmp / "kv_fault")
+    out["reference"] = stored_objects(cache)  # what fault-free engines stored for these prompts
+    out["fault"] = run(tmp, "fault", probes * 2, faulty_config(tmp / "kv_fault"), sequential=True)
+    out["after_fault"] = run(tmp, "after_fault", probes, disk_config(tmp / "kv_fault"))
+    out["fault_left"] = foreign_objects(tmp / "kv_fault", out["reference"])
     # With vLLM's own prefix cache on, kvstore supplies only what follows vLLM's local hit: the
     # first prompt leaves 128 tokens of BASE in vLLM's cache, the second then needs 448 from kvstore.
     shutil.copytree(tmp / "kv_pristine", tmp / "kv_apc")
@@ -90,3 +107,20 @@ def test_kvstore_fills_in_after_vllms_own_prefix_cache(runs):
     assert [r["tokens"] for r in runs["apc"]] == [r["tokens"] for r in runs["apc_baseline"]]
     assert runs["apc_baseline"][1]["num_cached_tokens"] == 128  # vLLM's own cache alone
     assert runs["apc"][1]["num_cached_tokens"] == 576           # 128 local + 448 from kvstore
+
+
+def test_a_faulty_disk_tier_gives_exact_kv_or_a_recompute(runs):
+    """vLLM on a disk that fails in every way a read or write can: every request, the later
+    ones and a fresh engine's generate what an engine without kvstore does, and every object the
+    faults left that verifies is the KV of its tokens."""
+    base = runs["baseline"] * 2
+    wrong = [f"request {i}: {err}" for i, (got, want) in enumerate(zip(runs["fault"], base))
+             if (err := same_output(got, want)) is not None]
+    wrong += [f"fresh engine, request {i}: {err}" for i, (got, want) in enumerate(zip(runs["after_fault"],
+                                                                                       runs["baseline"]))
+              if (err := same_output(got, want)) is not None]
+    assert not wrong, "\n".join(wrong)
+    assert not runs["fault_left"], runs["fault_left"]
+    hits = [r["num_cached_tokens"] for r in runs["fault"]]
+    clean = [r["num_cached_tokens"] for r in runs["load"]] * 2
+    assert 0 < sum(hits) < sum(clean), (hits, clean)  # the faults cost hits, and hits still happened

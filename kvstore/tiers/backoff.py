@@ -16,8 +16,10 @@ log = logging.getLogger(__name__)
 
 
 class Backoff:
-    def __init__(self, what: str, initial_s: float = 0.5, max_s: float = 30.0) -> None:
+    def __init__(self, what: str, initial_s: float = 0.5, max_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
+        self._clock = clock
         self.initial_s = initial_s
         self.max_s = max_s
         self._delay = initial_s
@@ -26,11 +28,17 @@ class Backoff:
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._until
+        return self._clock() >= self._until
 
     def failed(self, exc: BaseException) -> None:
+        """One failed call. Calls are only started while available, so a failure during a
+        back-off is a call that was in flight when it began: the same outage, not a longer one
+        (eight threads failing at once must not make the back-off 2^8 times longer)."""
         with self._lock:
-            self._until = time.monotonic() + self._delay
+            now = self._clock()
+            if now < self._until:
+                return
+            self._until = now + self._delay
             log.warning("%s unreachable (%s); serving misses for %.1fs", self.what, exc, self._delay)
             self._delay = min(self._delay * 2, self.max_s)
 
