@@ -49,3 +49,19 @@ def test_lmcache_engines_share_kv_through_kvstore(tmp_path):
     finally:
         if daemon.proc is not None:
             daemon.stop()
+
+
+@pytest.mark.parametrize("tokens,hit", [(2816, 2816), (2817, 2816), (2815, 2560)],
+                         ids=["chunk-multiple", "one-more", "one-less"])
+def test_boundary_prompts_retrieve_their_own_kv(tmp_path, tokens, hit):
+    """LMCache #5151 restored the wrong context for a prompt of an exact multiple of the chunk
+    size: through kvstore, a prompt of 11 chunks, one token more and one less each retrieve
+    exactly the KV stored for them."""
+    port = free_port()
+    daemon = Daemon(tmp_path, "--lmcache-port", str(port))
+    try:
+        assert run_engine(port, "store", tokens, seed=tokens)["lookup"] == hit
+        got = run_engine(port, "retrieve", tokens, seed=tokens)
+        assert got == {**got, "lookup": hit, "retrieved": hit, "exact": True}
+    finally:
+        daemon.stop()
