@@ -42,19 +42,33 @@ def quantize_freqs(counts: torch.Tensor) -> torch.Tensor:
     return freqs.to(torch.int32)
 
 
-def encode(symbols: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode ``symbols`` ``[lanes, steps]`` (ints in [0, A)); lane i uses table ``freqs[ctx[i]]``.
-
-    Returns (final states int32 ``[lanes]``, words per lane int32 ``[lanes]``, words ``[n]`` as
-    int32 holding uint16 values, lane-major: lane 0's words in decode order, then lane 1's...)."""
+def streams_of(symbols: torch.Tensor, ctx: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``group`` lanes in a row make one stream (one state, one word count: side data a lane
+    would otherwise pay alone): symbols ``[lanes, steps]`` -> ``[streams, group * steps]`` and
+    the table of every symbol, the same shape."""
     lanes, steps = symbols.shape
+    if lanes % group:
+        raise RansError(f"{lanes} lanes do not split into streams of {group}")
+    ctx_s = ctx.to(torch.int64).view(lanes // group, group).repeat_interleave(steps, dim=1)
+    return symbols.reshape(lanes // group, group * steps), ctx_s
+
+
+def encode(symbols: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor,
+           group: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode ``symbols`` ``[lanes, steps]`` (ints in [0, A)); lane i uses table ``freqs[ctx[i]]``;
+    ``group`` lanes in a row are one stream.
+
+    Returns (final states int32 ``[streams]``, words per stream int32 ``[streams]``, words ``[n]``
+    as int32 holding uint16 values, stream-major: stream 0's words in decode order, then 1's...)."""
+    sym, ctx_s = streams_of(symbols, ctx, group)
+    lanes, steps = sym.shape
     freqs = freqs.to(torch.int64)
     cum = torch.cumsum(freqs, dim=1) - freqs
-    sym = symbols.to(torch.int64)
-    f_all = freqs[ctx.to(torch.int64)[:, None], sym]          # [lanes, steps]
+    sym = sym.to(torch.int64)
+    f_all = freqs[ctx_s, sym]          # [streams, steps]
     if bool((f_all <= 0).any()):
         raise RansError("a symbol has zero frequency in its table")
-    c_all = cum[ctx.to(torch.int64)[:, None], sym]
+    c_all = cum[ctx_s, sym]
     x = torch.full((lanes,), RANS_L, dtype=torch.int64, device=symbols.device)
     emitted = torch.empty((steps, lanes), dtype=torch.int32, device=symbols.device)
     mask = torch.empty((steps, lanes), dtype=torch.bool, device=symbols.device)
@@ -99,17 +113,21 @@ def check_stream(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor
 
 
 def decode(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor, ctx: torch.Tensor,
-           freqs: torch.Tensor, steps: int) -> torch.Tensor:
+           freqs: torch.Tensor, steps: int, group: int = 1) -> torch.Tensor:
     """Inverse of :func:`encode`: symbols as int16, laid out ``[steps, lanes]`` (step-major is
     what the loop writes and what dequantization wants).
 
     Everything is int32 (states stay below 2^31), buffers are preallocated and every op writes
     in place: the loop is memory-bound, and fresh tensors per step would be page-faulted in."""
     check_stream(states, counts, words)
-    lanes = states.numel()
+    lanes = states.numel()  # streams, from here on
+    if ctx.numel() != lanes * group:
+        raise RansError(f"{ctx.numel()} lanes for {lanes} streams of {group}")
+    tokens, steps = steps, steps * group
     nwords = words.numel()
     fb_table, sym_table = decode_tables(freqs)
-    base = ctx.to(torch.int32) * M
+    # The table base of every (step, stream): lane g of a stream covers steps g*tokens onwards.
+    base = (ctx.to(torch.int32) * M).view(lanes, group).t().repeat_interleave(tokens, dim=0).contiguous()
     x = states.to(torch.int32).clone()
     w = torch.cat([words.to(torch.int32), words.new_zeros(1, dtype=torch.int32)])  # pad: reads stay in range
     end = torch.cumsum(counts.to(torch.int32), dim=0, dtype=torch.int32)
@@ -123,7 +141,7 @@ def decode(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor, ctx:
     for t in range(steps):
         idx = slots[t]  # the slot index doubles as the symbol's address: looked up after the loop
         torch.bitwise_and(x, M - 1, out=idx)
-        idx += base
+        idx += base[t]
         torch.index_select(fb_table, 0, idx, out=b)
         torch.bitwise_right_shift(b, 16, out=f)
         x >>= SCALE_BITS
@@ -142,4 +160,6 @@ def decode(states: torch.Tensor, counts: torch.Tensor, words: torch.Tensor, ctx:
         raise RansError("lanes did not consume exactly their words (corrupt stream)")
     if bool((x != RANS_L).any()):
         raise RansError("stream does not decode back to the initial state (corrupt)")
-    return torch.index_select(sym_table, 0, slots.view(-1)).view(steps, lanes)
+    sym = torch.index_select(sym_table, 0, slots.view(-1))
+    # [group * tokens, streams] -> [tokens, lanes] with lane = stream * group + g
+    return sym.view(group, tokens, lanes).permute(1, 2, 0).reshape(tokens, lanes * group)

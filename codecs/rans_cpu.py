@@ -65,63 +65,67 @@ def _compiled() -> SimpleNamespace:
 
 
 def _decode_dequant(states, counts, words, ctx, fb_table, sym_table, mu, step, delta, qmax, steps,
-                    channels, out):  # pragma: no cover - compiled
-    """Decode every lane and write ``mu + step * q`` (q summed along tokens on delta lanes) to
-    ``out[lane // channels, t, lane % channels]``. Returns 0, or -1 for a corrupt stream."""
-    lanes = states.shape[0]
+                    channels, group, out):  # pragma: no cover - compiled
+    """Decode every stream (``group`` lanes in a row) and write ``mu + step * q`` (q summed
+    along tokens on delta lanes) to ``out[lane // channels, t, lane % channels]``. Returns 0,
+    or -1 for a corrupt stream."""
+    streams = states.shape[0]
     ptr = 0
-    for lane in range(lanes):
-        group = lane // channels
-        c = lane - group * channels
-        x = np.int64(states[lane])
-        base = np.int64(ctx[lane]) * M
-        end = ptr + np.int64(counts[lane])
-        m = mu[lane]
-        s = step[lane]
-        running = delta[lane]
-        acc = np.float32(0.0)
-        for t in range(steps):
-            idx = base + (x & (M - 1))
-            b = np.int64(fb_table[idx])
-            x = (b >> 16) * (x >> SCALE_BITS) + (b & 0xFFFF)
-            q = np.float32(sym_table[idx] - qmax)
-            if running:
-                acc += q
-            else:
-                acc = q
-            out[group, t, c] = m + acc * s
-            if x < RANS_L:
-                if ptr >= end:
-                    return -1
-                x = (x << 16) | (np.int64(words[ptr]) & 0xFFFF)
-                ptr += 1
+    for s in range(streams):
+        x = np.int64(states[s])
+        end = ptr + np.int64(counts[s])
+        for lane in range(s * group, s * group + group):
+            row = lane // channels
+            c = lane - row * channels
+            base = np.int64(ctx[lane]) * M
+            m = mu[lane]
+            st = step[lane]
+            running = delta[lane]
+            acc = np.float32(0.0)
+            for t in range(steps):
+                idx = base + (x & (M - 1))
+                b = np.int64(fb_table[idx])
+                x = (b >> 16) * (x >> SCALE_BITS) + (b & 0xFFFF)
+                q = np.float32(sym_table[idx] - qmax)
+                if running:
+                    acc += q
+                else:
+                    acc = q
+                out[row, t, c] = m + acc * st
+                if x < RANS_L:
+                    if ptr >= end:
+                        return -1
+                    x = (x << 16) | (np.int64(words[ptr]) & 0xFFFF)
+                    ptr += 1
         if ptr != end or x != RANS_L:
             return -1
     return 0
 
 
-def _encode(symbols, ctx, freqs, cum, states, counts, words):  # pragma: no cover - compiled
-    """rANS-encode ``symbols[lane, t]`` backwards; words land lane-major in decode order.
-    Returns the number of words written, or -1 when a symbol has no frequency in its table."""
+def _encode(symbols, ctx, freqs, cum, group, states, counts, words):  # pragma: no cover - compiled
+    """rANS-encode each stream (``group`` lanes of ``symbols[lane, t]`` in a row) backwards;
+    words land stream-major in decode order. Returns the number of words written, or -1 when a
+    symbol has no frequency in its table."""
     lanes, steps = symbols.shape
-    scratch = np.empty(steps, np.int32)
+    scratch = np.empty(steps * group, np.int32)
     ptr = 0
-    for lane in range(lanes):
-        c = ctx[lane]
+    for s in range(lanes // group):
         x = np.int64(RANS_L)
         k = 0
-        for t in range(steps - 1, -1, -1):
-            sym = symbols[lane, t]
-            f = np.int64(freqs[c, sym])
-            if f <= 0:
-                return -1
-            if x >= (f << _XMAX_SHIFT):
-                scratch[k] = x & 0xFFFF
-                k += 1
-                x >>= 16
-            x = (x // f) * M + x % f + cum[c, sym]
-        states[lane] = x
-        counts[lane] = k
+        for lane in range(s * group + group - 1, s * group - 1, -1):
+            c = ctx[lane]
+            for t in range(steps - 1, -1, -1):
+                sym = symbols[lane, t]
+                f = np.int64(freqs[c, sym])
+                if f <= 0:
+                    return -1
+                if x >= (f << _XMAX_SHIFT):
+                    scratch[k] = x & 0xFFFF
+                    k += 1
+                    x >>= 16
+                x = (x // f) * M + x % f + cum[c, sym]
+        states[s] = x
+        counts[s] = k
         for j in range(k):  # emitted last = read first
             words[ptr + j] = scratch[k - 1 - j]
         ptr += k
@@ -143,26 +147,30 @@ def _delta_symbols(dev, step, qmax, out):  # pragma: no cover - compiled
 
 def decode_dequant(states: np.ndarray, counts: np.ndarray, words: np.ndarray, ctx: np.ndarray,
                    fb_table: np.ndarray, sym_table: np.ndarray, mu: np.ndarray, step: np.ndarray,
-                   delta: np.ndarray, qmax: int, steps: int, channels: int, out: np.ndarray) -> bool:
+                   delta: np.ndarray, qmax: int, steps: int, channels: int, out: np.ndarray,
+                   group: int = 1) -> bool:
     """False when the stream is corrupt (``out`` is then partly written garbage: discard it)."""
     kernels = _compiled()
     return kernels.decode(states, counts, words, ctx, fb_table, sym_table, mu, step, delta,
-                          qmax, steps, channels, out) == 0
+                          qmax, steps, channels, group, out) == 0
 
 
-def encode(symbols: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode(symbols: np.ndarray, ctx: np.ndarray, freqs: np.ndarray,
+           group: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Same contract as :func:`kvstore.codecs.rans.encode` (symbols ``[lanes, steps]``)."""
     lanes, steps = symbols.shape
+    if lanes % group:
+        raise RansError(f"{lanes} lanes do not split into streams of {group}")
     f = np.ascontiguousarray(freqs, dtype=np.int64)
     if symbols.size and (symbols.min() < 0 or symbols.max() >= f.shape[1]):
         raise RansError("symbol outside the tables' alphabet")
     cum = np.cumsum(f, axis=1) - f
-    states = np.empty(lanes, np.int32)
-    counts = np.empty(lanes, np.int32)
+    states = np.empty(lanes // group, np.int32)
+    counts = np.empty(lanes // group, np.int32)
     words = np.empty(lanes * steps, np.int32)
     kernels = _compiled()
     n = kernels.encode(np.ascontiguousarray(symbols, dtype=np.int32), ctx.astype(np.int64), f, cum,
-                       states, counts, words)
+                       group, states, counts, words)
     if n < 0:
         raise RansError("a symbol has zero frequency in its table")
     return states, counts, words[:n]

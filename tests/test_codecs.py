@@ -249,3 +249,43 @@ def test_importing_the_codecs_does_not_import_numba():
     code = "import sys, kvstore.codecs, kvstore.connectors.hooks; print('numba' in sys.modules, 'llvmlite' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
+def test_streams_of_lanes_are_smaller_and_single_lane_payloads_still_decode(monkeypatch, compiled):
+    """Eight lanes share one rANS state and word count; payloads written with one stream per
+    lane (before streams, or where lanes do not split) decode as before, by both coders."""
+    from kvstore.codecs import cachegen, rans_cpu
+
+    codec = get_codec("cachegen")
+    grouped = bytes(codec.encode(KV))
+    with monkeypatch.context() as m:
+        m.setattr(cachegen, "stream_group", lambda lanes, tokens: 1)
+        single = bytes(codec.encode(KV))
+    monkeypatch.setattr(rans_cpu, "ENABLED", compiled)
+    a = codec.decode(memoryview(grouped), tuple(KV.shape), KV.dtype)
+    b = codec.decode(memoryview(single), tuple(KV.shape), KV.dtype)
+    assert torch.equal(a, b)
+    lanes = KV.shape[0] * 2 * KV.shape[3] * KV.shape[4]
+    # 6 bytes a stream (state, word count) for 7 of every 8 lanes, less the words a chained state spills
+    assert lanes * 4 < len(single) - len(grouped) < lanes * 6 * 7 // 8
+    assert cachegen.stream_group(6, 256) == 2 and cachegen.stream_group(16, 10_000) == 4
+
+
+def test_an_attention_sink_is_kept_exact_and_costs_only_where_there_is_one():
+    """Token 0 of a sequence has values several times smaller than the others (measured on
+    SmolLM2) and is read by every later query: kept in fp16, it comes back bit-exact, and a
+    chunk without such a token stores no exact tokens."""
+    from kvstore.codecs import cachegen
+
+    kv = KV.float().clone()
+    kv[:, 1, 0] *= 0.1
+    kv = kv.half()
+    codec = get_codec("cachegen:low")
+    blob = codec.encode(kv)
+    out = codec.decode(memoryview(blob), tuple(kv.shape), kv.dtype)
+    assert torch.equal(out[:, :, 0], kv[:, :, 0])
+    assert relative_error(kv[:, :, 1:], out[:, :, 1:]) < 0.05
+    assert cachegen.sink_tokens(kv.float().reshape(4, 2, 64, 64)) == [0]
+    _lay, frames = codec.frames(memoryview(codec.encode(KV)))
+    assert all(cachegen._FRAME.unpack_from(f)[2] == 0 for f in frames)  # no sink: no exact tokens

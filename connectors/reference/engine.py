@@ -113,9 +113,10 @@ class Engine:
         return ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.kv_dtype, self.model.device)
 
     def _forward(self, cache: ContiguousCache | PagedCache, ids: Sequence[int], start: int,
-                 load: LayerLoad | None = None) -> torch.Tensor:
+                 load: LayerLoad | None = None, every: bool = False) -> torch.Tensor:
         """Compute tokens ``ids[start:]`` over the cache holding ``ids[:start]``; returns the last
-        hidden state. ``load`` (a layer-wise store load) is waited for one layer at a time."""
+        hidden state (``every``: all of them). ``load`` (a layer-wise store load) is waited for
+        one layer at a time."""
         m = self.model
         dev = m.device
         positions = torch.arange(start, len(ids), device=dev)
@@ -127,7 +128,7 @@ class Engine:
             cache.write(layer, start, k, v)
             keys, values = cache.read(layer, len(ids))
             h = m.finish(layer, h, m.attend(q, keys, values, positions))
-        return h[-1:]
+        return h if every else h[-1:]
 
     @torch.inference_mode()
     def prefill_kv(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +141,29 @@ class Engine:
         cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, len(ids), self.kv_dtype, self.model.device)
         h = self._forward(cache, ids, 0)
         return cache.export(len(ids)), self.model.logits(h)[0]
+
+    @torch.inference_mode()
+    def continue_from(self, kv: torch.Tensor, tokens: Sequence[int], greedy_tokens: int = 0
+                      ) -> tuple[torch.Tensor, list[int]]:
+        """What the model does with a given cache: ``kv`` ``[L, 2, start, H, D]`` stands for
+        ``tokens[:start]`` (a cache loaded back through a lossy codec, say). Returns the logits at
+        every position of ``tokens[start:]`` (teacher forcing: position i predicts token i+1)
+        and the ``greedy_tokens`` tokens greedy decoding would produce after ``tokens[:start+1]``."""
+        ids = [int(t) for t in tokens]
+        start = kv.shape[2]
+        if not 0 < start < len(ids):
+            raise InvalidInputError(f"the cache holds {start} tokens of a {len(ids)}-token sequence")
+        c = self.config
+        cache = ContiguousCache(c.num_layers, c.num_kv_heads, c.head_dim, len(ids) + greedy_tokens, self.kv_dtype,
+                                self.model.device)
+        cache.kv[:, :, :start] = kv.to(self.kv_dtype)
+        logits = self.model.logits(self._forward(cache, ids, start, every=True))
+        out: list[int] = []
+        if greedy_tokens:  # decode overwrites the teacher-forced positions after start as it goes
+            prompt = ids[:start + 1]
+            out, _ = self.decode(cache, prompt, logits[0], SamplingParams(max_new_tokens=greedy_tokens,
+                                                                          stop_at_eos=False), time.perf_counter())
+        return logits, out
 
     @torch.inference_mode()
     def generate(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
