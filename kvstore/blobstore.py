@@ -168,44 +168,66 @@ class BlobStore:
         return first.allocate(nbytes, fresh=fresh) if isinstance(first, BlobTier) else unzeroed(nbytes)
 
     def durable(self) -> bool:
-        """Whether some tier keeps objects when this process dies: what ``put(durable=True)`` waits for."""
-        return bool(self.tiers) and (self.tiers[0].is_durable or bool(self.stack.durable_tiers()))
+        """Whether some tier keeps objects when this process dies and gets every new object:
+        what a durable put (``acks``, ``put_durably``) is acknowledged by."""
+        return bool(self.stack.durable_tiers())
+
+    def held_durably(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys`` every durable tier holds now (no I/O: the disk's index)."""
+        tiers = self.stack.durable_tiers()
+        if not tiers:
+            return 0
+        held = [True] * len(keys)
+        for tier in tiers:
+            held = [h and c for h, c in zip(held, self.stack.contains(tier, keys))]
+        return sum(held)
 
     def put(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None, *,
-            durable: bool = False, timeout_s: float | None = None) -> int:
+            acks: WriteAcks | None = None) -> int:
         """Store objects not already present; returns how many new ones some tier took. All or
-        nothing on quota.
+        nothing on quota. Never waits for a slower tier (beyond a full queue's back-pressure).
 
-        With ``durable`` it blocks until the durable tiers (disk) have written the new objects
-        (or failed to, or ``timeout_s`` passed) and counts only those they all hold: a client
-        told "stored" then finds them after this process is killed."""
+        With ``acks``, every write to a durable tier reports there, including writes queued
+        again for objects stored before whose durable copy is missing (a failed or dropped
+        write): wait on ``acks``, then ask ``held_durably`` (``put_durably`` does both)."""
         where = self.stack.holders([o.storage_key for o in objects])
         new = [o for o, pos in zip(objects, where) if pos is None]
         used = self.owners.add([(o.storage_key, owner, o.nbytes) for o in new], quota)
         if used is not None:
             raise QuotaExceededError(f"tenant {owner!r} quota exceeded: holds {used} bytes, this put adds "
                                      f"{sum(o.nbytes for o in new)}, quota is {quota}")
-        acks = WriteAcks() if durable and not self.tiers[0].is_durable else None
-        took_new: list[bytes] = []
+        stored = 0
         for o, pos in zip(objects, where):
+            meta = rekey(o.meta, o.storage_key)
             if pos == 0:
+                if acks is not None:
+                    self.stack.rewrite_durable(meta, o.parts(), acks)
                 continue
             # Also an object only a lower tier holds (after a restart, or demoted): the client
             # just showed it is hot, and its next GET then needs no disk read. The lower tiers
-            # already hold it, so only new objects are written through.
-            took = self.stack.write(rekey(o.meta, o.storage_key), parts=o.parts(),
-                                    keep_parts=not isinstance(o.blob, tuple), through=pos is None, acks=acks)
+            # already hold it, so only new objects are written through (or, with ``acks``,
+            # written again to a durable tier that lacks it).
+            took = self.stack.write(meta, parts=o.parts(), keep_parts=not isinstance(o.blob, tuple),
+                                    through=pos is None, acks=acks)
             if pos is None:
                 if took:
-                    took_new.append(o.storage_key)
+                    stored += 1
                 else:
                     self.owners.forget([o.storage_key])
-        if acks is None:
-            return len(took_new)
+            elif acks is not None:
+                self.stack.rewrite_durable(meta, o.parts(), acks)
+        return stored
+
+    def put_durably(self, objects: Sequence[StoredObject], owner: str = "", quota: int | None = None,
+                    timeout_s: float | None = None) -> int:
+        """``put``, then block until the durable tiers have written (or failed to write) them;
+        returns how many of ``objects`` every durable tier holds (0 if ``timeout_s`` passed):
+        what a client may take as surviving a crash of this process."""
+        acks = WriteAcks()
+        self.put(objects, owner, quota, acks=acks)
         if not acks.wait(timeout_s):
             return 0
-        # Not durable is not lost: the memory tier still serves it until it is evicted.
-        return sum(1 for k in took_new if not acks.failed(k))
+        return self.held_durably([o.storage_key for o in objects])
 
     def _forget_one(self, key: bytes) -> None:
         self.owners.forget([key])

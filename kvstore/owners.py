@@ -25,6 +25,7 @@ import msgpack
 from kvstore.errors import ConfigError
 
 log = logging.getLogger(__name__)
+_RETRY_S = 2.0  # how often a failing journal is retried
 
 
 def _is_add(record: object) -> bool:
@@ -39,15 +40,23 @@ class OwnerLedger:
         self._owner: dict[bytes, tuple[str, int]] = {}
         self._bytes: dict[str, int] = {}
         self._objects: dict[str, int] = {}
-        self._journal = None
+        # Journal I/O happens on a thread of its own: a put records its objects in memory and
+        # goes on, so a disk that is slow, full or hung never holds up a put (nor, in the
+        # daemon, its event loop). The thread appends what piles up, or rewrites the whole file.
+        self._wake = threading.Condition(self._lock)
+        self._pending: list[list] = []
+        self._journal = None  # the open file: touched by the writer thread only (after load)
         self._records = 0  # records in the journal file, live or not
         self._failing_since: float | None = None  # a journal write failed: rewrite it when we can
-        self._retry_at = 0.0
+        self._closing = False
+        self._busy = False
+        self._thread: threading.Thread | None = None
 
     # ---- persistence ---------------------------------------------------------------------
 
     def load(self, present: Callable[[Sequence[bytes]], list[bool]]) -> None:
-        """Replay the journal, keep the keys ``present`` says a tier holds, rewrite it compacted."""
+        """Replay the journal, keep the keys ``present`` says a tier holds, rewrite it compacted,
+        then start the writer thread."""
         if self.path is None:
             return
         entries: dict[bytes, tuple[str, int]] = {}
@@ -73,27 +82,31 @@ class OwnerLedger:
             for key, there in zip(keys, held):
                 if there:
                     self._add_locked(key, *entries[key])
-            try:
-                self._compact_locked()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:  # a path the daemon cannot write: the operator's to fix
-                    raise ConfigError(f"owner journal {self.path}: cannot write it ({exc.strerror or exc})") from None
-                self._failed(exc)  # a full disk: start anyway, serve what is stored
+            snapshot = dict(self._owner)
+        try:
+            self._rewrite_file(snapshot)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a path it cannot write: the operator's to fix
+                raise ConfigError(f"owner journal {self.path}: cannot write it ({exc.strerror or exc})") from None
+            self._failed(exc)  # a full disk: start anyway, serve what is stored
         if self._owner:
             log.info("owner journal: %d objects of %d tenants restored", len(self._owner), len(self._bytes))
+        self._thread = threading.Thread(target=self._run, name="kvstore-owner-journal", daemon=True)
+        self._thread.start()
 
-    def _compact_locked(self) -> None:
-        """Rewrite the journal as the live entries only (at start, when it has grown 4x, and
+    def _rewrite_file(self, snapshot: dict[bytes, tuple[str, int]]) -> None:
+        """Replace the journal by the live entries only (at start, when it has grown 4x, and
         after a failed write). Raises OSError, leaving the old journal in place."""
         assert self.path is not None
         if self._journal is not None:
             journal, self._journal = self._journal, None
-            journal.close()
+            with contextlib.suppress(OSError):  # unflushed bytes: the new file replaces them anyway
+                journal.close()
         tmp = f"{self.path}.tmp"
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             with open(tmp, "wb") as f:
-                for key, (owner, size) in self._owner.items():
+                for key, (owner, size) in snapshot.items():
                     f.write(msgpack.packb([key, owner, size]))
             os.replace(tmp, self.path)
         except OSError:
@@ -101,58 +114,82 @@ class OwnerLedger:
                 os.unlink(tmp)
             raise
         self._journal = open(self.path, "ab")
-        self._records = len(self._owner)
-
-    def _append(self, records: list[list]) -> None:
-        if self.path is None or not records:
-            return
-        if self._failing_since is not None:  # the records are in memory: the rewrite carries them
-            if time.monotonic() >= self._retry_at:
-                self._rewrite()
-            return
-        assert self._journal is not None
-        try:
-            self._journal.write(b"".join(msgpack.packb(r) for r in records))
-            self._journal.flush()
-        except OSError as exc:
-            self._failed(exc)
-            return
-        self._records += len(records)
-        if self._records > max(10_000, 4 * len(self._owner)):
-            self._rewrite()
-
-    def _rewrite(self) -> None:
-        try:
-            self._compact_locked()
-        except OSError as exc:
-            self._failed(exc)
-            return
+        self._records = len(snapshot)
         if self._failing_since is not None:
             log.warning("owner journal %s: written again after %.0f s", self.path, time.monotonic() - self._failing_since)
             self._failing_since = None
 
+    def _append(self, records: list[list]) -> None:
+        """Queue records for the writer thread (the caller holds the lock)."""
+        if self.path is not None and records:
+            self._pending.extend(records)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._wake.wait_for(lambda: bool(self._pending) or self._closing, timeout=_RETRY_S)
+                if self._closing and not self._pending and self._failing_since is None:
+                    return
+                batch, self._pending = self._pending, []
+                # While failing, the file may end in a torn record: only a rewrite repairs it. The
+                # in-memory ledger already reflects every queued record, so a snapshot carries them.
+                whole = self._failing_since is not None or self._records + len(batch) > max(10_000, 4 * len(self._owner))
+                snapshot = dict(self._owner) if whole else None
+                if not batch and snapshot is None:
+                    continue
+                self._busy = True
+            try:
+                if snapshot is not None:
+                    self._rewrite_file(snapshot)
+                else:
+                    assert self._journal is not None
+                    self._journal.write(b"".join(msgpack.packb(r) for r in batch))
+                    self._journal.flush()
+                    self._records += len(batch)
+            except OSError as exc:
+                self._failed(exc)
+                if self._closing:
+                    return  # a last try failed: what is not written counts against no one after a restart
+            finally:
+                with self._lock:
+                    self._busy = False
+                    self._wake.notify_all()
+
     def _failed(self, exc: OSError) -> None:
         """A write failed, maybe halfway through a record: stop appending to this file (its end
-        may be torn) and rewrite it whole from memory later, at most every few seconds."""
+        may be torn) and rewrite it whole from memory, retried every few seconds."""
         if self._journal is not None:
-            try:
-                self._journal.close()  # flushes what it can; the rewrite replaces the file anyway
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                self._journal.close()
             self._journal = None
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             log.warning("owner journal %s: cannot write it (%s); tenants' usage is kept in memory and the journal "
                         "rewritten once the disk takes writes again", self.path, getattr(exc, "strerror", None) or exc)
-        self._retry_at = time.monotonic() + 2.0
 
-    def close(self) -> None:
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued record is written (and a failing journal rewritten)."""
         with self._lock:
-            if self._failing_since is not None:
-                self._rewrite()  # a last chance for what only memory holds
-            if self._journal is not None:
+            return self._wake.wait_for(lambda: not self._pending and not self._busy and self._failing_since is None,
+                                       timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued (one last try) and stop the writer; a hung disk is given up on
+        after ``timeout_s`` (those records then count against no one after a restart)."""
+        thread = self._thread
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("owner journal %s: not written within %.0f s of stopping; giving up on it", self.path, timeout_s)
+                return
+        if self._journal is not None:
+            with contextlib.suppress(OSError):
                 self._journal.close()
-                self._journal = None
+            self._journal = None
 
     # ---- accounting ----------------------------------------------------------------------
 

@@ -156,8 +156,19 @@ class TierStack:
         return all(w.has_room(3 * nbytes, items=4) for w in self.writers.values())
 
     def durable_tiers(self) -> list[Tier]:
-        """The tiers written through that keep objects when this process dies (disk)."""
-        return [t for t in self.tiers[1:] if t.is_durable and t.config.write == "through" and t.name in self.writers]
+        """The tiers that keep objects when this process dies (disk) and that every new object
+        reaches: the first tier, or one written through."""
+        return [t for i, t in enumerate(self.tiers) if t.is_durable and (
+            i == 0 or (t.config.write == "through" and t.name in self.writers))]
+
+    def rewrite_durable(self, meta: ObjectMeta, parts: list[Blob], acks: WriteAcks) -> None:
+        """Queue an object again for every durable tier below the first that lacks it (an
+        earlier write of it failed, or was dropped); each write reports to ``acks``."""
+        for tier in self.durable_tiers():
+            if tier is not self.tiers[0] and not self.contains(tier, [meta.key])[0]:
+                item = self._pending(tier, meta, None, join_parts(parts))
+                item.on_written = acks.expect(meta.key)
+                self.writers[tier.name].submit(item)
 
     def held_locally(self, keys: Sequence[bytes]) -> list[bool]:
         """Whether an in-process or on-disk tier holds each key (remote tiers dedupe in their

@@ -57,37 +57,45 @@ class PendingWrite:
 
 
 class WriteAcks:
-    """Waits for the outcome of queued writes: how a put learns which of its objects reached a
-    durable tier before it answers (the daemon's ``serve.ack: disk``). Outcomes are per object;
-    an object counts as written only if every write registered for it held."""
+    """Counts queued writes until each has an outcome: how a put waits for its objects to reach
+    a durable tier before it answers (the daemon's ``serve.ack: disk``). What the tier holds
+    afterwards, not what a write reported, decides what is acknowledged (BlobStore.held_durably)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._waiting = 0
-        self._failed: set[bytes] = set()
+        self._callbacks: list[Callable[[], None]] = []
 
     def expect(self, key: bytes) -> Callable[[bool], None]:
         """A callback for one queued write of ``key`` (PendingWrite.on_written)."""
         with self._cond:
             self._waiting += 1
 
-        def written(held: bool) -> None:
+        def written(_held: bool) -> None:
             with self._cond:
                 self._waiting -= 1
-                if not held:
-                    self._failed.add(key)
+                done = self._waiting == 0
+                callbacks = self._callbacks if done else []
+                if done:
+                    self._callbacks = []
                 self._cond.notify_all()
+            for fn in callbacks:
+                fn()
         return written
 
     def wait(self, timeout_s: float | None = None) -> bool:
-        """Blocks until every expected write has an outcome; False if ``timeout_s`` passed first
-        (then no object can be taken as written)."""
+        """Blocks until every expected write has an outcome; False if ``timeout_s`` passed first."""
         with self._cond:
             return self._cond.wait_for(lambda: self._waiting == 0, timeout=timeout_s)
 
-    def failed(self, key: bytes) -> bool:
+    def when_done(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once every expected write has an outcome (now, if none is out): from the
+        writer thread that finished last, so an event loop can await it without a thread."""
         with self._cond:
-            return key in self._failed
+            if self._waiting:
+                self._callbacks.append(fn)
+                return
+        fn()
 
 
 class TierWriter:

@@ -33,6 +33,7 @@ from kvstore.service.intake import BodyIntake
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
 from kvstore.client import TENANT_HEADER
+from kvstore.writer import WriteAcks
 from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, WireError, batch_header, check_keys,
                           pack_control, unpack_control)
 
@@ -153,13 +154,14 @@ class Daemon:
     def __init__(self, config: ServeConfig, keys: KeyFile | None = None) -> None:
         self.config = config
         self.keys = keys if keys is not None else KeyFile.load(config.key_file)
-        disk = config.store.tiers.get("disk")
+        # Beside the disk tier's files (a fault tier wrapping a disk has one too).
+        disk = next((t for t in config.store.tiers.values() if "disk" in (t.kind, t.extra.get("wraps"))), None)
         journal = os.path.join(os.path.expanduser(str(disk.path)), "daemon-owners.journal") if disk else None
         self.store = BlobStore(config.store, owners_journal=journal)
         if config.ack == "disk" and not self.store.durable():
             self.store.close()
-            raise ConfigError("serve.ack is disk, but no disk tier is written through (add tiers.disk, "
-                              "or leave --ack at memory)")
+            raise ConfigError("serve.ack is disk, but no disk tier gets every object (add tiers.disk, with "
+                              "write: through if it is not the first tier, or leave --ack at memory)")
         self.metrics = Metrics(self.store.stats)
         self.started = time.monotonic()
         self.listening = False
@@ -352,13 +354,20 @@ class Daemon:
             objects.append(StoredObject(storage_key(principal.tenant, key), meta, data))
             self.metrics.object_bytes.labels("put").observe(data.nbytes)
         args = (objects, principal.tenant, self.keys.quotas.get(principal.tenant))
-        if self.config.ack == "disk":  # waits for the disk writes: never on the event loop
-            stored = await self._run(functools.partial(self.store.put, *args, durable=True,
-                                                       timeout_s=self.config.request_timeout_s))
-        elif self.store.put_without_waiting(intake.buf.nbytes):  # memory, and room in the writers' queues
-            stored = self.store.put(*args)
+        acks = WriteAcks() if self.config.ack == "disk" else None
+        put = functools.partial(self.store.put, *args, acks=acks)
+        if self.store.put_without_waiting(intake.buf.nbytes):  # memory, and room in the writers' queues
+            stored = put()
         else:
-            stored = await self._run(self.store.put, *args)
+            stored = await self._run(put)
+        if acks is not None:
+            # Waited for without holding a thread (writers call back), so slow disk writes cannot
+            # starve the pool that GETs read the disk with; the request timeout bounds the wait.
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            acks.when_done(lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
+            await done
+            stored = self.store.held_durably([o.storage_key for o in objects])
         return _msgpack({"stored": stored})
 
     # ---- control plane -------------------------------------------------------------------

@@ -148,24 +148,28 @@ def test_pin_before_async_write_still_reaches_redis_ttl(spec, redis_url):
 
 
 def test_calls_in_flight_when_an_outage_begins_do_not_lengthen_the_back_off():
-    """Eight threads' calls fail together when Redis dies: one outage, so the back-off is the
-    first step (0.5 s), not 2^8 of it; a failure after it ends doubles it; a success resets it."""
+    """Eight threads' calls fail when Redis dies, together or one after another as their
+    timeouts run out: one outage, so the back-off is its first step (0.5 s), not 2^8 of it. A
+    call begun after that failure that fails too doubles it; a success resets it."""
     from kvstore.tiers.backoff import Backoff
 
     now = [100.0]
     b = Backoff("redis tier x", initial_s=0.5, clock=lambda: now[0])
-    for _ in range(8):
-        b.failed(OSError("connection reset"))
-    now[0] += 0.49
-    assert not b.available
-    now[0] += 0.02
+    starts = [100.0 + 0.25 * i for i in range(8)]  # begun 0.25 s apart against a hung backend
+    now[0] = 102.0  # the first times out
+    for started in starts:
+        b.failed(OSError("timed out"), started)
+        now[0] += 0.25  # the others time out one after another, past the 0.5 s back-off
     assert b.available
-    b.failed(OSError("connection refused"))  # still down when the back-off ended
+    started = b.now()
+    now[0] += 2.0
+    b.failed(OSError("timed out"), started)  # begun after the failure: the outage goes on
     now[0] += 0.9
     assert not b.available
     now[0] += 0.11
     assert b.available
     b.succeeded()
-    b.failed(OSError("down again"))
+    started = b.now()
+    b.failed(OSError("down again"), started)
     now[0] += 0.51
     assert b.available

@@ -5,6 +5,7 @@ path shows up here as an error, a wrong hit or an acknowledged object lost."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,9 +42,18 @@ def test_the_soaks_check_sees_wrong_bytes():
 def test_a_60_second_soak_meets_every_goal(tmp_path):
     out = tmp_path / "soak.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
-    r = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--seconds", "60", "--json", str(out)],
-                       capture_output=True, text=True, timeout=360, env=env)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    proc = subprocess.Popen([sys.executable, str(BENCH / "soak.py"), "--seconds", "60", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=360)
+    except subprocess.TimeoutExpired:  # SIGTERM first: the soak then stops its servers and unmounts its disk
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
     rep = json.loads(out.read_text())
     assert (rep["errors"], rep["wrong"], rep["lost"], rep["daemon_5xx"]) == (0, 0, 0, 0)
     assert rep["hits"] > 200 and rep["checked"] > 200, rep

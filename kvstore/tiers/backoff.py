@@ -24,20 +24,26 @@ class Backoff:
         self.max_s = max_s
         self._delay = initial_s
         self._until = 0.0
+        self._failed_at = float("-inf")
         self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return self._clock()
 
     @property
     def available(self) -> bool:
         return self._clock() >= self._until
 
-    def failed(self, exc: BaseException) -> None:
-        """One failed call. Calls are only started while available, so a failure during a
-        back-off is a call that was in flight when it began: the same outage, not a longer one
-        (eight threads failing at once must not make the back-off 2^8 times longer)."""
+    def failed(self, exc: BaseException, started: float | None = None) -> None:
+        """A call that began at ``started`` (this back-off's clock) failed. A call that began
+        before the last recorded failure was in flight when the outage began: the same outage,
+        not a longer one (eight threads whose calls fail together, or time out one after another,
+        must not make the back-off 2^8 times longer)."""
         with self._lock:
             now = self._clock()
-            if now < self._until:
+            if started is not None and started < self._failed_at:
                 return
+            self._failed_at = now
             self._until = now + self._delay
             log.warning("%s unreachable (%s); serving misses for %.1fs", self.what, exc, self._delay)
             self._delay = min(self._delay * 2, self.max_s)
@@ -64,10 +70,11 @@ class GuardedCalls:
         if not self._backoff.available:
             self.counters.tier(self.name, "unavailable")
             return default
+        started = self._backoff.now()
         try:
             result = fn()
         except self.TRANSIENT as exc:
-            self._backoff.failed(exc)
+            self._backoff.failed(exc, started)
             self.counters.tier(self.name, "unavailable")
             return default
         except self.ERRORS as exc:
