@@ -111,10 +111,10 @@ class BlobStore:
         first = self.tiers[0] if self.tiers else None
         return first is not None and first.is_memory_blob and all(first.contains(keys))
 
-    def put_without_waiting(self, nbytes: int) -> bool:
-        """Whether a put of ``nbytes`` would finish without waiting on I/O (see
-        TierStack.writes_without_waiting): the daemon then does it on its event loop."""
-        return self.stack.writes_without_waiting(nbytes)
+    def put_without_waiting(self, nbytes: int, objects: int = 1) -> bool:
+        """Whether a put of ``objects`` objects of ``nbytes`` in all would finish without waiting
+        on I/O (see TierStack.writes_without_waiting): the daemon then does it on its event loop."""
+        return self.stack.writes_without_waiting(nbytes, objects)
 
     def read_into(self, keys: Sequence[bytes], expect: Sequence[ObjectMeta],
                   outs: Sequence[memoryview]) -> list[bool]:

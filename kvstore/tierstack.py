@@ -145,15 +145,16 @@ class TierStack:
             todo = [i for i in todo if where[i] is None]
         return where
 
-    def writes_without_waiting(self, nbytes: int) -> bool:
-        """Whether a write of ``nbytes`` new bytes would finish without waiting on I/O: the first
-        tier is in process memory, no tier is remote (its index is a round trip away), and every
-        writer has room for the write-through copy plus demotions of what it evicts (taken as
-        twice as much again). A snapshot: a concurrent write can still fill a queue first, and
-        then this write waits as any would (up to the tier's put budget)."""
+    def writes_without_waiting(self, nbytes: int, objects: int = 1) -> bool:
+        """Whether writing ``objects`` new objects of ``nbytes`` in all would finish without
+        waiting on I/O: the first tier is in process memory, no tier is remote (its index is a
+        round trip away), and every writer has room for the write-through copies plus demotions
+        of what they evict (taken as twice as much again, in bytes and in items). A snapshot: a
+        concurrent write can still fill a queue first, and then this write waits as any would
+        (up to the tier's put budget)."""
         if not self.tiers or not self.tiers[0].is_memory_blob or any(t.is_remote for t in self.tiers):
             return False
-        return all(w.has_room(3 * nbytes, items=4) for w in self.writers.values())
+        return all(w.has_room(3 * nbytes, items=3 * objects + 1) for w in self.writers.values())
 
     def durable_tiers(self) -> list[Tier]:
         """The tiers that keep objects when this process dies (disk) and that every new object

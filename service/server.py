@@ -356,7 +356,7 @@ class Daemon:
         args = (objects, principal.tenant, self.keys.quotas.get(principal.tenant))
         acks = WriteAcks() if self.config.ack == "disk" else None
         put = functools.partial(self.store.put, *args, acks=acks)
-        if self.store.put_without_waiting(intake.buf.nbytes):  # memory, and room in the writers' queues
+        if self.store.put_without_waiting(intake.buf.nbytes, len(objects)):  # memory, and room in the writers' queues
             stored = put()
         else:
             stored = await self._run(put)
