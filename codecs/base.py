@@ -89,8 +89,15 @@ _BUILTIN = {"cachegen": "kvstore.codecs.cachegen", "fp8": "kvstore.codecs.fp8", 
 """Built-in codecs, imported (and so registered) when first asked for: the lossy ones need torch."""
 
 
+PRESETS = {"lossless": "lz4", "balanced": "cachegen:balanced", "compact": "cachegen:compact",
+           "aggressive": "cachegen:aggressive"}
+"""Names by what users choose, for the codec that gives it (what each costs: the README)."""
+
+
 def get_codec(name: str) -> Codec:
-    """A codec by name; ``base:option`` (e.g. ``cachegen:low``) selects a configured variant."""
+    """A codec by name; ``base:option`` (e.g. ``cachegen:low``) selects a configured variant,
+    and a preset (``compact``...) the codec it stands for."""
+    name = PRESETS.get(name, name)
     codec = _REGISTRY.get(name) or _CONFIGURED.get(name)
     if codec is not None:
         return codec
@@ -114,6 +121,7 @@ _BYTEWISE_BUILTINS = frozenset({"raw", "lz4"})
 def is_bytewise(name: str) -> bool:
     """Whether codec ``name`` is a byte codec, answered without importing one that is not (a lossy
     codec's module needs torch, which the daemon must not load for an object that merely names it)."""
+    name = PRESETS.get(name, name)
     codec = _REGISTRY.get(name) or _CONFIGURED.get(name)
     if codec is not None:
         return codec.bytewise
@@ -121,7 +129,7 @@ def is_bytewise(name: str) -> bool:
 
 
 def available_codecs() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_BUILTIN))
+    return sorted(set(_REGISTRY) | set(_BUILTIN) | set(PRESETS))
 
 
 def tensor_bytes(kv: torch.Tensor) -> memoryview:

@@ -40,8 +40,12 @@ SINK_RATIO = 0.4  # a token's V energy below this share of the median token's, i
 _INDEX = struct.Struct("<I")
 QMAX = 127
 
-LEVELS: dict[str, float] = {"high": 0.02, "medium": 0.05, "low": 0.12, "tiny": 0.25}
-"""Quality level -> quantization step as a fraction of each channel's standard deviation."""
+LEVELS: dict[str, float] = {"high": 0.02, "medium": 0.05, "low": 0.12, "tiny": 0.25,
+                            "balanced": 0.15, "compact": 0.4, "aggressive": 0.8, "extreme": 1.4}
+"""Quality level -> the values' quantization step as a fraction of each channel's standard
+deviation (keys get half). The named presets (``balanced`` about 3x smaller than fp16,
+``compact`` 4x, ``aggressive`` 5x, ``extreme`` 7x) are chosen on SmolLM2 by
+bench/codec_quality.py; the README prints what each costs the model."""
 DEFAULT_LEVEL = "medium"
 
 

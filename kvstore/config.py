@@ -85,7 +85,7 @@ class TierConfig:
     # docs/configuration.md, and a test fails when a field has none or the file is stale.
     kind: str  # the tier kind (device, cpu, disk, redis, remote, or a registered one)
     capacity: int | None = None  # byte budget (4GiB, 512MB, ...); required for device/cpu/disk; Redis uses its maxmemory
-    codec: str = "raw"  # codec of the objects this tier writes (raw, lz4, int8, fp8, cachegen[:level])
+    codec: str = "raw"  # codec of the objects this tier writes: raw, lossless, balanced, compact, aggressive (or lz4, int8, fp8, cachegen[:level])
     write: str = "through"  # through: every put is copied down here; demote: only evictions land here
     path: str | None = None  # disk: the cache directory (default ~/.cache/kvstore)
     fsync: bool = False  # disk: fsync each object before it gets its name (survives power loss)

@@ -289,3 +289,16 @@ def test_an_attention_sink_is_kept_exact_and_costs_only_where_there_is_one():
     assert cachegen.sink_tokens(kv.float().reshape(4, 2, 64, 64)) == [0]
     _lay, frames = codec.frames(memoryview(codec.encode(KV)))
     assert all(cachegen._FRAME.unpack_from(f)[2] == 0 for f in frames)  # no sink: no exact tokens
+
+
+def test_presets_name_what_users_choose():
+    """``lossless`` is exact; ``balanced``, ``compact`` and ``aggressive`` are cachegen levels,
+    each smaller than the one before; a store configured with a preset reads its objects back."""
+    _blob, out = roundtrip("lossless")
+    assert torch.equal(out, KV)
+    sizes = [len(roundtrip(name)[0]) for name in ("balanced", "compact", "aggressive", "cachegen:extreme")]
+    assert sizes == sorted(sizes, reverse=True)
+    assert get_codec("compact") is get_codec("cachegen:compact")
+    from kvstore.codecs import is_bytewise
+
+    assert is_bytewise("lossless") and not is_bytewise("compact")
