@@ -98,5 +98,12 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits, dtype=np.uint8)).sum(1).astype(np.uint8)
 
 
+def lmcache_cachegen() -> Peer:
+    """LMCache 0.5.6's CacheGen lives in its own venv (scripts/test_lmcache.sh: it pins
+    packages the main environment must not get); calling it from here is not built yet."""
+    return Peer("LMCache 0.5.6 CacheGen", None, None,
+                "not run: lmcache installs only in its own venv; this bench does not call into it yet")
+
+
 def peers() -> list[Peer]:
-    return [turboquant(4), turboquant(3), turboquant(2), kivi(4, 64), kivi(3, 64), kivi(2, 32)]
+    return [turboquant(4), turboquant(3), turboquant(2), kivi(4, 64), kivi(3, 64), kivi(2, 32), lmcache_cachegen()]
