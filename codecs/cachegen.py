@@ -60,6 +60,7 @@ class CacheGenOptions:
     # Step multiplier per plane: keys get half the values' step. Measured on SmolLM2 at ~4
     # bits/value, the same bits give 30% lower KL with K finer; K coarser doubles it.
     plane_factors: tuple[float, ...] = (0.5, 1.0)
+    layer_factors: tuple[float, ...] | None = None  # step multiplier per layer (experiments; None: flat)
 
 
 class CacheGenCodec(Codec):
@@ -112,6 +113,8 @@ class CacheGenCodec(Codec):
         alpha = torch.full((n, 1, 1), LEVELS[opts.level])
         early = torch.arange(start, stop) < max(1, round(opts.early_fraction * layers))
         alpha[early] *= opts.early_factor
+        if opts.layer_factors is not None and len(opts.layer_factors) == layers:
+            alpha = alpha * torch.tensor(opts.layer_factors[start:stop]).view(n, 1, 1)
         if planes == len(opts.plane_factors):
             alpha = alpha * torch.tensor(opts.plane_factors).view(1, planes, 1)
         mu = xl.mean(dim=3).half().float()                     # [l, P, C]

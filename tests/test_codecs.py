@@ -302,3 +302,14 @@ def test_presets_name_what_users_choose():
     from kvstore.codecs import is_bytewise
 
     assert is_bytewise("lossless") and not is_bytewise("compact")
+
+
+def test_layer_factors_scale_each_layers_step():
+    """A per-layer step multiplier (what a sensitivity profile sets): the coarser layer's error
+    grows, the others' stay as they were."""
+    flat = CacheGenCodec(CacheGenOptions(level="low"))
+    coarse = CacheGenCodec(CacheGenOptions(level="low", layer_factors=(1.0, 4.0, 1.0, 1.0)))
+    a = flat.decode(memoryview(flat.encode(KV)), tuple(KV.shape), KV.dtype)
+    b = coarse.decode(memoryview(coarse.encode(KV)), tuple(KV.shape), KV.dtype)
+    assert relative_error(KV[1], b[1]) > 2 * relative_error(KV[1], a[1])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2:], b[2:])
