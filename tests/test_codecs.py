@@ -313,3 +313,16 @@ def test_layer_factors_scale_each_layers_step():
     b = coarse.decode(memoryview(coarse.encode(KV)), tuple(KV.shape), KV.dtype)
     assert relative_error(KV[1], b[1]) > 2 * relative_error(KV[1], a[1])
     assert torch.equal(a[0], b[0]) and torch.equal(a[2:], b[2:])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["a token", "a sink's key"])
+def test_one_non_finite_value_anywhere_is_refused(bad, where):
+    kv = KV.float().clone()
+    if where == "a sink's key":
+        kv[:, 1, 0] *= 0.1  # token 0 is kept exact: its values skip the lanes' checks
+        kv[2, 0, 0, 1, 5] = bad
+    else:
+        kv[3, 1, 40, 0, 17] = bad
+    with pytest.raises(CodecError, match="non-finite"):
+        get_codec("compact").encode(kv.half())
