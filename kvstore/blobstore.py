@@ -13,7 +13,7 @@ one (the daemon keeps it beside its disk tier).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from kvstore.buffers import unzeroed
 from kvstore.config import StoreConfig, load_config
@@ -72,10 +72,15 @@ class BlobStore:
         return [pos is not None for pos in self.stack.holders(keys)]
 
     def get(self, keys: Sequence[bytes], object_keys: Sequence[bytes],
-            expect: Sequence[ObjectMeta] | None = None) -> list[bytes | memoryview | None]:
+            expect: Sequence[ObjectMeta] | None = None,
+            abandoned: Callable[[], bool] | None = None) -> list[bytes | memoryview | None]:
         """Verified objects (None for a miss or an object that failed verification). With
         ``expect``, an object must also match that meta (fingerprint, shape, dtype, tokens): one
-        for another model or geometry is treated like a corrupt one, in the tier that held it."""
+        for another model or geometry is treated like a corrupt one, in the tier that held it.
+
+        ``abandoned`` (the daemon: the client hung up or the request timed out) is asked between
+        objects read from a local disk, which has no timeout of its own: a hung disk then holds
+        this thread for one object, not for a 64-object batch; the rest are misses."""
         out: list[bytes | memoryview | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for pos, tier in enumerate(self.tiers):
@@ -83,7 +88,10 @@ class BlobStore:
                 break
             assert isinstance(tier, BlobTier)
             want = [keys[i] for i in todo]
-            blobs = self.stack.guarded(tier, "get_blobs", lambda t=tier: t.get_blobs(want), [None] * len(want))
+            if abandoned is not None and not tier.is_remote and not tier.is_memory_blob:
+                blobs = self._read_unless(tier, want, abandoned)
+            else:
+                blobs = self.stack.guarded(tier, "get_blobs", lambda t=tier: t.get_blobs(want), [None] * len(want))
             for i, blob in zip(todo, blobs):
                 if blob is None:
                     continue
@@ -103,6 +111,15 @@ class BlobStore:
                 self.stack.hit(pos, meta.num_tokens)
                 self.stack.promote(pos, rekey(meta, keys[i]), blob=blob)
             todo = [i for i in todo if out[i] is None]
+        return out
+
+    def _read_unless(self, tier: BlobTier, keys: list[bytes],
+                     abandoned: Callable[[], bool]) -> list[bytes | memoryview | None]:
+        out: list[bytes | memoryview | None] = [None] * len(keys)
+        for i, key in enumerate(keys):
+            if abandoned():
+                break
+            out[i] = self.stack.guarded(tier, "get_blobs", lambda: tier.get_blobs([key])[0], None)
         return out
 
     def in_memory(self, keys: Sequence[bytes]) -> bool:

@@ -86,6 +86,9 @@ TLS_SCHEMES = ("kvstores", "https")
 
 def parse_url(url: str) -> Address:
     """``kvstore://host:port`` / ``http://`` (plain), ``kvstores://`` / ``https://`` (TLS)."""
+    if "," in url:
+        raise KVStoreError(f"{url!r} names several daemons: use kvstore.spread.connect(url), which spreads keys "
+                           "over them, or one URL per client")
     parts = urlsplit(url if "://" in url else f"kvstore://{url}")
     try:
         port = parts.port or 8765

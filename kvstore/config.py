@@ -94,7 +94,7 @@ class TierConfig:
     # cpu tier: reserve and pre-fault the whole budget at start (the daemon's arena, a store's
     # slot pool): puts then never wait on page faults, at the price of holding it from the start.
     prealloc: bool = False
-    url: str | None = None  # redis: redis://host:port/db (redis+cluster:// for a cluster); remote: kvstore://host:port
+    url: str | None = None  # redis: redis://host:port/db (redis+cluster://h:p[,h:p...] for a cluster); remote: kvstore://h:p[,h:p...]
     ttl_s: float | None = None  # redis: expire objects after this many seconds (pins extend it)
     timeout_s: float = 2.0  # redis/remote: per-call timeout; a slower backend is skipped with back-off
     key_prefix: str = "kvstore:"  # redis: prefix of every key kvstore writes

@@ -55,6 +55,7 @@ class ChunkRead:
         self.seconds: dict[str, float] = {}
         self.sources: list[_Source] = []
         direct = out.device.type == "cpu" and out.is_contiguous()
+        self._fetched = self._prefetch(refs, where)
         for ref, pos in zip(refs, where):
             src = self._locate(ref, pos, direct) if pos is not None else None
             if src is None:
@@ -64,6 +65,26 @@ class ChunkRead:
         self.usable = len(self.sources)  # sources[:usable] make the hit (fewer if one fails to decode)
 
     # ---- fixing the hit ------------------------------------------------------------------
+
+    def _prefetch(self, refs: list[ChunkRef], where: list[int | None]) -> dict[tuple[int, bytes], Any]:
+        """Every object a remote tier holds for this read, in one batched call per tier (one
+        round trip per Redis node or daemon, not one per chunk). Only what the hit will use:
+        the chunks up to the first one no tier holds."""
+        wanted: dict[int, list[bytes]] = {}
+        for ref, pos in zip(refs, where):
+            if pos is None:
+                break
+            if self.stack.tiers[pos].is_remote:
+                wanted.setdefault(pos, []).append(ref.key)
+        fetched: dict[tuple[int, bytes], Any] = {}
+        for pos, keys in wanted.items():
+            tier = self.stack.tiers[pos]
+            assert isinstance(tier, BlobTier)
+            t0 = time.perf_counter()
+            blobs = self.stack.guarded(tier, "get_blobs", lambda: tier.get_blobs(keys), [None] * len(keys))
+            self.seconds[tier.name] = self.seconds.get(tier.name, 0.0) + time.perf_counter() - t0
+            fetched.update(((pos, k), b) for k, b in zip(keys, blobs))
+        return fetched
 
     def _locate(self, ref: ChunkRef, pos: int, direct: bool) -> _Source | None:
         """The chunk from tier ``pos``, else from the first lower tier that has it."""
@@ -94,6 +115,8 @@ class ChunkRead:
                 return None
             return _Source(ref, meta, pos, view, leased=True)
         assert isinstance(tier, BlobTier)
+        if (pos, ref.key) in self._fetched:
+            return self._decode(pos, ref, meta, self._fetched.pop((pos, ref.key)))
         if direct:
             dst = self.out[:, :, ref.start:ref.end]
             planes = [memoryview(dst[i, j].view(torch.uint8).numpy()) for i in range(dst.shape[0])
@@ -108,6 +131,10 @@ class ChunkRead:
                 self.stack.reject(pos, ref.key, tier.last_error or "failed verification")
                 return None
         blob = self.stack.guarded(tier, "get_blobs", lambda: tier.get_blobs([ref.key])[0], None)
+        return self._decode(pos, ref, meta, blob)
+
+    def _decode(self, pos: int, ref: ChunkRef, meta: ObjectMeta, blob: Any) -> _Source | None:
+        """A whole object read from a blob tier, checked against what this chunk must be."""
         if blob is None:
             return None
         try:

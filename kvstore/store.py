@@ -208,8 +208,8 @@ class KVStore:
         new = self._unheld(refs, kv_start)
         # Tail first: when the prompt is larger than the fastest tier, the chunks its own put
         # evicts are then its tail, never its head (which would leave nothing to hit).
-        stored = sum(self.stack.write(self._meta(r), kv=kv[:, :, r.start - kv_start:r.end - kv_start])
-                     for r in reversed(new))
+        stored = self.stack.write_many([(self._meta(r), kv[:, :, r.start - kv_start:r.end - kv_start])
+                                        for r in reversed(new)])
         if new and not stored:
             log.debug("kvstore: no tier took any of %d new chunks", len(new))
         self.stack.touch([r.key for r in reversed(refs)])

@@ -302,7 +302,8 @@ class TierStack:
     # ---- writing new objects -------------------------------------------------------------
 
     def write(self, meta: ObjectMeta, kv: torch.Tensor | None = None, parts: list[Blob] | None = None, *,
-              keep_parts: bool = False, through: bool = True, acks: WriteAcks | None = None) -> bool:
+              keep_parts: bool = False, through: bool = True, acks: WriteAcks | None = None,
+              first_took: bool | None = None) -> bool:
         """Store a new object: synchronously in the first tier, then (``through``) in every
         ``write: through`` tier, memory tiers at once and slower ones through their writers.
         Give the tensor ``kv``, the encoded object as byte ``parts``, or both. ``parts`` are the
@@ -312,7 +313,9 @@ class TierStack:
         first = self.tiers[0]
         t0 = time.perf_counter()
         view: torch.Tensor | None = None
-        if isinstance(first, MemoryTierBase):
+        if first_took is not None:  # write_many stored it in the first tier already
+            took = first_took
+        elif isinstance(first, MemoryTierBase):
             assert kv is not None, "a memory tier of tensors needs the tensor"
             slow = sum(1 for t in self.tiers[1:] if through and t.config.write == "through" and t.name in self.writers)
             view = first.put(meta, kv, hold=slow)
@@ -326,7 +329,8 @@ class TierStack:
                 parts = encode_object(meta, kv, first.config.codec)
             item = (meta, recode(join_parts(parts), codec) if codec else parts)
             took = self.guarded_write(first, lambda: first.put_blobs([item]) > 0)
-        self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
+        if first_took is None:
+            self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
         if not through:
             return took
         kept: list[Blob] | None = None
@@ -350,6 +354,20 @@ class TierStack:
                 item.on_written = acks.expect(meta.key)
             took = self.writers[tier.name].submit(item) or took
         return took
+
+    def write_many(self, objects: Sequence[tuple[ObjectMeta, torch.Tensor]]) -> int:
+        """``write`` for each (meta, kv), but a remote first tier takes them all in one call (one
+        pipeline per Redis node, one request to a daemon) instead of a round trip per object.
+        Returns how many some tier took."""
+        first = self.tiers[0]
+        if len(objects) < 2 or not (isinstance(first, BlobTier) and first.is_remote):
+            return sum(self.write(meta, kv=kv) for meta, kv in objects)
+        t0 = time.perf_counter()
+        encoded = [(meta, encode_object(meta, kv, first.config.codec)) for meta, kv in objects]
+        took = self.guarded_write(first, lambda: first.put_blobs(encoded) > 0)
+        self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
+        return sum(self.write(meta, kv=kv, parts=parts, first_took=took)
+                   for (meta, kv), (_meta, parts) in zip(objects, encoded))
 
     # ---- pins ----------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Clients of the kvstore daemon.
 
-``KVStoreClient`` is the synchronous client (standard-library HTTP, one keep-alive connection
-per thread; it lives in the core package so the remote tier can use it without aiohttp).
+``connect(url)`` gives a ``KVStoreClient`` for one daemon or a ``DaemonGroup`` for several
+(``kvstore://a:8765,b:8765``, keys spread by rendezvous hashing). ``KVStoreClient`` is the
+synchronous client (standard-library HTTP, one keep-alive connection per thread; it lives in
+the core package so the remote tier can use it without aiohttp).
 ``AsyncKVStoreClient`` is its asyncio twin on an aiohttp connection pool. Both speak
 kvstore.wire and retry with exponential back-off on connection failures; every call is
 idempotent (a put of a key always carries the same bytes).
@@ -16,9 +18,10 @@ import aiohttp
 
 from kvstore.client import DaemonClient as KVStoreClient
 from kvstore.client import ServiceError, decode_result, parse_url, tls_context
+from kvstore.spread import DaemonGroup, connect
 from kvstore.wire import BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, pack_batch, pack_control, unpack_batch
 
-__all__ = ["AsyncKVStoreClient", "KVStoreClient", "ServiceError"]
+__all__ = ["AsyncKVStoreClient", "DaemonGroup", "KVStoreClient", "ServiceError", "connect"]
 
 
 class AsyncKVStoreClient:

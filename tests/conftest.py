@@ -25,22 +25,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cluster_port() -> int:
-    """A free port whose cluster-bus port (port + 10000) is free and valid too."""
-    import random
-
-    for _ in range(200):
-        port = random.randrange(20000, 30000)
-        try:
-            for p in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for a redis cluster node")
-
-
 class RedisServer:
     """A real redis-server subprocess; restartable on the same port (for outage tests)."""
 
@@ -119,47 +103,6 @@ def disk_config(path: Path, chunk: int = 16, cpu: str | int | None = "1MiB", dis
     return {"chunk_size": chunk, "tiers": tiers, **extra}
 
 
-class RedisCluster:
-    """Three real redis-server nodes joined into a Redis Cluster with redis-cli."""
-
-    def __init__(self, workdir: Path, nodes: int = 3) -> None:
-        exe = shutil.which("redis-server")
-        cli = shutil.which("redis-cli")
-        if exe is None or cli is None:
-            msg = "redis-server/redis-cli not found (bash scripts/test.sh installs them)"
-            if IN_CI:
-                pytest.fail(msg)
-            pytest.skip(msg)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.ports = [cluster_port() for _ in range(nodes)]
-        for port in self.ports:
-            self.procs.append(subprocess.Popen(
-                [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf", "--dir", str(workdir)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in self.ports:
-            _wait_ping(port)
-        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        client = redis.Redis(port=self.ports[0])
-        deadline = time.monotonic() + 20
-        while client.cluster("info").get("cluster_state") != "ok":
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis cluster did not become ready")
-            time.sleep(0.1)
-        client.close()
-
-    @property
-    def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(10)
-
-
 def _wait_ping(port: int, proc: "subprocess.Popen[bytes] | None" = None) -> None:
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 10
@@ -174,9 +117,12 @@ def _wait_ping(port: int, proc: "subprocess.Popen[bytes] | None" = None) -> None
     client.close()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+@pytest.fixture(scope="session", params=["redis", "valkey"])
+def redis_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator["Cluster"]:
+    """A real 3-master, 3-replica cluster of redis-server, then of valkey-server (tests/clusters.py)."""
+    from clusters import Cluster
+
+    cluster = Cluster(tmp_path_factory.mktemp(f"{request.param}-cluster"), request.param)
     yield cluster
     cluster.stop()
 

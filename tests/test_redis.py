@@ -114,25 +114,6 @@ def test_redis_outage_degrades_to_misses_and_recovers(spec, redis_server, redis_
             time.sleep(0.3)
 
 
-def test_redis_cluster(spec, redis_cluster):
-    """Chunks spread over three cluster nodes; batch reads, pins and clear work across slots."""
-    toks = list(range(200))
-    kv = causal_kv(spec, toks)
-    with KVStore(spec, cfg(redis_cluster.url, cpu=None, ttl_s=100)) as store:
-        store.put(toks, kv)
-        hit, out = store.get(toks)
-        assert hit == 200 and torch.equal(out, kv)
-        assert store.pin(toks, ttl_s=1000) == 200
-        nodes = [redis.Redis(port=p) for p in redis_cluster.ports]
-        per_node = [len(n.keys("kvstore:*")) for n in nodes]
-        assert sum(per_node) == 13 and sum(1 for c in per_node if c) >= 2
-        assert all(n.ttl(k) > 500 for n in nodes for k in n.keys("kvstore:*"))
-        store.clear()
-        assert sum(len(n.keys("kvstore:*")) for n in nodes) == 0
-        for n in nodes:
-            n.close()
-
-
 def test_pin_before_async_write_still_reaches_redis_ttl(spec, redis_url):
     client = redis.Redis.from_url(redis_url)
     toks = list(range(16))

@@ -8,11 +8,16 @@ a back-off period that doubles up to 30 s; redis-py reconnects on the first call
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
@@ -24,7 +29,10 @@ log = logging.getLogger(__name__)
 
 class RedisTier(GuardedCalls, BlobTier):
     is_remote = True
-    TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+    # A cluster mid-failover answers CLUSTERDOWN/TRYAGAIN, or has slots no live node serves
+    # (RedisClusterException, which is not a RedisError): an outage, so misses and a back-off.
+    TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError,
+                 RedisClusterException)
     ERRORS = (RedisError,)
 
     def __init__(self, config: TierConfig, context: TierContext) -> None:
@@ -33,18 +41,27 @@ class RedisTier(GuardedCalls, BlobTier):
         url = str(config.url)
         self.cluster = config.cluster or "+cluster://" in url
         opts = dict(socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s)
+        self._lock = threading.Lock()
+        self._client: Any = None
         if self.cluster:
-            from redis.cluster import RedisCluster
-
-            # Slot-aware client: pipelines and multi-key reads are split per node for us.
-            self.client: Any = RedisCluster.from_url(url.replace("+cluster://", "://"), **opts)
+            self._connect: Callable[[], Any] = lambda: _cluster_client(url, opts)
         else:
-            self.client = redis.Redis.from_url(url, health_check_interval=30, **opts)
+            self._client = redis.Redis.from_url(url, health_check_interval=30, **opts)  # connects lazily
         self._pins = pins
         # The namespace (root key) scopes clear() and stats to this model and tenant.
         self._prefix = config.key_prefix.encode() + namespace.hex()[:8].encode() + b":"
         self._backoff = Backoff(f"redis tier {config.url}")
         self.ttl = None if config.ttl_s is None else max(1, int(round(config.ttl_s)))
+
+    @property
+    def client(self) -> Any:
+        """The connection; a cluster client is made on first use, inside a guarded call, so an
+        engine starting while the cluster (or its seed node) is down gets misses, not an error."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._connect()
+        return self._client
 
     def _rkey(self, key: bytes) -> bytes:
         return self._prefix + key.hex().encode()
@@ -65,8 +82,10 @@ class RedisTier(GuardedCalls, BlobTier):
         return [False] * len(keys) if res is None else [bool(r) for r in res]
 
     def get_blobs(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        mget = self.client.mget_nonatomic if self.cluster else self.client.mget
-        res = self._call(lambda: mget([self._rkey(k) for k in keys]), None) if keys else []
+        def mget() -> list[Any]:
+            rkeys = [self._rkey(k) for k in keys]
+            return self.client.mget_nonatomic(rkeys) if self.cluster else self.client.mget(rkeys)
+        res = self._call(mget, None) if keys else []
         return [None] * len(keys) if res is None else list(res)
 
     def put_blobs(self, items: Sequence[tuple[ObjectMeta, list[bytes | memoryview]]]) -> int:
@@ -122,4 +141,26 @@ class RedisTier(GuardedCalls, BlobTier):
         return TierStats(objects=None, bytes=None, capacity=None, pinned_bytes=0, available=self.available)
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
+
+
+def _cluster_client(url: str, opts: dict[str, Any]) -> Any:
+    """A slot-aware client from ``redis+cluster://host:port[,host:port...]/0``: every listed node
+    is a seed, so a fresh client finds the cluster while any one of them is up. Pipelines and
+    multi-key reads are split per node by redis-py.
+
+    One retry, at once: enough to follow a failover the topology refresh has seen. redis-py's
+    default (10 retries with back-off) holds an engine's read for the whole failover (3 s
+    measured); the tier's own back-off serves misses instead."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    parts = urlsplit(url.replace("+cluster://", "://"))
+    *auth, hosts = parts.netloc.rpartition("@")
+    seeds = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":") if ":" in host else (host, "", "6379")
+        seeds.append((name.strip("[]"), int(port)))
+    first = urlunsplit(parts._replace(netloc="".join(auth) + f"{seeds[0][0]}:{seeds[0][1]}"))
+    return RedisCluster(url=first, startup_nodes=[ClusterNode(h, p) for h, p in seeds[1:]],
+                        retry=Retry(NoBackoff(), 1), **opts)

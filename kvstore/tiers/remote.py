@@ -1,19 +1,20 @@
-"""The daemon as a tier: ``kvstore://host:port``. An embedded store sits in front of a shared one
-(prefill engines put, decode engines get). Like Redis, an unreachable daemon means misses and
-skipped writes for a back-off period, never an exception in the engine."""
+"""The daemon as a tier: ``kvstore://host:port``, or several daemons that spread keys among them
+(``kvstore://a:8765,b:8765``, see kvstore.spread). An embedded store sits in front of a shared
+one (prefill engines put, decode engines get). Like Redis, an unreachable daemon means misses
+and skipped writes for a back-off period, never an exception in the engine."""
 
 from __future__ import annotations
 
 import http.client
 from typing import Any, Sequence
 
-from kvstore.client import DaemonClient, ServiceError
+from kvstore.client import ServiceError
 from kvstore.config import TierConfig
 from kvstore.objects import ObjectMeta
+from kvstore.spread import connect
 from kvstore.tiers.backoff import Backoff, GuardedCalls
 from kvstore.tiers.base import BlobTier, TierContext, TierStats
 from kvstore.wire import parts_nbytes
-
 
 
 class RemoteTier(GuardedCalls, BlobTier):
@@ -23,8 +24,9 @@ class RemoteTier(GuardedCalls, BlobTier):
 
     def __init__(self, config: TierConfig, context: TierContext) -> None:
         super().__init__(config, context)
-        self.client = DaemonClient(str(config.url), api_key=config.api_key, timeout_s=config.timeout_s, retries=0,
-                                   tls_ca=config.tls_ca)
+        # Several daemons: each has its own back-off inside the group; this tier's is for all down.
+        self.client = connect(str(config.url), api_key=config.api_key, timeout_s=config.timeout_s, retries=0,
+                              tls_ca=config.tls_ca)
         self._backoff = Backoff(f"daemon tier {config.url}")
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
