@@ -104,6 +104,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     quick=args.quick, keep=args.keep, plot_path=Path(args.plot) if args.plot else None)
 
 
+def _measure_prefill() -> tuple[float, str]:
+    """Prefill tokens/s of the reference engine on SmolLM2 (else pylm-6l), 2,048 tokens, best of 3."""
+    import time
+
+    import torch
+
+    # The engine is loaded only for `kvstore plan --measure`: kvstore's core never imports one.
+    from kvstore.connectors.demo import demo_model
+    from kvstore.connectors.reference import Engine
+
+    model_dir = demo_model(None)
+    engine = Engine.load(model_dir)
+    tokens = [(i * 7919) % 30000 + 10 for i in range(2048)]
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        engine.prefill_kv(tokens)
+        best = min(best, time.perf_counter() - t0)
+    return len(tokens) / best, f"measured: {model_dir.name} on the reference engine, {torch.get_num_threads()} threads"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Options: the config file's ``serve:`` section < KVSTORE_SERVE_* < flags; the rest of the file
     (and KVSTORE_* / store flags) configures the daemon's tiers."""
@@ -234,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=_cmd_serve)
 
     from kvstore.admin import add_admin_parser
+    from kvstore.plan_cli import add_plan_parser
 
     add_admin_parser(sub)
+    add_plan_parser(sub, _measure_prefill)
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/ (source checkout)",
                            description="Run bench/NAME.py with the remaining arguments; without NAME, list them.")

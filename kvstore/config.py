@@ -185,6 +185,7 @@ class StoreConfig:
     put_timeout_s: float = 0.5  # how long a put may wait on a full write queue
     pin_sweep_s: float = 1.0  # how often expired pins are released
     max_pin_ttl_s: float = 7 * 86400.0  # the longest pin a caller may ask for
+    access_log: str | None = None  # a JSONL file of every lookup, get, put and pin, for `kvstore plan` (off by default)
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:

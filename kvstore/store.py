@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvstore.accesslog import AccessLog
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError, InvalidInputError
 from kvstore.hashing import ChunkHasher, ChunkRef, num_tokens
@@ -53,8 +54,14 @@ class KVStore:
         self.tiers = self.stack.tiers
         self.counters = self.stack.counters
         self.pins = self.stack.pins
+        self._access: AccessLog | None = None
         try:
             self._check_budgets()
+            if self.config.access_log:
+                try:
+                    self._access = AccessLog(self.config.access_log, self.chunk_size, spec.bytes_per_token)
+                except OSError as exc:
+                    raise ConfigError(f"access_log {self.config.access_log}: {exc.strerror or exc}") from None
         except BaseException:
             self.stack.close()
             raise
@@ -114,6 +121,8 @@ class KVStore:
         """Tokens of the longest stored prefix (chunk-aligned; a stored partial tail counts)."""
         refs, _where, n = self._resolve(tokens)
         hit = refs[n - 1].end if n else 0
+        if self._access is not None:
+            self._access.record("lookup", [r.key for r in refs], num_tokens(tokens), hit=hit)
         self.counters.store("lookups")
         self.counters.store("lookup_tokens", num_tokens(tokens))
         self.counters.store("lookup_hit_tokens", hit)
@@ -129,6 +138,8 @@ class KVStore:
             self._check_out(out, hit_upper)
         read = ChunkRead(self.stack, refs[:n], where[:n], out, self._meta)
         total = num_tokens(tokens)
+        if self._access is not None:
+            self._access.record("get", [r.key for r in refs], total, hit=read.hit_tokens)
         self.counters.store("gets")
         self.counters.store("get_tokens", total)
         self.counters.store("get_hit_tokens", read.hit_tokens)
@@ -213,6 +224,8 @@ class KVStore:
         if new and not stored:
             log.debug("kvstore: no tier took any of %d new chunks", len(new))
         self.stack.touch([r.key for r in reversed(refs)])
+        if self._access is not None:
+            self._access.record("put", [r.key for r in refs], total, new=len(new))
         self.counters.store("puts")
         self.counters.store("put_tokens", total)
         self.counters.store("put_new_chunks", stored)
@@ -230,6 +243,8 @@ class KVStore:
             raise InvalidInputError(f"ttl_s must be a number in (0, {self.config.max_pin_ttl_s}], got {ttl_s!r}")
         refs, _where, n = self._resolve(tokens)
         self.stack.pin([r.key for r in refs[:n]], ttl_s)
+        if self._access is not None:
+            self._access.record("pin", [r.key for r in refs[:n]], num_tokens(tokens), ttl_s=ttl_s)
         return refs[n - 1].end if n else 0
 
     def unpin(self, tokens: object) -> int:
@@ -262,4 +277,6 @@ class KVStore:
         stack = getattr(self, "stack", None)
         if stack is not None:
             stack.close()
+        if getattr(self, "_access", None) is not None:
+            self._access.close()
         _LIVE_STORES.discard(self)
