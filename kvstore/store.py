@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import atexit
 import logging
+import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from kvstore.accesslog import AccessLog
+from kvstore.agents import AgentSessions, ToolTTLConfig
 from kvstore.config import StoreConfig, load_config
 from kvstore.errors import ConfigError, InvalidInputError
 from kvstore.hashing import ChunkHasher, ChunkRef, num_tokens
@@ -42,7 +44,8 @@ def _close_live_stores() -> None:
 class KVStore:
     """A tiered KV-cache store for one model (``spec``) and one tenant (``config.tenant``)."""
 
-    def __init__(self, spec: KVSpec, config: Any = None) -> None:
+    def __init__(self, spec: KVSpec, config: Any = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` times pins and agent sessions (a replay gives simulated time)."""
         self.spec = spec
         self.config: StoreConfig = load_config(config)
         self.chunk_size = self.config.chunk_size
@@ -50,10 +53,13 @@ class KVStore:
         self._dtype_name = dtype_name(spec.dtype)
         self._closed = False
         self._loads: "weakref.WeakSet[Any]" = weakref.WeakSet()
-        self.stack = TierStack(self.config, namespace=self.hasher.root, spec=spec)
+        self.stack = TierStack(self.config, namespace=self.hasher.root, spec=spec, clock=clock)
         self.tiers = self.stack.tiers
         self.counters = self.stack.counters
         self.pins = self.stack.pins
+        self.agents = AgentSessions(self.stack.pin, self.stack.unpin, ToolTTLConfig(
+            default_ttl_s=self.config.tool_default_ttl_s, quantile=self.config.tool_ttl_quantile,
+            max_ttl_s=self.config.max_pin_ttl_s), clock=clock)
         self._access: AccessLog | None = None
         try:
             self._check_budgets()
@@ -246,6 +252,25 @@ class KVStore:
         if self._access is not None:
             self._access.record("pin", [r.key for r in refs[:n]], num_tokens(tokens), ttl_s=ttl_s)
         return refs[n - 1].end if n else 0
+
+    def tool_started(self, session: str, tool: str, tokens: object) -> float:
+        """An agent's turn ended in a call of ``tool``: pin the stored prefix of ``tokens`` (the
+        session's context so far) for as long as that tool is expected to take (kvstore.agents).
+        Returns the TTL, 0.0 if nothing was pinned (nothing stored, or the pin cap refused)."""
+        refs, _where, n = self._resolve(tokens)
+        keys = [r.key for r in refs[:n]]
+        ttl = self.agents.tool_started(session, tool, keys)
+        if self._access is not None:
+            self._access.record("tool_started", keys, num_tokens(tokens), ttl_s=ttl)
+        return ttl
+
+    def tool_finished(self, session: str) -> float | None:
+        """The session's next turn is here: learn the tool's duration and release its pins.
+        Returns how long the tool took, None if the session was not paused."""
+        took = self.agents.tool_finished(session)
+        if self._access is not None and took is not None:
+            self._access.record("tool_finished", [], 0, duration_s=took)
+        return took
 
     def unpin(self, tokens: object) -> int:
         """Release pins on the chunks of ``tokens``; returns how many tokens were pinned."""

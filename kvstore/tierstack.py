@@ -54,11 +54,12 @@ def rekey(meta: ObjectMeta, key: bytes) -> ObjectMeta:
 
 class TierStack:
     def __init__(self, config: StoreConfig, *, namespace: bytes, spec: KVSpec | None = None,
-                 allow_remote: bool = True, on_drop: Callable[[bytes], None] | None = None) -> None:
+                 allow_remote: bool = True, on_drop: Callable[[bytes], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.opaque = spec is None
         self.counters = Counters()
-        self.pins = PinRegistry()
+        self.pins = PinRegistry(clock)  # a replay (bench/agents.py) runs pins on simulated time
         self.tiers: list[Tier] = []
         self.writers: dict[str, TierWriter] = {}
         self._on_drop = on_drop

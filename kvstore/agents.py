@@ -1,0 +1,127 @@
+"""Agent sessions paused on tool calls: pin the session's stored prefix for as long as the tool
+is expected to take, so an LRU cache under pressure does not evict it just before the next turn.
+
+A turn that ends in a tool call says ``tool_started(session, tool, keys)``; the keys are pinned
+for a TTL predicted from that tool's observed durations (a high quantile of the last few
+hundred, times a margin; a default for a tool never seen; never past ``max_ttl_s``). The next
+turn says ``tool_finished(session)``: the duration is learned and the pins are released (keys
+another paused session shares, such as a common system prompt, stay pinned for it). A pin the
+tier's pinned-byte cap refuses is counted, never raised: the engine's turn goes on unpinned.
+Durations are learned online, per process (a daemon learns from every engine it serves).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from kvstore.errors import ConfigError, InvalidInputError, PinLimitError
+
+
+@dataclass
+class ToolTTLConfig:
+    default_ttl_s: float = 30.0  # a tool never seen (or seen fewer than min_samples times)
+    quantile: float = 0.9  # of the tool's recent durations
+    margin: float = 1.25  # times that quantile: the pin outlives most calls a little
+    max_ttl_s: float = 600.0  # no pin is longer
+    min_samples: int = 3
+    history: int = 256  # durations kept per tool
+
+    def __post_init__(self) -> None:
+        if not 0 < self.quantile <= 1 or self.margin < 1 or self.default_ttl_s <= 0 or self.max_ttl_s <= 0:
+            raise ConfigError(f"tool TTL settings out of range (tool_default_ttl_s, tool_ttl_quantile, max_pin_ttl_s): {self}")
+
+
+@dataclass
+class _Paused:
+    tool: str
+    keys: tuple[bytes, ...]
+    started: float
+    ttl_s: float
+
+
+@dataclass
+class AgentStats:
+    paused: int = 0  # sessions waiting on a tool now
+    started: int = 0
+    finished: int = 0
+    refused: int = 0  # pins the pinned-byte cap refused
+    expired: int = 0  # tools that took longer than their pin
+    per_tool: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class AgentSessions:
+    """Thread-safe; ``pin(keys, ttl_s)`` and ``unpin(keys)`` are the store's (they may raise
+    PinLimitError, which is counted). Both calls are cheap: no I/O of their own."""
+
+    def __init__(self, pin: Callable[[Sequence[bytes], float], object], unpin: Callable[[Sequence[bytes]], object],
+                 config: ToolTTLConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._pin, self._unpin = pin, unpin
+        self.config = config or ToolTTLConfig()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._paused: dict[str, _Paused] = {}
+        self._durations: dict[str, deque[float]] = {}
+        self._stats = AgentStats()
+
+    def predict(self, tool: str) -> float:
+        """The pin TTL for a call of ``tool`` starting now."""
+        c = self.config
+        seen = self._durations.get(tool)
+        if seen is None or len(seen) < c.min_samples:
+            return min(c.default_ttl_s, c.max_ttl_s)
+        ordered = sorted(seen)
+        q = ordered[min(len(ordered) - 1, max(0, math.ceil(c.quantile * len(ordered)) - 1))]
+        return min(max(q * c.margin, 1e-3), c.max_ttl_s)
+
+    def tool_started(self, session: str, tool: str, keys: Sequence[bytes]) -> float:
+        """Pin ``keys`` (the session's stored prefix) for the predicted TTL; returns it (0.0 when
+        the pin was refused or there is nothing to pin). A session already paused is resumed
+        first (its previous call's end was never said)."""
+        if not session or not tool:
+            raise InvalidInputError("tool_started needs a session id and a tool name")
+        self.tool_finished(session, learn=False)
+        ttl = self.predict(tool)
+        with self._lock:
+            self._stats.started += 1
+        if not keys:
+            return 0.0
+        try:
+            self._pin(list(keys), ttl)
+        except PinLimitError:
+            with self._lock:
+                self._stats.refused += 1
+            return 0.0
+        with self._lock:
+            self._paused[session] = _Paused(tool, tuple(keys), self._clock(), ttl)
+        return ttl
+
+    def tool_finished(self, session: str, learn: bool = True) -> float | None:
+        """The session's next turn has come: learn how long the tool took and release its pins
+        (but not keys another paused session holds). Returns the duration, None if not paused."""
+        with self._lock:
+            paused = self._paused.pop(session, None)
+            if paused is None:
+                return None
+            took = self._clock() - paused.started
+            held = {k for p in self._paused.values() for k in p.keys}
+            if learn:
+                self._durations.setdefault(paused.tool, deque(maxlen=self.config.history)).append(took)
+                self._stats.finished += 1
+                self._stats.expired += took > paused.ttl_s
+        free = [k for k in paused.keys if k not in held]
+        if free:
+            self._unpin(free)
+        return took
+
+    def stats(self) -> AgentStats:
+        with self._lock:
+            s = AgentStats(len(self._paused), self._stats.started, self._stats.finished, self._stats.refused,
+                           self._stats.expired)
+            for tool, seen in self._durations.items():
+                s.per_tool[tool] = {"calls": len(seen), "ttl_s": self.predict(tool)}
+        return s
