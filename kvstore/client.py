@@ -83,6 +83,9 @@ class Address(NamedTuple):
 
 TLS_SCHEMES = ("kvstores", "https")
 
+MAX_PUT_BYTES = 256 * 2**20
+"""Largest body one put request carries (the daemon's default --max-body-bytes is 2 GiB)."""
+
 
 def parse_url(url: str) -> Address:
     """``kvstore://host:port`` / ``http://`` (plain), ``kvstores://`` / ``https://`` (TLS)."""
@@ -202,8 +205,25 @@ class DaemonClient:
         return [got.get(k) for k in keys]
 
     def put(self, items: Sequence[tuple[bytes, Blob | tuple[Blob, ...]]]) -> int:
-        """Store (key, object) pairs; an object may be given as its parts, sent without joining."""
+        """Store (key, object) pairs; an object may be given as its parts, sent without joining.
+        A batch goes in requests of at most ``MAX_PUT_BYTES``, and one the daemon finds too large
+        (413: its ``--max-body-bytes``) is split in halves and sent again, so a large prompt's
+        objects are stored rather than refused together; an object alone too large is refused."""
+        stored, batch, size = 0, [], 0
+        for key, obj in items:
+            n = sum(memoryview(p).nbytes for p in (obj if isinstance(obj, tuple) else (obj,)))
+            if batch and size + n > MAX_PUT_BYTES:
+                stored += self._put(batch)
+                batch, size = [], 0
+            batch.append((key, obj))
+            size += n
+        return stored + (self._put(batch) if batch else 0)
+
+    def _put(self, items: Sequence[tuple[bytes, Blob | tuple[Blob, ...]]]) -> int:
         status, ctype, data = self.request("POST", "/v1/put", pack_batch(items), BATCH_CONTENT_TYPE)
+        if status == 413 and len(items) > 1:
+            half = len(items) // 2
+            return self._put(items[:half]) + self._put(items[half:])
         return int(self._result(status, ctype, data)["stored"])
 
     def pin(self, keys: Sequence[bytes], ttl_s: float) -> int:

@@ -23,13 +23,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-import torch
-
-from kvstore.spec import KVSpec
 from kvstore.traces import Request
 
 POLICIES = ("kvstore", "lru", "fifo", "belady")
-_TINY = KVSpec(model_id="kvstore/plan", num_layers=1, num_kv_heads=1, head_size=4, dtype=torch.float16)
 
 Progress = Callable[[Iterable[Request], str], Iterable[Request]]
 
@@ -147,19 +143,23 @@ def _belady(keys: list[list[tuple[int, int]]], capacity_tokens: int) -> int:
 def replay_store(requests: Sequence[Request], cpu_tokens: int, disk_tokens: int, chunk: int,
                  progress: Progress = lambda it, _d: it, label: str = "kvstore") -> int:
     """Prefix-hit tokens of a real KVStore (cpu tier, and a disk tier when ``disk_tokens``)."""
+    import torch  # here, not at the top: `kvstore serve` imports the CLI and must not load torch
+
+    from kvstore.spec import KVSpec
     from kvstore.store import KVStore
 
-    bpt = _TINY.bytes_per_token
+    tiny = KVSpec(model_id="kvstore/plan", num_layers=1, num_kv_heads=1, head_size=4, dtype=torch.float16)
+    bpt = tiny.bytes_per_token
     tiers: dict = {"cpu": {"capacity": max(cpu_tokens, chunk) * bpt}}
     workdir = tempfile.mkdtemp(prefix="kvstore-plan-") if disk_tokens else None
     if workdir:
         # A disk object carries a ~200-byte header beside its KV.
         tiers["disk"] = {"path": os.path.join(workdir, "disk"), "capacity": int(disk_tokens * (bpt + 200 / chunk))}
     longest = max(r.input_length for r in requests)
-    buf = torch.zeros(_TINY.chunk_shape(longest), dtype=_TINY.dtype)
+    buf = torch.zeros(tiny.chunk_shape(longest), dtype=tiny.dtype)
     hit = 0
     try:
-        with KVStore(_TINY, {"chunk_size": chunk, "tiers": tiers, "promote": True}) as store:
+        with KVStore(tiny, {"chunk_size": chunk, "tiers": tiers, "promote": True}) as store:
             for req in progress(requests, label):
                 toks = req.tokens()
                 got, _ = store.get(toks, out=buf)

@@ -22,24 +22,30 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import xxhash
 
-from kvstore.client import DaemonClient, DaemonUnreachable
+from kvstore.client import DaemonClient, DaemonUnreachable, ServiceError
 from kvstore.tiers.backoff import Backoff
 from kvstore.wire import Blob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_MEMBER_DOWN = (401, 403, 500, 502, 503, 504)
+"""A daemon answering these is skipped for a back-off, like one that does not answer (a wrong
+key, or a daemon failing every request, must not cost every call a round trip)."""
+
 MEMBER_BACKOFF_MAX_S = 5.0
 """A daemon that comes back gets its share back within this long."""
 
 
 def daemon_urls(url: str) -> list[str]:
-    """``kvstore://a:1,b:2`` -> ``["kvstore://a:1", "kvstore://b:2"]`` (one URL: itself)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "kvstore", url
-    hosts, slash, path = rest.partition("/")
-    return [f"{scheme}://{h.strip()}{slash}{path}" for h in hosts.split(",") if h.strip()]
+    """``kvstore://a:1,b:2`` -> ``["kvstore://a:1", "kvstore://b:2"]`` (one URL: itself). A
+    daemon may name its own scheme (``kvstore://a:1,kvstores://b:2``); one without takes the
+    first's."""
+    items = [u.strip() for u in url.split(",") if u.strip()]
+    if not items:
+        return [url]
+    scheme = items[0].partition("://")[0] if "://" in items[0] else "kvstore"
+    return [u if "://" in u else f"{scheme}://{u}" for u in items]
 
 
 class _Member:
@@ -60,7 +66,8 @@ class DaemonGroup:
         if len({m.seed for m in self.members}) != len(self.members):
             raise ValueError(f"a daemon is listed twice in {', '.join(urls)}")
         self.url = ",".join(m.client.url for m in self.members)
-        self._pool = ThreadPoolExecutor(len(self.members), thread_name_prefix="kvstore-daemons")
+        # Shared by the process's threads: room for several engine threads' requests at once.
+        self._pool = ThreadPoolExecutor(max(8, 4 * len(self.members)), thread_name_prefix="kvstore-daemons")
         self._lock = threading.Lock()
 
     # ---- placement -------------------------------------------------------------------------
@@ -105,7 +112,7 @@ class DaemonGroup:
             if not todo:
                 break
         if n and not done:
-            if isinstance(last_error, DaemonUnreachable):
+            if isinstance(last_error, (DaemonUnreachable, ServiceError)):
                 raise last_error
             raise DaemonUnreachable(self.url, last_error or ConnectionError("every daemon is in back-off"))
         return done
@@ -119,6 +126,12 @@ class DaemonGroup:
                 value = call(m.client, groups[member])
             except (OSError, http.client.HTTPException) as exc:
                 m.backoff.failed(exc, started)
+                return False, exc
+            except ServiceError as exc:  # this daemon refused: its share goes to the next-ranked one
+                if exc.status in _MEMBER_DOWN:
+                    m.backoff.failed(exc, started)
+                else:
+                    log.debug("daemon %s refused a request: %s", m.client.url, exc)
                 return False, exc
             m.backoff.succeeded()
             return True, value

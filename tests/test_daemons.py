@@ -46,6 +46,7 @@ def test_rendezvous_placement():
     assert moved and all(before[k] == urls[0] for k in moved)
     assert sum(1 for k in keys if before[k] == urls[0]) == len(moved)
     assert daemon_urls("kvstore://h1:1,h2:2") == ["kvstore://h1:1", "kvstore://h2:2"]
+    assert daemon_urls("kvstore://h1:1, kvstores://h2:2") == ["kvstore://h1:1", "kvstores://h2:2"]
     assert isinstance(connect("kvstore://h1:1"), DaemonClient)
     with pytest.raises(ValueError, match="listed twice"):
         DaemonGroup(["kvstore://h:1", "kvstore://h:1"])
@@ -177,3 +178,46 @@ def test_prefill_on_daemon_a_decode_on_daemon_b(tmp_path, two_daemons):
     assert got["hit"] == len(prompt) and got["exact"], got
     assert got["engine_hit"] == len(prompt) and got["tokens"] == got["plain_tokens"], got
     assert got["logit_diff"] < 1e-4, got
+
+
+def test_a_put_larger_than_the_daemons_body_limit_is_split(spec, tmp_path):
+    """A 64-chunk prompt in one put, to a daemon whose --max-body-bytes holds a few objects: the
+    413 splits the batch until it fits, and a fresh engine hits the whole prompt."""
+    d = Daemon(tmp_path, "--no-disk", "--max-body-bytes", "20000")
+    try:
+        toks = list(range(64 * 16))
+        kv = causal_kv(spec, toks)
+        for cpu in (None, "1MiB"):  # the daemon as first tier (one call), then behind memory (its writer)
+            DaemonClient(d.url).delete([r.key for r in KVStore(spec, remote(d.url)).chunks(toks)])
+            with KVStore(spec, remote(d.url, cpu=cpu)) as store:
+                store.put(toks, kv)
+                assert store.flush(10)
+                assert store.stats()["tiers"]["remote"]["write_errors"] == 0
+            with KVStore(spec, remote(d.url)) as fresh:
+                hit, out = fresh.get(toks)
+                assert hit == len(toks) and torch.equal(out, kv)
+    finally:
+        d.stop()
+
+
+def test_a_daemon_that_refuses_the_key_gives_its_share_away(spec, tmp_path):
+    """Daemon A is open, daemon C rejects the engines' key (401): C's share goes to A and C is
+    skipped, so every chunk is stored and hits; nothing raises."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "c").mkdir()
+    kf = tmp_path / "keys.yaml"
+    kf.write_text("keys:\n  sk-other: {tenant: other}\n")
+    a, c = Daemon(tmp_path / "a", "--no-disk"), Daemon(tmp_path / "c", "--no-disk", key_file=kf)
+    try:
+        toks = list(range(20 * 16))
+        kv = causal_kv(spec, toks)
+        url = f"{a.url},{c.url.split('://')[1]}"
+        with KVStore(spec, remote(url, api_key="sk-engine")) as store:
+            store.put(toks, kv)
+            hit, out = store.get(toks)
+            assert hit == len(toks) and torch.equal(out, kv)
+            group = store.tiers[0].client
+            assert not group.members[1].backoff.available
+    finally:
+        a.stop()
+        c.stop()

@@ -186,3 +186,23 @@ def test_master_killed_under_load(spec, flavour, tmp_path):
     finally:
         cluster.stop()
 
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis+cluster://127.0.0.1:7000,127.0.0.1:abc/0", "seed '127.0.0.1:abc' is not host:port"),
+    ("redis+cluster://127.0.0.1:7000/1", "a cluster has only database 0"),
+    ("redis+cluster://,/0", "no seed node"),
+])
+def test_a_malformed_cluster_url_is_a_config_error(spec, url, message):
+    """Named at start, not misses (or an exception from pin()) later."""
+    from kvstore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        KVStore(spec, cfg(url))
+
+
+def test_seeds_parse_with_ipv6_auth_and_spaces():
+    from kvstore.tiers.redis import cluster_seeds
+
+    first, seeds = cluster_seeds("redis+cluster://:pw@[::1]:7000, 10.0.0.2:7001/0")
+    assert first == "redis://:pw@[::1]:7000/0" and seeds == [("::1", 7000), ("10.0.0.2", 7001)]

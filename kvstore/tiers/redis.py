@@ -19,7 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from kvstore.config import TierConfig
+from kvstore.config import TierConfig, redact_url
+from kvstore.errors import ConfigError
 from kvstore.objects import ObjectMeta
 from kvstore.tiers.backoff import Backoff, GuardedCalls
 from kvstore.tiers.base import BlobTier, TierContext, TierStats
@@ -43,14 +44,17 @@ class RedisTier(GuardedCalls, BlobTier):
         opts = dict(socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s)
         self._lock = threading.Lock()
         self._client: Any = None
+        self._connect_failures = 0
         if self.cluster:
-            self._connect: Callable[[], Any] = lambda: _cluster_client(url, opts)
+            first, seeds = cluster_seeds(url)  # a malformed URL is a config error now, not misses later
+            self._connect: Callable[[], Any] = lambda: _cluster_client(first, seeds, opts)
         else:
             self._client = redis.Redis.from_url(url, health_check_interval=30, **opts)  # connects lazily
         self._pins = pins
         # The namespace (root key) scopes clear() and stats to this model and tenant.
         self._prefix = config.key_prefix.encode() + namespace.hex()[:8].encode() + b":"
-        self._backoff = Backoff(f"redis tier {config.url}")
+        # A cluster heals itself (a failover takes seconds): look again within 2 s, not 30.
+        self._backoff = Backoff(f"redis tier {redact_url(url)}", max_s=2.0 if self.cluster else 30.0)
         self.ttl = None if config.ttl_s is None else max(1, int(round(config.ttl_s)))
 
     @property
@@ -58,9 +62,16 @@ class RedisTier(GuardedCalls, BlobTier):
         """The connection; a cluster client is made on first use, inside a guarded call, so an
         engine starting while the cluster (or its seed node) is down gets misses, not an error."""
         if self._client is None:
+            failures = self._connect_failures
             with self._lock:
                 if self._client is None:
-                    self._client = self._connect()
+                    if self._connect_failures != failures:  # it failed while this call waited: once is enough
+                        raise RedisConnectionError("cannot reach any seed node of the cluster")
+                    try:
+                        self._client = self._connect()
+                    except BaseException:
+                        self._connect_failures += 1
+                        raise
         return self._client
 
     def _rkey(self, key: bytes) -> bytes:
@@ -145,22 +156,44 @@ class RedisTier(GuardedCalls, BlobTier):
             self._client.close()
 
 
-def _cluster_client(url: str, opts: dict[str, Any]) -> Any:
-    """A slot-aware client from ``redis+cluster://host:port[,host:port...]/0``: every listed node
-    is a seed, so a fresh client finds the cluster while any one of them is up. Pipelines and
-    multi-key reads are split per node by redis-py.
+def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``redis+cluster://[auth@]host:port[,host:port...][/0]`` -> (a redis:// URL of the first
+    seed with the auth and options, every seed as (host, port)). Raises ConfigError naming the
+    problem: a port that is not a number, no host, a database other than 0."""
+    parts = urlsplit(url.replace("+cluster://", "://"))
+    auth, _at, hosts = parts.netloc.rpartition("@")
+    seeds = []
+    for raw in hosts.split(","):
+        host = raw.strip()
+        if not host:
+            continue
+        if host.startswith("["):  # IPv6: [addr]:port
+            name, _b, rest = host[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else "6379"
+        else:
+            name, _c, port = host.rpartition(":") if ":" in host else (host, "", "6379")
+        if not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"tiers.redis.url {redact_url(url)}: seed {host!r} is not host:port")
+        seeds.append((name, int(port)))
+    if not seeds:
+        raise ConfigError(f"tiers.redis.url {redact_url(url)}: no seed node (redis+cluster://host:port,...)")
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigError(f"tiers.redis.url {redact_url(url)}: a cluster has only database 0")
+    name, port = seeds[0]
+    host = f"[{name}]" if ":" in name else name
+    first = urlunsplit(parts._replace(netloc=(auth + "@" if auth else "") + f"{host}:{port}", path="/0"))
+    return first, seeds
 
-    One retry, at once: enough to follow a failover the topology refresh has seen. redis-py's
-    default (10 retries with back-off) holds an engine's read for the whole failover (3 s
-    measured); the tier's own back-off serves misses instead."""
+
+def _cluster_client(first: str, seeds: list[tuple[str, int]], opts: dict[str, Any]) -> Any:
+    """A slot-aware client: every listed node is a seed, so a fresh client finds the cluster
+    while any one of them is up. Pipelines and multi-key reads are split per node by redis-py.
+
+    No retry inside redis-py: its default (10 retries with back-off) held an engine's read for a
+    whole failover (3 s measured), and even one retry against a hung node costs several
+    timeouts (reconnect, handshake, command). A failed call is a miss and a back-off; the
+    topology refresh it asks for runs on the next call, which then finds the promoted replica."""
     from redis.cluster import ClusterNode, RedisCluster
 
-    parts = urlsplit(url.replace("+cluster://", "://"))
-    *auth, hosts = parts.netloc.rpartition("@")
-    seeds = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":") if ":" in host else (host, "", "6379")
-        seeds.append((name.strip("[]"), int(port)))
-    first = urlunsplit(parts._replace(netloc="".join(auth) + f"{seeds[0][0]}:{seeds[0][1]}"))
     return RedisCluster(url=first, startup_nodes=[ClusterNode(h, p) for h, p in seeds[1:]],
-                        retry=Retry(NoBackoff(), 1), **opts)
+                        retry=Retry(NoBackoff(), 0), **opts)

@@ -39,7 +39,7 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9]*$")  # KVSTORE_<KIND>_<OPTION> splits at 
 # First words of other KVSTORE_* variables (StoreConfig fields, the daemon's, the tools'): a kind
 # named so would take them over. tests/test_extensions.py checks this covers every field.
 RESERVED_NAMES = frozenset({"chunk", "tenant", "salt", "tiers", "save", "promote", "queue", "put", "pin", "max",
-                            "serve", "admin", "config", "log", "sglang", "vllm", "lmcache"})
+                            "serve", "admin", "config", "log", "sglang", "vllm", "lmcache", "tool", "access"})
 
 
 @dataclass(frozen=True)
