@@ -86,17 +86,27 @@ class Cluster:
         self.node_timeout_ms = node_timeout_ms
         self.ports = [cluster_port() for _ in range(masters * (1 + replicas))]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        for port in self.ports:
-            self.start(port)
-        subprocess.run([self.cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
-                        "--cluster-replicas", str(replicas), "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        self.wait_healthy(masters, replicas)
+        try:
+            for port in self.ports:
+                self.start(port)
+            subprocess.run([self.cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                            "--cluster-replicas", str(replicas), "--cluster-yes"],
+                           check=True, capture_output=True, timeout=60)
+            self.wait_healthy(masters, replicas)
+        except BaseException:  # no servers left behind by a cluster that never formed
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
         """Three seed nodes, as an operator would list them: any one up is enough to start."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3]) + "/0"
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def start(self, port: int) -> None:
         self.procs[port] = subprocess.Popen(

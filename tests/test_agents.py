@@ -60,6 +60,25 @@ def test_a_refused_pin_is_counted_not_raised(spec):
     with KVStore(spec, cfg) as store:
         store.put(ctx, causal_kv(spec, ctx))
         assert store.tool_started("s", "browser", ctx) == 0.0
-        assert store.agents.stats().refused == 1 and store.tool_finished("s") is None
+        assert store.agents.stats().refused == 1
+        assert store.tool_finished("s") is not None  # unpinned, but its duration is still learned
         hit, out = store.get(ctx)
         assert torch.equal(out, causal_kv(spec, ctx)[:, :, :hit])
+
+
+def test_a_tool_expected_to_outlast_the_pause_limit_is_not_pinned(spec):
+    """Holding a context for minutes crowds out sessions that return sooner: a tool learned to
+    take longer than tool_max_pause_s is not pinned (counted as skipped), and still learned."""
+    clock = Clock()
+    cfg = {"chunk_size": 16, "tiers": {"cpu": {"capacity": "1MiB"}}, "tool_max_pause_s": 60.0}
+    ctx = list(range(64))
+    with KVStore(spec, cfg, clock=clock) as store:
+        store.put(ctx, causal_kv(spec, ctx))
+        for _ in range(3):
+            store.tool_started("s", "human_review", ctx)
+            clock.now += 120.0
+            store.tool_finished("s")
+        assert store.tool_started("s", "human_review", ctx) == 0.0 and not store.pins.active()
+        assert store.agents.stats().skipped == 1 and store.agents.predict("human_review") == 150.0
+        clock.now += 100.0
+        assert store.tool_finished("s") == 100.0
