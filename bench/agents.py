@@ -52,6 +52,7 @@ from _common import table  # noqa: E402
 
 from kvstore import KVSpec, KVStore  # noqa: E402
 from kvstore.errors import PinLimitError  # noqa: E402
+from kvstore.plan_cli import token_count  # noqa: E402
 
 SPEC = KVSpec(model_id="bench/agents", num_layers=1, num_kv_heads=1, head_size=4, dtype=torch.float16)
 TOOLS = {"search": (2.0, 0.6, 0.4), "code_exec": (8.0, 0.9, 0.3), "browser": (20.0, 1.0, 0.2), "human": (90.0, 1.2, 0.1)}
@@ -191,8 +192,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--png", default="", help="also plot next-turn hit ratio per policy against capacity here")
     args = ap.parse_args()
-    cap = int(float(args.capacity.rstrip("KkMm")) * (1000 if args.capacity[-1] in "Kk" else
-                                                       10**6 if args.capacity[-1] in "Mm" else 1))
+    cap = int(token_count(args.capacity, "--capacity"))
     arrivals = workload(args.sessions, args.rate, args.seed)
     turns = sum(s.turns for _t, s in arrivals)
     print(f"{args.sessions} sessions, {turns} turns, {args.background:g} one-off requests/s beside them; memory tier "

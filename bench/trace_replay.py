@@ -13,7 +13,7 @@ import argparse
 import time
 
 from kvstore.planning import plan
-from kvstore.plan_cli import LLAMA3_8B, progress_bar, plot, report
+from kvstore.plan_cli import LLAMA3_8B, plot, progress_bar, report, token_count
 from kvstore.traces import load
 
 
@@ -26,9 +26,7 @@ def main() -> None:
     ap.add_argument("--png", default="", help="also write the plot here")
     args = ap.parse_args()
     requests = load(args.trace, limit=args.limit)
-    mult = {"K": 10**3, "M": 10**6, "G": 10**9}
-    caps = [int(float(c[:-1]) * mult[c[-1].upper()]) if c[-1].upper() in mult else int(c)
-            for c in (x.strip() for x in args.cpu_tokens.split(",")) if c]
+    caps = [int(token_count(c.strip(), "--cpu-tokens")) for c in args.cpu_tokens.split(",") if c.strip()]
     t0 = time.perf_counter()
     result = plan(requests, [c * LLAMA3_8B for c in caps], [0], LLAMA3_8B, args.chunk_size,
                   ("kvstore", "lru", "belady"), progress_bar)

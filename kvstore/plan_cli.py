@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 from kvstore.config import parse_size
 from kvstore.errors import ConfigError
-from kvstore.planning import POLICIES, Plan, plan, recommend
+from kvstore.planning import POLICIES, Plan, human_bytes, plan, recommend
 from kvstore.traces import SHIPPED, Request, load
 
 LLAMA3_8B = 32 * 2 * 8 * 128 * 2
@@ -57,7 +57,7 @@ def _sizes(text: str, bytes_per_token: int, what: str) -> list[int]:
         if not part:
             continue
         if part.lower().endswith("tok"):
-            out.append(int(_count(part[:-3], what)) * bytes_per_token)
+            out.append(int(token_count(part[:-3], what)) * bytes_per_token)
         else:
             out.append(parse_size(part, what))
     if not out:
@@ -65,7 +65,8 @@ def _sizes(text: str, bytes_per_token: int, what: str) -> list[int]:
     return sorted(set(out))
 
 
-def _count(text: str, what: str) -> float:
+def token_count(text: str, what: str) -> float:
+    """``500K``, ``2M``, ``1.5G`` or a plain number of tokens."""
     mult = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1)
     try:
         return float(text[:-1] if mult > 1 else text) * mult
@@ -133,8 +134,6 @@ def progress_bar(items: Iterable[Request], label: str) -> Iterable[Request]:
 
 
 def report(result: Plan, tps: float | None, how: str) -> str:
-    from kvstore.planning import _gib
-
     policies = sorted({p.policy for p in result.points}, key=POLICIES.index)
     grid = sorted({(p.cpu_bytes, p.disk_bytes) for p in result.points})
     by = {(p.policy, p.cpu_bytes, p.disk_bytes): p for p in result.points}
@@ -143,7 +142,7 @@ def report(result: Plan, tps: float | None, how: str) -> str:
     lead = "kvstore" if "kvstore" in policies else policies[0]
     for c, d in grid:
         saved = by[(lead, c, d)].hit_tokens
-        rows.append([_gib(c), _gib(d) if d else "-", *(f"{by[(pol, c, d)].ratio:.3f}" for pol in policies),
+        rows.append([human_bytes(c), human_bytes(d) if d else "-", *(f"{by[(pol, c, d)].ratio:.3f}" for pol in policies),
                      f"{saved / 1e6:.1f}M tokens" + (f", {saved / tps / result.requests:.2f} s TTFT/request" if tps else "")])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]

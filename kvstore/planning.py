@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from kvstore.traces import Request
@@ -51,7 +51,6 @@ class Plan:
     requests: int
     bytes_per_token: int
     unique_bytes: int  # what infinite capacity needs: every chunk once
-    notes: list[str] = field(default_factory=list)
 
 
 def chunk_keys(req: Request, chunk: int) -> list[tuple[int, int]]:
@@ -188,7 +187,7 @@ def plan(requests: Sequence[Request], cpu: Sequence[int], disk: Sequence[int], b
             for policy in policies:
                 if policy == "kvstore":
                     hit = replay_store(requests, tokens_c, tokens_d, chunk, progress,
-                                       f"cpu {_gib(c)}{f' + disk {_gib(d)}' if d else ''}")
+                                       f"cpu {human_bytes(c)}{f' + disk {human_bytes(d)}' if d else ''}")
                 else:
                     hit = simulate(requests, tokens_c + tokens_d, policy, chunk, keys)
                 points.append(PlanPoint(policy, c, d, hit, total))
@@ -201,17 +200,18 @@ def recommend(result: Plan, share: float = 0.95, policy: str = "kvstore") -> str
     good = sorted((p for p in mine if p.ratio >= share * result.bound), key=lambda p: (p.cpu_bytes, p.disk_bytes))
     if good:
         p = good[0]
-        disk = f" + disk {_gib(p.disk_bytes)}" if p.disk_bytes else ""
-        return (f"cpu {_gib(p.cpu_bytes)}{disk} reaches {p.ratio / result.bound:.0%} of the bound "
-                f"(hit ratio {p.ratio:.3f} of {result.bound:.3f}); everything would fit in {_gib(result.unique_bytes)}")
+        disk = f" + disk {human_bytes(p.disk_bytes)}" if p.disk_bytes else ""
+        return (f"cpu {human_bytes(p.cpu_bytes)}{disk} reaches {p.ratio / result.bound:.0%} of the bound "
+                f"(hit ratio {p.ratio:.3f} of {result.bound:.3f}); everything would fit in {human_bytes(result.unique_bytes)}")
     best = max(mine, key=lambda p: p.ratio)
-    disk = f" + disk {_gib(best.disk_bytes)}" if best.disk_bytes else ""
+    disk = f" + disk {human_bytes(best.disk_bytes)}" if best.disk_bytes else ""
     return (f"no capacity in the grid reaches {share:.0%} of the bound {result.bound:.3f}: the best, "
-            f"cpu {_gib(best.cpu_bytes)}{disk}, reaches {best.ratio / result.bound:.0%}; "
-            f"everything would fit in {_gib(result.unique_bytes)}")
+            f"cpu {human_bytes(best.cpu_bytes)}{disk}, reaches {best.ratio / result.bound:.0%}; "
+            f"everything would fit in {human_bytes(result.unique_bytes)}")
 
 
-def _gib(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """1.5 GiB, 64 MiB, 3.81 TiB: capacities as the plan prints them."""
     if n >= 2**40:
         return f"{n / 2**40:.3g} TiB"
     if n >= 2**30:

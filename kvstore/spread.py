@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -68,7 +67,6 @@ class DaemonGroup:
         self.url = ",".join(m.client.url for m in self.members)
         # Shared by the process's threads: room for several engine threads' requests at once.
         self._pool = ThreadPoolExecutor(max(8, 4 * len(self.members)), thread_name_prefix="kvstore-daemons")
-        self._lock = threading.Lock()
 
     # ---- placement -------------------------------------------------------------------------
 

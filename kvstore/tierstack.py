@@ -303,8 +303,7 @@ class TierStack:
     # ---- writing new objects -------------------------------------------------------------
 
     def write(self, meta: ObjectMeta, kv: torch.Tensor | None = None, parts: list[Blob] | None = None, *,
-              keep_parts: bool = False, through: bool = True, acks: WriteAcks | None = None,
-              first_took: bool | None = None) -> bool:
+              keep_parts: bool = False, through: bool = True, acks: WriteAcks | None = None) -> bool:
         """Store a new object: synchronously in the first tier, then (``through``) in every
         ``write: through`` tier, memory tiers at once and slower ones through their writers.
         Give the tensor ``kv``, the encoded object as byte ``parts``, or both. ``parts`` are the
@@ -314,9 +313,7 @@ class TierStack:
         first = self.tiers[0]
         t0 = time.perf_counter()
         view: torch.Tensor | None = None
-        if first_took is not None:  # write_many stored it in the first tier already
-            took = first_took
-        elif isinstance(first, MemoryTierBase):
+        if isinstance(first, MemoryTierBase):
             assert kv is not None, "a memory tier of tensors needs the tensor"
             slow = sum(1 for t in self.tiers[1:] if through and t.config.write == "through" and t.name in self.writers)
             view = first.put(meta, kv, hold=slow)
@@ -330,10 +327,17 @@ class TierStack:
                 parts = encode_object(meta, kv, first.config.codec)
             item = (meta, recode(join_parts(parts), codec) if codec else parts)
             took = self.guarded_write(first, lambda: first.put_blobs([item]) > 0)
-        if first_took is None:
-            self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
+        self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
         if not through:
             return took
+        return self._write_down(meta, kv, parts, view, took, keep_parts=keep_parts, acks=acks)
+
+    def _write_down(self, meta: ObjectMeta, kv: torch.Tensor | None, parts: list[Blob] | None,
+                    view: torch.Tensor | None, took: bool, *, keep_parts: bool = False,
+                    acks: WriteAcks | None = None) -> bool:
+        """The ``write: through`` tiers below the first, for an object the first tier has taken
+        (``took``; ``view``: its leased slot there, when it is a memory tier of tensors)."""
+        first = self.tiers[0]
         kept: list[Blob] | None = None
         owned: torch.Tensor | None = None
         for tier in self.tiers[1:]:
@@ -367,7 +371,7 @@ class TierStack:
         encoded = [(meta, encode_object(meta, kv, first.config.codec)) for meta, kv in objects]
         took = self.guarded_write(first, lambda: first.put_blobs(encoded) > 0)
         self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
-        return sum(self.write(meta, kv=kv, parts=parts, first_took=took)
+        return sum(self._write_down(meta, kv, parts, None, took)
                    for (meta, kv), (_meta, parts) in zip(objects, encoded))
 
     # ---- pins ----------------------------------------------------------------------------

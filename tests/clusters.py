@@ -3,16 +3,13 @@ and skips elsewhere."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from _cluster import Cluster as _Cluster  # noqa: E402
-from _cluster import cli_binary, failover_load, server_binary  # noqa: E402,F401
-
-from conftest import IN_CI  # noqa: E402
+from conftest import IN_CI  # conftest puts bench/ on the path
+from _cluster import Cluster as _Cluster
+from _cluster import cli_binary, failover_load, server_binary  # noqa: F401
 
 
 def require(what: str, found: str | None) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -16,13 +16,11 @@ import torch
 
 from kvstore import KVSpec
 
+# The benches' helpers for real servers, shared with the tests (bench/ is not installed).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from _common import free_port, wait_ping  # noqa: E402,F401  (free_port: tests import it from here)
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -49,7 +47,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ping(self.port, self.proc)
+        wait_ping(self.port, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -101,20 +99,6 @@ def disk_config(path: Path, chunk: int = 16, cpu: str | int | None = "1MiB", dis
     if cpu is not None:
         tiers["cpu"] = {"capacity": cpu}
     return {"chunk_size": chunk, "tiers": tiers, **extra}
-
-
-def _wait_ping(port: int, proc: "subprocess.Popen[bytes] | None" = None) -> None:
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
-                raise RuntimeError(f"redis-server on port {port} did not start")
-            time.sleep(0.05)
-    client.close()
 
 
 @pytest.fixture(scope="session", params=["redis", "valkey"])
