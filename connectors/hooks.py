@@ -2,7 +2,9 @@
 
 An engine asks four things of kvstore per request: how many leading tokens can you supply
 (``lookup``), give them to me layer by layer (``load``), keep what I computed (``save``, off the
-critical path), and I am done with this request (``release``). Paged engines add one mapping
+critical path), and I am done with this request (``release``). Engines serving agents add two
+per session: its turn ended in a tool call (``tool_started``), its next turn came
+(``tool_finished``); kvstore pins the session's context meanwhile (kvstore.agents). Paged engines add one mapping
 between their KV blocks and the store's chunks (``blocks_for``/``gather_blocks``/``scatter_blocks``),
 done with tensor indexing, never a per-token Python loop.
 
@@ -14,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -26,6 +29,7 @@ from kvstore.spec import KVSpec
 from kvstore.store import KVStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LoadFailed(Exception):
@@ -73,6 +77,7 @@ class KVHooks:
         self._saves: dict[str, set[Future]] = {}
         self._lock = threading.Lock()
         self.save_errors = 0
+        self.session_errors = 0
 
     # ---- lookup and load -----------------------------------------------------------------
 
@@ -145,6 +150,42 @@ class KVHooks:
             except FutureTimeout:  # not the builtin TimeoutError before Python 3.11
                 return False
         return True
+
+    # ---- agent sessions -------------------------------------------------------------------
+
+    def tool_started(self, session: str, tool: str, tokens: Sequence[int] | torch.Tensor, *,
+                     request_id: str | None = None, ago_s: float = 0.0) -> Future:
+        """The session's turn (``tokens``: its context so far) ended in a call of ``tool``
+        ``ago_s`` seconds ago: pin its stored prefix while the tool runs. In the background,
+        after ``request_id``'s saves (so the turn's own chunks are pinned too); never raises."""
+        t0 = time.monotonic()
+        waits = self._pending_saves(request_id)
+        tokens = list(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)
+
+        def run() -> float:
+            for fut in waits:
+                fut.exception()  # waits; a failed save was logged by itself
+            return self.store.tool_started(session, tool, tokens, ago_s=ago_s + time.monotonic() - t0)
+        return self._pool.submit(self._quietly, run, 0.0)
+
+    def tool_finished(self, session: str, *, ago_s: float = 0.0) -> Future:
+        """The session's next turn arrived ``ago_s`` seconds ago: release its pins (in the
+        background; never raises). The future gives how long the tool took (None: not paused)."""
+        t0 = time.monotonic()
+        return self._pool.submit(self._quietly, lambda: self.store.tool_finished(
+            session, ago_s=ago_s + time.monotonic() - t0), None)
+
+    def _pending_saves(self, request_id: str | None) -> list[Future]:
+        with self._lock:
+            return list(self._saves.get(request_id, ())) if request_id is not None else []
+
+    def _quietly(self, fn: Callable[[], T], default: T) -> T:
+        try:
+            return fn()
+        except Exception:
+            self.session_errors += 1
+            log.exception("kvstore agent-session event failed; the session goes on unpinned")
+            return default
 
     def pending(self) -> int:
         with self._lock:

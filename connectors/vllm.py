@@ -13,6 +13,9 @@ block, so the connector never interprets one. Each block's bytes are reinterpret
 blocks; the layout (backend, ISA, block size) is part of the model fingerprint, so bytes are
 only ever handed back to an engine that lays blocks out the same way.
 
+Agent sessions (``kv_transfer_params={"kvstore_session": ID, "kvstore_tool": NAME}``) are
+tracked by the scheduler half and pinned by the worker's store: kvstore.connectors.vllm_sessions.
+
 vLLM runs the scheduler half and the worker half of a connector in different processes on CPU
 (its multiprocess executor). The worker owns the store; the scheduler answers lookups from the
 store's shared tiers (a ``shared`` disk directory, Redis, the daemon). When both halves live in
@@ -39,6 +42,7 @@ from kvstore.config import StoreConfig, load_config
 from kvstore.connectors.hooks import KVHooks, LoadFailed
 from kvstore.errors import ConfigError
 from kvstore.connectors.vllm_identity import spec_for, uncacheable
+from kvstore.connectors.vllm_sessions import SessionEvent, SessionTracker, deliver
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
 
@@ -69,6 +73,7 @@ class Transfer:
 class KVStoreConnectorMetadata(KVConnectorMetadata):
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
+    sessions: list[SessionEvent] = field(default_factory=list)
     # Failed blocks (block id -> reports) that a request rewound by vLLM recomputes by the end
     # of this step: from this step on, a save covering them holds their recomputed KV.
     acked_bad_blocks: dict[int, int] = field(default_factory=dict)
@@ -159,6 +164,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._local_hits: dict[str, int] = {}
         self._bypass: set[str] = set()
         self._bypass_logged: set[str] = set()
+        self._sessions = SessionTracker()
         # worker side
         self._layers: list[tuple[str, torch.Tensor]] = []
         self._layer_index: dict[str, int] = {}
@@ -188,6 +194,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                          reason)
             return 0, False
         tokens = list(request.prompt_token_ids or [])
+        self._sessions.arrived(request.request_id, getattr(request, "kv_transfer_params", None))
         # At least one prompt token is always computed (it yields the first logits).
         limit = _align(len(tokens) - 1, self.block_size)
         hit = min(self.hooks.lookup(tokens, align=self.block_size), limit)
@@ -236,6 +243,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._plan_save(meta, req_id, computed + scheduler_output.num_scheduled_tokens.get(req_id, 0))
         self._load_after_alloc.clear()
         meta.acked_bad_blocks = self._recomputed_bad_blocks()
+        meta.sessions = self._sessions.drain()
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -301,6 +309,8 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves copy their blocks inside the step that computed them: nothing holds blocks here.
+        tracked = self._tracked.get(request.request_id)
+        self._sessions.finished(request.request_id, None if tracked is None or tracked.tainted else tracked.tokens)
         for state in (self._tracked, self._load_after_alloc, self._local_hits):
             state.pop(request.request_id, None)
         self._bypass.discard(request.request_id)
@@ -409,6 +419,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             blocks = torch.stack([self._block_view(i).index_select(0, ids.to(self._layers[i][1].device)).cpu()
                                   for i in range(len(self._layers))])
             self.hooks.save(t.req_id, list(t.tokens), self._to_store(blocks), kv_start=t.start)
+        deliver(self.hooks, meta.sessions)  # after the saves: a pause pins the chunks just saved
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

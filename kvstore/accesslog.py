@@ -4,13 +4,15 @@ One line per lookup, get, put and pin: the time, the chunk keys (hex), the token
 per token, so a replay sees the same prefix sharing the engine saw. Written by a thread of its
 own: the engine's call only appends to a bounded queue (never waits on the file); when the
 queue is full the event is dropped and counted, and a failed write is said once and ends the
-log, never the engine's request.
+log, never the engine's request. Lines go out in whole batches, one ``write`` on a file opened
+for appending, so processes sharing one log (vLLM's scheduler and worker) never split a line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,7 +30,8 @@ class AccessLog:
         self.bytes_per_token = bytes_per_token
         self.dropped = 0
         self._q: queue.Queue[str | None] = queue.Queue(_QUEUE)
-        self._file = open(path, "a", encoding="utf-8")  # an unwritable path fails here, at start
+        # An unwritable path fails here, at start.
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._thread = threading.Thread(target=self._run, name="kvstore-access-log", daemon=True)
         self._thread.start()
 
@@ -43,16 +46,20 @@ class AccessLog:
 
     def _run(self) -> None:
         failed = False
-        while True:
-            line = self._q.get()
-            if line is None:
-                break
-            if failed:
+        done = False
+        while not done:
+            lines = [self._q.get()]
+            while len(lines) < 4096 and not self._q.empty():
+                lines.append(self._q.get_nowait())
+            if None in lines:
+                done = True
+                lines = lines[:lines.index(None)]
+            if failed or not lines:
                 continue
+            data = ("\n".join(lines) + "\n").encode()  # type: ignore[arg-type]
             try:
-                self._file.write(line + "\n")
-                if self._q.empty():
-                    self._file.flush()
+                while data:
+                    data = data[os.write(self._fd, data):]
             except OSError as exc:
                 failed = True
                 log.warning("access log %s: %s; no more events are written", self.path, exc)
@@ -61,7 +68,7 @@ class AccessLog:
         self._q.put(None)
         self._thread.join(10)
         try:
-            self._file.close()
+            os.close(self._fd)
         except OSError:
             pass
         if self.dropped:

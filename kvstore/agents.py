@@ -19,9 +19,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from kvstore.errors import ConfigError, InvalidInputError, PinLimitError
+
+if TYPE_CHECKING:
+    from kvstore.config import StoreConfig
 
 
 @dataclass
@@ -35,9 +38,19 @@ class ToolTTLConfig:
     max_pause_s: float = 60.0
     min_samples: int = 3
     history: int = 256  # durations kept per tool
+    # Sessions paused at once; past it the longest-paused is forgotten (its pins run out by TTL).
+    # Bounds the memory of agents that never come back.
+    max_sessions: int = 100_000
+
+    @classmethod
+    def of(cls, config: "StoreConfig") -> "ToolTTLConfig":
+        """The settings a store's config gives (``tool_*`` and ``max_pin_ttl_s``)."""
+        return cls(default_ttl_s=config.tool_default_ttl_s, quantile=config.tool_ttl_quantile,
+                   max_ttl_s=config.max_pin_ttl_s, max_pause_s=config.tool_max_pause_s)
 
     def __post_init__(self) -> None:
-        if not 0 < self.quantile <= 1 or self.margin < 1 or min(self.default_ttl_s, self.max_ttl_s, self.max_pause_s) <= 0:
+        if (not 0 < self.quantile <= 1 or self.margin < 1 or self.max_sessions < 1
+                or min(self.default_ttl_s, self.max_ttl_s, self.max_pause_s) <= 0):
             raise ConfigError(f"tool TTL settings out of range (tool_default_ttl_s, tool_ttl_quantile, max_pin_ttl_s): {self}")
 
 
@@ -84,19 +97,24 @@ class AgentSessions:
         q = ordered[min(len(ordered) - 1, max(0, math.ceil(c.quantile * len(ordered)) - 1))]
         return min(max(q * c.margin, 1e-3), c.max_ttl_s)
 
-    def tool_started(self, session: str, tool: str, keys: Sequence[bytes]) -> float:
+    def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float = 0.0) -> float:
         """Pin ``keys`` (the session's stored prefix) for the predicted TTL; returns it (0.0 when
         the pin was refused or there is nothing to pin). A session already paused is resumed
-        first (its previous call's end was never said)."""
+        first (its previous call's end was never said). ``ago_s``: how long ago the call really
+        started, for an engine that reports it late (vLLM's connector does, by a step)."""
         if not session or not tool:
             raise InvalidInputError("tool_started needs a session id and a tool name")
+        ago_s = _age(ago_s)
         self.tool_finished(session, learn=False)
-        ttl = self.predict(tool)
+        predicted = self.predict(tool)
+        ttl = predicted - ago_s
         pinned: tuple[bytes, ...] = tuple(keys)
         with self._lock:
             self._stats.started += 1
-            if ttl > self.config.max_pause_s:
+            if predicted > self.config.max_pause_s:
                 self._stats.skipped += 1
+                pinned = ()
+            elif ttl <= 0:
                 pinned = ()
         if pinned:
             try:
@@ -106,17 +124,33 @@ class AgentSessions:
                     self._stats.refused += 1
                 pinned = ()
         with self._lock:  # paused even when unpinned: its duration is still learned
-            self._paused[session] = _Paused(tool, pinned, self._clock(), ttl)
+            self._paused[session] = _Paused(tool, pinned, self._clock() - ago_s, predicted)
+            forgotten = self._forget_oldest()
+        if forgotten:
+            self._unpin(forgotten)
         return ttl if pinned else 0.0
 
-    def tool_finished(self, session: str, learn: bool = True) -> float | None:
+    def _forget_oldest(self) -> list[bytes]:
+        """Past max_sessions, drop the longest-paused (under the lock); returns keys to unpin."""
+        free: list[bytes] = []
+        while len(self._paused) > self.config.max_sessions:
+            oldest = next(iter(self._paused))  # dicts keep insertion order: the earliest pause
+            free.extend(self._paused.pop(oldest).keys)
+        if free:
+            held = {k for p in self._paused.values() for k in p.keys}
+            free = [k for k in free if k not in held]
+        return free
+
+    def tool_finished(self, session: str, learn: bool = True, ago_s: float = 0.0) -> float | None:
         """The session's next turn has come: learn how long the tool took and release its pins
-        (but not keys another paused session holds). Returns the duration, None if not paused."""
+        (but not keys another paused session holds). Returns the duration, None if not paused.
+        ``ago_s``: how long ago the turn really arrived."""
+        ago_s = _age(ago_s)
         with self._lock:
             paused = self._paused.pop(session, None)
             if paused is None:
                 return None
-            took = self._clock() - paused.started
+            took = max(0.0, self._clock() - ago_s - paused.started)
             held = {k for p in self._paused.values() for k in p.keys}
             if learn:
                 self._durations.setdefault(paused.tool, deque(maxlen=self.config.history)).append(took)
@@ -134,3 +168,9 @@ class AgentSessions:
             for tool, seen in self._durations.items():
                 s.per_tool[tool] = {"calls": len(seen), "ttl_s": self.predict(tool)}
         return s
+
+
+def _age(ago_s: object) -> float:
+    if not isinstance(ago_s, (int, float)) or isinstance(ago_s, bool) or not 0 <= ago_s < 86400:
+        raise InvalidInputError(f"ago_s must be a number of seconds in [0, 86400), got {ago_s!r}")
+    return float(ago_s)

@@ -232,6 +232,19 @@ class DaemonClient:
     def unpin(self, keys: Sequence[bytes]) -> int:
         return int(self._call("/v1/unpin", {"keys": list(keys)})["unpinned"])
 
+    def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float = 0.0) -> float:
+        """An agent session paused on ``tool`` (kvstore.agents, kept by the daemon per tenant):
+        the daemon pins ``keys`` for the TTL it predicts from every engine's calls of that tool
+        and returns it (0.0: nothing pinned)."""
+        body = {"session": session, "tool": tool, "keys": list(keys), "ago_s": ago_s}
+        return float(self._call("/v1/tool/started", body)["ttl_s"])
+
+    def tool_finished(self, session: str, ago_s: float = 0.0) -> float | None:
+        """The session's next turn arrived: the daemon learns the duration (returned; None if
+        it did not know the session as paused) and releases the pins."""
+        took = self._call("/v1/tool/finished", {"session": session, "ago_s": ago_s})["took_s"]
+        return None if took is None else float(took)
+
     def delete(self, keys: Sequence[bytes]) -> int:
         return int(self._call("/v1/delete", {"keys": list(keys)})["deleted"])
 

@@ -10,6 +10,7 @@ flow down through per-tier writer threads.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import time
 import weakref
@@ -57,9 +58,10 @@ class KVStore:
         self.tiers = self.stack.tiers
         self.counters = self.stack.counters
         self.pins = self.stack.pins
-        self.agents = AgentSessions(self.stack.pin, self.stack.unpin, ToolTTLConfig(
-            default_ttl_s=self.config.tool_default_ttl_s, quantile=self.config.tool_ttl_quantile,
-            max_ttl_s=self.config.max_pin_ttl_s, max_pause_s=self.config.tool_max_pause_s), clock=clock)
+        # Tiers that keep agent sessions themselves (the daemon learns from every engine it
+        # serves) get the events instead of a pin at this process's predicted TTL.
+        self.agents = AgentSessions(functools.partial(self.stack.pin, session_tiers=False), self.stack.unpin,
+                                    ToolTTLConfig.of(self.config), clock=clock)
         self._access: AccessLog | None = None
         try:
             self._check_budgets()
@@ -253,21 +255,26 @@ class KVStore:
             self._access.record("pin", [r.key for r in refs[:n]], num_tokens(tokens), ttl_s=ttl_s)
         return refs[n - 1].end if n else 0
 
-    def tool_started(self, session: str, tool: str, tokens: object) -> float:
+    def tool_started(self, session: str, tool: str, tokens: object, *, ago_s: float = 0.0) -> float:
         """An agent's turn ended in a call of ``tool``: pin the stored prefix of ``tokens`` (the
         session's context so far) for as long as that tool is expected to take (kvstore.agents).
-        Returns the TTL, 0.0 if nothing was pinned (nothing stored, or the pin cap refused)."""
+        Returns this process's TTL, 0.0 if it pinned nothing (nothing stored, the pin cap
+        refused, a tool expected to outlast tool_max_pause_s). ``ago_s``: how long ago the call
+        started, for an engine that reports it late. A daemon tier is told too and pins on its
+        own prediction (a network round trip; an unreachable daemon is skipped, never raised)."""
         refs, _where, n = self._resolve(tokens)
         keys = [r.key for r in refs[:n]]
-        ttl = self.agents.tool_started(session, tool, keys)
+        ttl = self.agents.tool_started(session, tool, keys, ago_s)
+        self.stack.tool_started(session, tool, keys, ago_s)
         if self._access is not None:
             self._access.record("tool_started", keys, num_tokens(tokens), ttl_s=ttl)
         return ttl
 
-    def tool_finished(self, session: str) -> float | None:
-        """The session's next turn is here: learn the tool's duration and release its pins.
-        Returns how long the tool took, None if the session was not paused."""
-        took = self.agents.tool_finished(session)
+    def tool_finished(self, session: str, *, ago_s: float = 0.0) -> float | None:
+        """The session's next turn is here (since ``ago_s``): learn the tool's duration and
+        release its pins. Returns how long the tool took, None if the session was not paused."""
+        took = self.agents.tool_finished(session, ago_s=ago_s)
+        self.stack.tool_finished(session, ago_s)
         if self._access is not None and took is not None:
             self._access.record("tool_finished", [], 0, duration_s=took)
         return took

@@ -376,13 +376,26 @@ class TierStack:
 
     # ---- pins ----------------------------------------------------------------------------
 
-    def pin(self, keys: Sequence[bytes], ttl_s: float) -> None:
-        """Pin keys for ``ttl_s``; raises PinLimitError, pinning nothing, past any tier's cap."""
+    def pin(self, keys: Sequence[bytes], ttl_s: float, session_tiers: bool = True) -> None:
+        """Pin keys for ``ttl_s``; raises PinLimitError, pinning nothing, past any tier's cap.
+        ``session_tiers=False``: an agent session's pin, which tiers that keep sessions
+        themselves take as an event (``tool_started``) instead."""
         check_pin_budget(self.tiers, self.pins.active(), keys)
         self.pins.pin(keys, ttl_s)
         for tier in self.tiers:
-            if isinstance(tier, BlobTier):
+            if isinstance(tier, BlobTier) and (session_tiers or not tier.keeps_sessions):
                 tier.expire(keys, ttl_s)
+
+    def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float) -> None:
+        """Tell the tiers that keep agent sessions (blocking: one round trip each; never raises)."""
+        for tier in self.tiers:
+            if tier.keeps_sessions:
+                tier.tool_started(session, tool, keys, ago_s)
+
+    def tool_finished(self, session: str, ago_s: float) -> None:
+        for tier in self.tiers:
+            if tier.keeps_sessions:
+                tier.tool_finished(session, ago_s)
 
     def unpin(self, keys: Sequence[bytes]) -> int:
         return self.pins.unpin(keys)

@@ -39,8 +39,10 @@ SIZE_BUCKETS = tuple(float(1 << p) for p in range(12, 32, 2))  # 4 KiB .. 1 GiB,
 
 
 class StoreCollector(Collector):
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]],
+                 sessions: Callable[[], dict[str, Any]] | None = None) -> None:
         self._stats = stats
+        self._sessions = sessions
 
     def collect(self) -> Iterator[Metric]:
         st = self._stats()
@@ -67,10 +69,29 @@ class StoreCollector(Collector):
         yield usage
         yield objects
         yield GaugeMetricFamily("kvstore_pinned_objects", "pinned objects", value=st["pinned_objects"])
+        if self._sessions is not None:
+            yield from _session_metrics(self._sessions())
+
+
+def _session_metrics(per_tenant: dict[str, Any]) -> Iterator[Metric]:
+    """Agent sessions per tenant (kvstore.agents): paused now, and tool calls by outcome."""
+    paused = GaugeMetricFamily("kvstore_agent_sessions_paused", "agent sessions waiting on a tool call",
+                               labels=["tenant"])
+    calls = CounterMetricFamily("kvstore_agent_tool_calls", "tool calls agent sessions paused on, by outcome: "
+                                "started, finished (next turn came), refused (pin cap), skipped (expected "
+                                "to outlast tool_max_pause_s), expired (took longer than the pin)",
+                                labels=["tenant", "outcome"])
+    for tenant, s in per_tenant.items():
+        paused.add_metric([tenant], float(s.paused))
+        for outcome in ("started", "finished", "refused", "skipped", "expired"):
+            calls.add_metric([tenant, outcome], float(getattr(s, outcome)))
+    yield paused
+    yield calls
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]],
+                 sessions: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("kvstore_requests", "HTTP requests", ["route", "code"], registry=self.registry)
         self.latency = Histogram("kvstore_request_seconds", "request latency", ["route"], registry=self.registry,
@@ -83,4 +104,4 @@ class Metrics:
         self.bytes_out = Counter("kvstore_sent_bytes", "object bytes sent", registry=self.registry)
         self.lmcache = Counter("kvstore_lmcache_requests", "LMCache protocol requests and rejections", ["what"],
                                registry=self.registry)
-        self.registry.register(StoreCollector(stats))
+        self.registry.register(StoreCollector(stats, sessions))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 _KEYS = {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "16-byte chunk keys"}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 256}
+_AGO = {"type": "number", "minimum": 0, "maximum": 86399}
 
 
 def _control(summary: str, props: dict[str, Any], result: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -29,6 +31,14 @@ def openapi() -> dict[str, Any]:
                             {"pinned": {"type": "integer"}}, ["keys", "ttl_s"]),
         "/v1/unpin": _control("Release pins", {"keys": _KEYS}, {"unpinned": {"type": "integer"}}, ["keys"]),
         "/v1/delete": _control("Delete keys", {"keys": _KEYS}, {"deleted": {"type": "integer"}}, ["keys"]),
+        "/v1/tool/started": _control(
+            "An agent session paused on a tool call: pin its keys for the TTL learned from the tenant's "
+            "calls of that tool; ago_s says how long ago the call started",
+            {"session": _NAME, "tool": _NAME, "keys": _KEYS, "ago_s": _AGO}, {"ttl_s": {"type": "number"}},
+            ["session", "tool"]),
+        "/v1/tool/finished": _control(
+            "The session's next turn: learn the tool's duration, release the pins",
+            {"session": _NAME, "ago_s": _AGO}, {"took_s": {"type": "number", "nullable": True}}, ["session"]),
         "/v1/clear": _control("Delete everything, or one tenant's objects (admin)", {"tenant": {"type": "string"}},
                               {"cleared": {"type": "boolean"}, "deleted": {"type": "integer"}}, []),
         "/v1/get": {"post": {

@@ -1,7 +1,8 @@
 """``kvstore serve``: the shared cache daemon (aiohttp).
 
 Data plane: exists/lookup/get/put of self-describing objects in batches (kvstore.wire). Control
-plane: pin/unpin/delete/clear, stats, health, Prometheus metrics, OpenAPI. Every object is
+plane (service.control): pin/unpin/delete/clear, agent sessions, stats; here too: health,
+Prometheus metrics, OpenAPI. Every object is
 stored under a tenant-scoped key (service.auth.storage_key), verified on the way in, and
 verified again on the way out; store work that may block (a disk read, a full writer queue,
 Redis) runs in a thread pool so one slow disk read never stalls other requests, and work that
@@ -28,14 +29,15 @@ from kvstore.blobstore import BlobStore, QuotaExceededError, StoredObject
 from kvstore.config import StoreConfig, parse_size
 from kvstore.errors import ConfigError, InvalidInputError, KVStoreError, PinLimitError
 from kvstore.service import startup
+from kvstore.agents import ToolTTLConfig
 from kvstore.service.auth import KeyFile, Principal, storage_key
+from kvstore.service.control import ControlPlane, TenantSessions, error_response, msgpack_response
 from kvstore.service.intake import BodyIntake
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
 from kvstore.client import TENANT_HEADER
 from kvstore.writer import WriteAcks
-from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, WireError, batch_header, check_keys,
-                          pack_control, unpack_control)
+from kvstore.wire import BATCH_CONTENT_TYPE, WireError, batch_header, check_keys, unpack_control
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -142,15 +144,11 @@ def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
     return _error(500, "internal error (logged)")
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+_error = error_response
+_msgpack = msgpack_response
 
 
-def _msgpack(data: dict[str, Any]) -> web.Response:
-    return web.Response(body=pack_control(data), content_type=MSGPACK_CONTENT_TYPE)
-
-
-class Daemon:
+class Daemon(ControlPlane):
     def __init__(self, config: ServeConfig, keys: KeyFile | None = None) -> None:
         self.config = config
         self.keys = keys if keys is not None else KeyFile.load(config.key_file)
@@ -162,7 +160,8 @@ class Daemon:
             self.store.close()
             raise ConfigError("serve.ack is disk, but no disk tier gets every object (add tiers.disk, with "
                               "write: through if it is not the first tier, or leave --ack at memory)")
-        self.metrics = Metrics(self.store.stats)
+        self.sessions = TenantSessions(self.store, ToolTTLConfig.of(config.store))
+        self.metrics = Metrics(self.store.stats, self.sessions.stats)
         self.started = time.monotonic()
         self.listening = False
         self._local_only = not any(t.is_remote for t in self.store.tiers)
@@ -380,49 +379,6 @@ class Daemon:
 
     # ---- control plane -------------------------------------------------------------------
 
-    async def pin(self, request: web.Request) -> web.Response:
-        body = await self._control(request)
-        _keys, skeys = self._keys(body, request["principal"])
-        ttl = body.get("ttl_s")
-        limit = self.config.store.max_pin_ttl_s
-        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= limit:
-            raise WireError(f"'ttl_s' must be a number in (0, {limit}]")
-        return _msgpack({"pinned": await self._run(self.store.pin, skeys, float(ttl))})
-
-    async def unpin(self, request: web.Request) -> web.Response:
-        _keys, skeys = self._keys(await self._control(request), request["principal"])
-        return _msgpack({"unpinned": await self._run(self.store.unpin, skeys)})
-
-    async def delete(self, request: web.Request) -> web.Response:
-        _keys, skeys = self._keys(await self._control(request), request["principal"])
-        return _msgpack({"deleted": await self._run(self.store.delete, skeys)})
-
-    async def clear(self, request: web.Request) -> web.Response:
-        """Everything (admin), or one tenant's objects (``{"tenant": NAME}``, admin)."""
-        if not request["principal"].admin:
-            return _error(403, "clear needs an admin key")
-        # With an acting tenant (X-Kvstore-Tenant) a clear is that tenant's, never everyone's.
-        tenant = (await self._control(request)).get("tenant") or request.headers.get(TENANT_HEADER)
-        if tenant is None:
-            await self._run(self.store.clear)
-            return _msgpack({"cleared": True})
-        if not isinstance(tenant, str) or not tenant:
-            raise WireError("'tenant' must be a tenant name")
-        return _msgpack({"cleared": True, "deleted": await self._run(self.store.clear_owner, tenant)})
-
-    async def stats(self, request: web.Request) -> web.Response:
-        """An admin sees the tiers and every tenant; a tenant sees only its own usage: tier-wide
-        hits, objects and bytes would tell it what other tenants do."""
-        principal: Principal = request["principal"]
-        st = await self._run(self.store.stats)
-        tenants = st["tenants"]
-        for tenant, quota in self.keys.quotas.items():
-            tenants.setdefault(tenant, {"bytes": 0, "objects": 0})["quota"] = quota
-        if principal.admin:
-            return web.json_response(st)
-        own = tenants.get(principal.tenant, {"bytes": 0, "objects": 0})
-        return web.json_response({"tenant": principal.tenant, **own, "tenants": {principal.tenant: own}})
-
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -449,7 +405,8 @@ class Daemon:
         r = app.router
         for path, handler in (("/v1/exists", self.exists), ("/v1/lookup", self.lookup), ("/v1/get", self.get),
                               ("/v1/put", self.put), ("/v1/pin", self.pin), ("/v1/unpin", self.unpin),
-                              ("/v1/delete", self.delete), ("/v1/clear", self.clear)):
+                              ("/v1/delete", self.delete), ("/v1/clear", self.clear),
+                              ("/v1/tool/started", self.tool_started), ("/v1/tool/finished", self.tool_finished)):
             r.add_post(path, handler)
         r.add_get("/v1/stats", self.stats)
         r.add_get("/healthz", self.healthz)

@@ -82,3 +82,111 @@ def test_a_tool_expected_to_outlast_the_pause_limit_is_not_pinned(spec):
         assert store.agents.stats().skipped == 1 and store.agents.predict("human_review") == 150.0
         clock.now += 100.0
         assert store.tool_finished("s") == 100.0
+
+
+def test_late_reports_count_from_when_the_call_really_started(spec):
+    """An engine that reports a pause late (vLLM's connector, by a step) says how late: the
+    duration learned and the pin's end both count from the real start."""
+    clock = Clock()
+    ctx = list(range(32))
+    with KVStore(spec, {"chunk_size": 16, "tiers": {"cpu": {"capacity": "1MiB"}}}, clock=clock) as store:
+        store.put(ctx, causal_kv(spec, ctx))
+        assert store.tool_started("s", "search", ctx, ago_s=5.0) == 25.0  # the default 30 s, 5 already gone
+        clock.now += 3.0
+        assert store.tool_finished("s", ago_s=1.0) == 7.0
+        assert store.tool_started("s", "search", ctx, ago_s=40.0) == 0.0  # its pin would have run out
+        assert not store.pins.active()
+
+
+def test_sessions_that_never_come_back_are_forgotten_past_the_cap():
+    from kvstore.agents import AgentSessions, ToolTTLConfig
+
+    pinned: set[bytes] = set()
+    sessions = AgentSessions(lambda keys, ttl: pinned.update(keys), lambda keys: pinned.difference_update(keys),
+                             ToolTTLConfig(max_sessions=3))
+    for i in range(5):
+        sessions.tool_started(f"s{i}", "t", [bytes([i]) * 16, b"\xff" * 16])
+    assert sessions.stats().paused == 3
+    assert pinned == {bytes([i]) * 16 for i in (2, 3, 4)} | {b"\xff" * 16}  # the shared key stays for s2..s4
+    assert sessions.tool_finished("s0") is None and sessions.tool_finished("s4") is not None
+
+
+# ---- through the daemon ------------------------------------------------------------------
+
+def _daemon_store(url: str, key: str) -> dict:
+    return {"chunk_size": 16, "tiers": {"remote": {"url": url, "api_key": key}}}
+
+
+def test_the_daemon_learns_each_tenants_tools_from_all_its_engines(tmp_path, spec):
+    """Two engines of tenant a pause on one tool through one daemon: the daemon pins their
+    prefixes, learns the tool's durations from both, and releases at the next turn. Tenant b
+    learns nothing from a, sees none of a's sessions; the admin sees both. The KV stays exact."""
+    import json
+    import urllib.request
+
+    from conftest import Daemon
+    from kvstore.client import DaemonClient
+
+    kf = tmp_path / "keys.yaml"
+    kf.write_text("keys:\n  ka: {tenant: a}\n  kb: {tenant: b}\n  kadmin: {tenant: ops, admin: true}\n")
+    d = Daemon(tmp_path, key_file=kf)
+    try:
+        admin = DaemonClient(d.url, api_key="kadmin")
+        ctx = list(range(64))
+        with KVStore(spec, _daemon_store(d.url, "ka")) as one, KVStore(spec, _daemon_store(d.url, "ka")) as two:
+            one.put(ctx, causal_kv(spec, ctx))
+            one.flush()
+            for i, (engine, took) in enumerate([(one, 2.0), (two, 3.0), (one, 4.0)]):
+                # started `took` seconds ago: the daemon learns that duration without the wait
+                engine.tool_started(f"s{i}", "search", ctx, ago_s=took)
+                assert admin.stats()["pinned_objects"] == 4  # the 4 chunks, pinned in the daemon
+                assert engine.tool_finished(f"s{i}") >= took  # this process learns too
+            assert admin.stats()["pinned_objects"] == 0
+            a = DaemonClient(d.url, api_key="ka")
+            ttl = a.tool_started("s9", "search", [])  # 0.9 quantile of 2, 3, 4 s, x1.25
+            assert ttl == 0.0  # nothing to pin: the TTL is 0 ...
+            assert abs(a.stats()["sessions"]["a"]["per_tool"]["search"]["ttl_s"] - 5.0) < 0.2  # ... but learned
+            b = DaemonClient(d.url, api_key="kb")
+            assert b.tool_finished("s9") is None  # a's session is not b's
+            b.tool_started("s9", "search", [])
+            assert b.stats()["sessions"]["b"]["per_tool"] == {}  # b has learned nothing (from a)
+            assert set(b.stats()["sessions"]) == {"b"} and set(admin.stats()["sessions"]) == {"a", "b"}
+            assert a.tool_finished("s9") is not None
+            hit, out = two.get(ctx)
+            assert hit == 64 and torch.equal(out, causal_kv(spec, ctx))
+        req = urllib.request.Request(f"http://127.0.0.1:{d.port}/metrics", headers={"Authorization": "Bearer kadmin"})
+        text = urllib.request.urlopen(req, timeout=10).read().decode()
+        assert 'kvstore_agent_tool_calls_total{outcome="finished",tenant="a"} 4.0' in text
+        assert 'kvstore_agent_sessions_paused{tenant="b"} 1.0' in text
+        json.loads(urllib.request.urlopen(f"http://127.0.0.1:{d.port}/openapi.json").read())["paths"]["/v1/tool/started"]
+    finally:
+        d.stop()
+
+
+def test_a_pause_reaches_every_daemon_of_a_group(tmp_path, spec):
+    """Keys spread over two daemons: each pins its share, each learns the pause, and the next
+    turn releases both."""
+    from conftest import Daemon
+    from kvstore.client import DaemonClient
+
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    a, b = Daemon(tmp_path / "a"), Daemon(tmp_path / "b")
+    try:
+        url = f"kvstore://127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        ctx = list(range(16 * 12))
+        with KVStore(spec, {"chunk_size": 16, "tiers": {"remote": {"url": url}}}) as store:
+            store.put(ctx, causal_kv(spec, ctx))
+            store.flush()
+            store.tool_started("s", "search", ctx, ago_s=1.0)
+            pinned = [DaemonClient(d.url).stats()["pinned_objects"] for d in (a, b)]
+            assert sum(pinned) == 12 and min(pinned) > 0, pinned
+            store.tool_finished("s")
+            for d in (a, b):
+                st = DaemonClient(d.url).stats()
+                assert st["pinned_objects"] == 0 and st["sessions"]["default"]["finished"] == 1
+            hit, out = store.get(ctx)
+            assert hit == len(ctx) and torch.equal(out, causal_kv(spec, ctx))
+    finally:
+        a.stop()
+        b.stop()

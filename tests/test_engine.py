@@ -168,3 +168,41 @@ def test_prefill_kv_is_what_generate_computes(model_dir):
     got = e.generate(p, GREEDY)
     assert got.hit_tokens == 70 and got.tokens == Engine.load(model_dir).generate(p, GREEDY).tokens
     store.close()
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_an_agent_turn_paused_on_a_tool_keeps_its_context(model_dir, announced):
+    """Turn 1 of an agent ends in a tool call; while the tool runs, one-off requests fill the
+    memory tier. Announced (session= and tool=), the session's context is pinned and turn 2
+    reuses it; unannounced, LRU has evicted it. Either way the output is an engine's without
+    kvstore, and so is a fresh engine's on the same store."""
+    plain = Engine.load(model_dir)
+    spec = plain.kv_spec()
+    cap = int(2.5 * 208 * spec.bytes_per_token)  # room for two and a half 208-token contexts
+    engine, store = with_store(model_dir, mem_config(chunk=32, cpu=cap, tool_default_ttl_s=60.0))
+    turn1 = prompt(200, seed=21)
+    kw = {"session": "agent-7", "tool": "search"} if announced else {}
+    first = engine.generate(turn1, GREEDY, **kw)
+    for seed in range(3):  # other users' one-off requests while the tool runs
+        engine.generate(prompt(200, seed=100 + seed), GREEDY)
+    turn2 = turn1 + first.tokens + prompt(20, seed=22)  # the tool's result appended
+    got = engine.generate(turn2, GREEDY, session="agent-7" if announced else None)
+    want = plain.generate(turn2, GREEDY)
+    assert got.tokens == want.tokens
+    torch.testing.assert_close(got.first_logits, want.first_logits, atol=1e-4, rtol=1e-4)
+    if announced:
+        assert got.hit_tokens >= 192  # the 6 whole chunks of turn 1's context
+        assert store.agents.stats().finished == 1 and not store.pins.active()  # released at turn 2
+    else:
+        assert got.hit_tokens == 0
+    fresh = Engine.load(model_dir)
+    fresh.attach(engine.hooks)
+    again = fresh.generate(turn2, GREEDY)
+    assert again.tokens == want.tokens and again.hit_tokens >= 192
+    store.close()
+
+
+def test_a_tool_without_a_session_is_refused(model_dir):
+    engine = Engine.load(model_dir)
+    with pytest.raises(InvalidInputError, match="session"):
+        engine.generate(prompt(10), GREEDY, tool="search")

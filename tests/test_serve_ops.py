@@ -136,7 +136,8 @@ def test_a_tenant_sees_only_its_own_usage(tenants):
     assert gamma.put([(bytes([i]) * 16, obj(bytes([i]) * 16)) for i in range(3)]) == 3
     gamma.get([b"\x00" * 16])
     after = delta.stats()
-    assert after == before and set(after) == {"tenant", "bytes", "objects", "tenants"}
+    assert after == before and set(after) == {"tenant", "bytes", "objects", "tenants", "sessions"}
+    assert after["sessions"] == {}  # its own agent sessions only: none
     assert after["tenant"] == "delta" and after["objects"] == 1 and set(after["tenants"]) == {"delta"}
     mine = gamma.stats()
     assert mine["objects"] == 3 and mine["quota"] == 8000 and "tiers" not in mine
@@ -172,12 +173,13 @@ def test_tenant_usage_and_quota_survive_a_restart(tenants):
 
 
 def scrape_after_traffic(tmp_path) -> str:
-    """/metrics of a live daemon after one put and one get."""
+    """/metrics of a live daemon after one put, one get and an agent's paused session."""
     d = Daemon(tmp_path)
     try:
         c = DaemonClient(d.url)
         c.put([(b"\x02" * 16, obj(b"\x02" * 16))])
         c.get([b"\x02" * 16])
+        c.tool_started("agent-1", "search", [b"\x02" * 16])
         return _get(d.port, "/metrics")[1]
     finally:
         d.stop()
@@ -187,7 +189,7 @@ def test_metrics_follow_prometheus_conventions(tmp_path):
     text = scrape_after_traffic(tmp_path)
     types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE"))
     for counter in ("kvstore_tier_hits", "kvstore_tier_evictions", "kvstore_tier_corrupt", "kvstore_requests",
-                    "kvstore_tier_load_seconds", "kvstore_received_bytes"):
+                    "kvstore_tier_load_seconds", "kvstore_received_bytes", "kvstore_agent_tool_calls"):
         assert types[f"{counter}_total"] == "counter", counter
     assert not any(name.endswith("_created") for name in types)  # no per-series creation-time gauges
     assert 'kvstore_tier_hits_total{tier="cpu"} 1.0' in text

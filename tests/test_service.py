@@ -263,7 +263,7 @@ def test_remote_tier_outage_degrades_to_misses(tmp_path):
 
 
 _BODIES = st.one_of(st.binary(max_size=200), st.builds(
-    lambda d: msgpack.packb(d), st.dictionaries(st.sampled_from(["keys", "ttl_s", "v", "x"]), st.one_of(
+    lambda d: msgpack.packb(d), st.dictionaries(st.sampled_from(["keys", "ttl_s", "v", "x", "session", "tool", "ago_s"]), st.one_of(
         st.lists(st.binary(min_size=0, max_size=20), max_size=5), st.integers(-2**63, 2**64 - 1),
         st.floats(allow_nan=True),
         st.text(max_size=5), st.none()), max_size=3)))
@@ -272,7 +272,8 @@ _BODIES = st.one_of(st.binary(max_size=200), st.builds(
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(path=st.sampled_from(["/v1/exists", "/v1/lookup", "/v1/get", "/v1/put", "/v1/pin", "/v1/unpin",
-                             "/v1/delete", "/v1/clear", "/v1/nope"]), body=_BODIES)
+                             "/v1/delete", "/v1/clear", "/v1/tool/started", "/v1/tool/finished", "/v1/nope"]),
+       body=_BODIES)
 def test_fuzzed_requests_never_get_a_5xx(daemon, path, body):
     status, _ = raw_post(daemon.port, path, body, key="")
     assert status < 500

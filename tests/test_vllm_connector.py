@@ -6,6 +6,7 @@ runs this file (CI runs that step). Elsewhere it skips, unless KVSTORE_VLLM_TEST
 run. vLLM's own prefix cache is off in these engines, so every reused token came from kvstore.
 """
 
+import json
 import random
 import shutil
 
@@ -49,9 +50,16 @@ def runs(tmp_path_factory):
     out = {"baseline": run(tmp, "baseline", probes, None)}
     out["store"] = run(tmp, "store", STORED, disk_config(cache))
     # A fresh engine, with vLLM's multiprocess executor: scheduler and worker in two processes.
+    # Its requests are two agents' turns (kv_transfer_params), one at a time 0.3 s apart: a
+    # session's next turn comes after the other's (its "tool call"). One carries a malformed session.
     shutil.copytree(cache, tmp / "kv_pristine")
-    out["load"] = run(tmp, "load", probes, disk_config(cache), multiprocessing=True)
+    sessions = [{"kvstore_session": f"agent-{i % 2}", "kvstore_tool": "search"} for i in range(len(probes))]
+    sessions[-1] = {"kvstore_session": 42}
+    access = tmp / "access.jsonl"
+    out["load"] = run(tmp, "load", probes, {**disk_config(cache), "access_log": str(access)}, multiprocessing=True,
+                      kv_params=sessions, sequential=True, pause_s=0.3)
     out["load_log"] = (tmp / "load.log").read_text()
+    out["access"] = [json.loads(line) for line in access.read_text().splitlines()]
     # Corrupt every stored object: lookups still see them, loads fail verification.
     corrupt = tmp / "kv_corrupt"
     shutil.copytree(tmp / "kv_pristine", corrupt)
@@ -92,6 +100,23 @@ def test_loading_engine_matches_baseline(runs):
         assert base["num_cached_tokens"] == 0
     # every load delivered what the lookup promised (no block fell back to recompute)
     assert "recomputing the rest" not in runs["load_log"]
+
+
+def test_agent_sessions_ride_in_kv_transfer_params(runs):
+    """The scheduler process sees the sessions; the worker process's store pins: a finished turn
+    pins its prompt's stored chunks for the tool's TTL, the session's next turn ends the pause
+    (its duration learned), and a malformed session is logged once and ignored."""
+    started = [e for e in runs["access"] if e["op"] == "tool_started"]
+    finished = [e for e in runs["access"] if e["op"] == "tool_finished"]
+    # Turns 0..6 pause (the last turn's pause is never delivered: no step follows it); turn 0,
+    # "full", pins its 9 stored chunks for the default 30 s, less the step it was reported late.
+    assert [len(e["keys"]) for e in started[:2]] == [9, 9], started
+    assert 29 < started[0]["ttl_s"] <= 30 and all(e["ttl_s"] <= 30 for e in started)
+    assert len(started) == 7
+    # Agent 0's turns 2, 4, 6 and agent 1's 3, 5 each end a pause: at least one other turn and
+    # two 0.3 s gaps long, learned from when the pause really began.
+    assert len(finished) == 5 and all(e["duration_s"] >= 0.6 for e in finished), finished
+    assert "ignoring kv_transfer_params kvstore_session=42" in runs["load_log"]
 
 
 def test_storing_engine_output_unchanged(runs):

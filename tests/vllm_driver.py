@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--long-prefill-threshold", type=int, default=0,
                     help="long_prefill_token_threshold: prefill long prompts over several steps")
     ap.add_argument("--hf-overrides", default="{}", help="JSON hf_overrides for the model config")
+    ap.add_argument("--kv-params", help="JSON list: each prompt's kv_transfer_params (or null)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
@@ -46,12 +47,19 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, detokenize=False,
                             logprobs=0)
     prompts = json.load(open(args.prompts))
-    batches = [[p] for p in prompts] if args.sequential else [prompts]
+    kv_params = json.loads(args.kv_params) if args.kv_params else [None] * len(prompts)
+    # Each prompt's own params: kv_transfer_params ride in extra_args, as vLLM's API server puts them.
+    per_prompt = [params if p is None else params.clone() for p in kv_params]
+    for sp, p in zip(per_prompt, kv_params):
+        if p is not None:
+            sp.extra_args = {"kv_transfer_params": p}
+    order = list(zip(prompts, per_prompt))
+    batches = [[x] for x in order] if args.sequential else [order]
     results = []
     for i, batch in enumerate(batches):
         if i and args.pause:
             time.sleep(args.pause)
-        outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in batch], [sp for _, sp in batch], use_tqdm=False)
         for o in outs:
             c = o.outputs[0]
             results.append({"tokens": list(c.token_ids), "num_cached_tokens": o.num_cached_tokens,

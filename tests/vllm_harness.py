@@ -49,7 +49,7 @@ def remote_config(url: str) -> dict:
 def run(tmp: Path, name: str, prompts: list, kvstore_config: dict | None, *, multiprocessing: bool = False,
         sequential: bool = False, prefix_caching: bool = False, connector: str | None = None,
         model: Path = DEFAULT_MODEL, hf_overrides: dict | None = None, env: dict | None = None,
-        pause_s: float = 0.0, extra: tuple[str, ...] = ()) -> list:
+        pause_s: float = 0.0, extra: tuple[str, ...] = (), kv_params: list | None = None) -> list:
     """One engine over ``prompts``; returns per prompt its tokens, logprobs and cached tokens."""
     (tmp / f"{name}.prompts.json").write_text(json.dumps(prompts))
     cmd = [sys.executable, str(DRIVER), "--model", str(model), "--prompts", str(tmp / f"{name}.prompts.json"),
@@ -64,6 +64,8 @@ def run(tmp: Path, name: str, prompts: list, kvstore_config: dict | None, *, mul
         cmd += ["--pause", str(pause_s)]
     if hf_overrides:
         cmd += ["--hf-overrides", json.dumps(hf_overrides)]
+    if kv_params is not None:
+        cmd += ["--kv-params", json.dumps(kv_params)]
     if kvstore_config is not None:
         cmd += ["--kvstore-config", json.dumps(kvstore_config)]
     cmd += list(extra)

@@ -167,7 +167,12 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
-                 request_id: str | None = None) -> Generation:
+                 request_id: str | None = None, *, session: str | None = None,
+                 tool: str | None = None) -> Generation:
+        """``session``: this is an agent session's next turn, so its pause ends (kvstore.agents).
+        ``tool``: the turn will end in a call of that tool, so the session's context (prompt and
+        output) is pinned while it runs. A caller that learns the tool only from the output calls
+        ``engine.hooks.tool_started(session, tool, prompt + generation.tokens)`` afterwards."""
         t0 = time.perf_counter()
         ids = [int(t) for t in prompt]
         if not ids:
@@ -177,6 +182,10 @@ class Engine:
             raise InvalidInputError(f"prompt ({len(ids)}) + max_new_tokens ({params.max_new_tokens}) "
                                     f"exceeds max_position_embeddings {limit}")
         rid = request_id or f"req-{next(self._ids)}"
+        if tool is not None and session is None:
+            raise InvalidInputError("tool= needs the session it pauses (session=)")
+        if session is not None and self.hooks:
+            self.hooks.tool_finished(session)
         cache = self.new_cache(len(ids) + params.max_new_tokens)
         try:
             load = self.hooks.load(ids, out=cache.load_target(len(ids))) if self.hooks else LayerLoad()
@@ -197,6 +206,8 @@ class Engine:
                 # KV exists for every token but the last sampled one: the next chat turn's prefix.
                 done = ids + out[:-1]
                 self.hooks.save(rid, done, cache.export(len(done)))
+            if tool is not None and self.hooks:
+                self.hooks.tool_started(session, tool, ids + out, request_id=rid)  # type: ignore[arg-type]
         finally:
             if self.hooks:
                 self.hooks.release(rid)  # saves read the cache: they finish before it is freed

@@ -56,6 +56,9 @@ class Tier(ABC):
     is_remote: bool = False  # shared across processes/machines; a round-trip per call
     is_memory_blob: bool = False  # serialized objects in this process's memory (verified on entry)
     is_durable: bool = False  # keeps what it holds when this process dies (files on this machine)
+    # Keeps agent sessions itself (the daemon, which learns tool durations from every engine):
+    # gets tool_started/tool_finished instead of a pin at this process's predicted TTL.
+    keeps_sessions: bool = False
 
     def __init__(self, config: TierConfig, context: TierContext) -> None:
         self.config = config
@@ -92,6 +95,13 @@ class Tier(ABC):
     def pin_capacity(self) -> int | None:
         cap = self.config.capacity
         return None if cap is None else int(cap * self.config.pin_fraction)
+
+    def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float) -> None:
+        """An agent session paused on ``tool`` holding ``keys`` (tiers that keep sessions).
+        Blocking: may do a round trip; must not raise (a failure is a counted miss of the pin)."""
+
+    def tool_finished(self, session: str, ago_s: float) -> None:
+        """The session's next turn arrived ``ago_s`` seconds ago (tiers that keep sessions)."""
 
     def clear(self) -> None:
         """Remove every object this tier holds for this store."""

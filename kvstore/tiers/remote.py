@@ -19,6 +19,7 @@ from kvstore.wire import parts_nbytes
 
 class RemoteTier(GuardedCalls, BlobTier):
     is_remote = True
+    keeps_sessions = True
     TRANSIENT = (OSError, http.client.HTTPException)
     ERRORS = (ServiceError,)
 
@@ -52,6 +53,12 @@ class RemoteTier(GuardedCalls, BlobTier):
     def expire(self, keys: Sequence[bytes], ttl_s: float) -> None:
         if keys:
             self._call(lambda: self.client.pin(keys, ttl_s), 0)
+
+    def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float) -> None:
+        self._call(lambda: self.client.tool_started(session, tool, keys, ago_s), 0.0)
+
+    def tool_finished(self, session: str, ago_s: float) -> None:
+        self._call(lambda: self.client.tool_finished(session, ago_s), None)
 
     def delete(self, keys: Sequence[bytes]) -> int:
         return self._call(lambda: self.client.delete(keys), 0) if keys else 0

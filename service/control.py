@@ -1,0 +1,148 @@
+"""The daemon's control plane: pins, deletes, clears, stats and agent sessions.
+
+A mixin of :class:`kvstore.service.server.Daemon` (it uses the daemon's store, key file,
+config and helpers), kept apart from the data plane so each file has one job. Every handler
+that may block (pins and deletes reach every tier, Redis included) runs in the thread pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+
+from kvstore.agents import AgentSessions, AgentStats, ToolTTLConfig
+from kvstore.client import TENANT_HEADER
+from kvstore.service.auth import Principal, storage_key
+from kvstore.wire import MSGPACK_CONTENT_TYPE, WireError, pack_control
+
+if TYPE_CHECKING:
+    from kvstore.blobstore import BlobStore
+    from kvstore.service.auth import KeyFile
+    from kvstore.service.server import ServeConfig
+
+_MAX_NAME = 256  # longest session id or tool name
+
+
+def msgpack_response(data: dict[str, Any]) -> web.Response:
+    return web.Response(body=pack_control(data), content_type=MSGPACK_CONTENT_TYPE)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class TenantSessions:
+    """Agent sessions (kvstore.agents) kept per tenant: each tenant's tool durations are learned
+    from all its engines, and never from (or visible to) another tenant. Thread-safe."""
+
+    def __init__(self, store: "BlobStore", config: ToolTTLConfig) -> None:
+        self._store = store
+        self._config = config
+        self._lock = threading.Lock()
+        self._tenants: dict[str, AgentSessions] = {}
+
+    def of(self, tenant: str) -> AgentSessions:
+        with self._lock:
+            sessions = self._tenants.get(tenant)
+            if sessions is None:
+                sessions = self._tenants[tenant] = AgentSessions(self._store.pin, self._store.unpin, self._config)
+            return sessions
+
+    def stats(self, tenant: str | None = None) -> dict[str, AgentStats]:
+        """Per tenant (every one, or just ``tenant``)."""
+        with self._lock:
+            chosen = dict(self._tenants) if tenant is None else {tenant: self._tenants[tenant]} \
+                if tenant in self._tenants else {}
+        return {name: sessions.stats() for name, sessions in chosen.items()}
+
+
+def _name(body: dict[str, Any], field: str) -> str:
+    value = body.get(field)
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_NAME:
+        raise WireError(f"'{field}' must be a string of 1..{_MAX_NAME} characters")
+    return value
+
+
+def _ago(body: dict[str, Any]) -> float:
+    ago = body.get("ago_s", 0.0)
+    if not isinstance(ago, (int, float)) or isinstance(ago, bool) or not 0 <= ago < 86400:
+        raise WireError("'ago_s' must be a number of seconds in [0, 86400)")
+    return float(ago)
+
+
+class ControlPlane:
+    config: "ServeConfig"
+    keys: "KeyFile"
+    store: "BlobStore"
+    sessions: TenantSessions
+    _run: Callable[..., Awaitable[Any]]
+    _control: Callable[[web.Request], Awaitable[dict[str, Any]]]
+    _keys: Callable[[dict[str, Any], Principal], tuple[list[bytes], list[bytes]]]
+
+    async def pin(self, request: web.Request) -> web.Response:
+        body = await self._control(request)
+        _keys, skeys = self._keys(body, request["principal"])
+        ttl = body.get("ttl_s")
+        limit = self.config.store.max_pin_ttl_s
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= limit:
+            raise WireError(f"'ttl_s' must be a number in (0, {limit}]")
+        return msgpack_response({"pinned": await self._run(self.store.pin, skeys, float(ttl))})
+
+    async def unpin(self, request: web.Request) -> web.Response:
+        _keys, skeys = self._keys(await self._control(request), request["principal"])
+        return msgpack_response({"unpinned": await self._run(self.store.unpin, skeys)})
+
+    async def delete(self, request: web.Request) -> web.Response:
+        _keys, skeys = self._keys(await self._control(request), request["principal"])
+        return msgpack_response({"deleted": await self._run(self.store.delete, skeys)})
+
+    async def clear(self, request: web.Request) -> web.Response:
+        """Everything (admin), or one tenant's objects (``{"tenant": NAME}``, admin)."""
+        if not request["principal"].admin:
+            return error_response(403, "clear needs an admin key")
+        # With an acting tenant (X-Kvstore-Tenant) a clear is that tenant's, never everyone's.
+        tenant = (await self._control(request)).get("tenant") or request.headers.get(TENANT_HEADER)
+        if tenant is None:
+            await self._run(self.store.clear)
+            return msgpack_response({"cleared": True})
+        if not isinstance(tenant, str) or not tenant:
+            raise WireError("'tenant' must be a tenant name")
+        return msgpack_response({"cleared": True, "deleted": await self._run(self.store.clear_owner, tenant)})
+
+    async def tool_started(self, request: web.Request) -> web.Response:
+        """An agent session of the caller's tenant paused on a tool: its keys are pinned for the
+        TTL learned from the tenant's calls of that tool (``{"ttl_s": 0.0}``: nothing pinned).
+        A pin the pinned-bytes cap refuses is counted, not an error: the engine goes on."""
+        body = await self._control(request)
+        principal: Principal = request["principal"]
+        session, tool, ago = _name(body, "session"), _name(body, "tool"), _ago(body)
+        _keys, skeys = self._keys({"keys": body.get("keys", [])}, principal)
+        sessions = self.sessions.of(principal.tenant)
+        ttl = await self._run(sessions.tool_started, session, tool, skeys, ago)
+        return msgpack_response({"ttl_s": ttl})
+
+    async def tool_finished(self, request: web.Request) -> web.Response:
+        """The session's next turn: the tool's duration is learned and the pins released."""
+        body = await self._control(request)
+        principal: Principal = request["principal"]
+        session, ago = _name(body, "session"), _ago(body)
+        took = await self._run(self.sessions.of(principal.tenant).tool_finished, session, True, ago)
+        return msgpack_response({"took_s": took})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """An admin sees the tiers and every tenant; a tenant sees only its own usage: tier-wide
+        hits, objects and bytes would tell it what other tenants do."""
+        principal: Principal = request["principal"]
+        st = await self._run(self.store.stats)
+        tenants = st["tenants"]
+        for tenant, quota in self.keys.quotas.items():
+            tenants.setdefault(tenant, {"bytes": 0, "objects": 0})["quota"] = quota
+        agents = self.sessions.stats(None if principal.admin else principal.tenant)
+        sessions = {tenant: vars(s) for tenant, s in agents.items()}
+        if principal.admin:
+            return web.json_response({**st, "sessions": sessions})
+        own = tenants.get(principal.tenant, {"bytes": 0, "objects": 0})
+        return web.json_response({"tenant": principal.tenant, **own, "tenants": {principal.tenant: own},
+                                  "sessions": sessions})
