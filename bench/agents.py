@@ -12,7 +12,8 @@ Policies at the same memory budget:
 - fixed TTL: every pause pinned for ``--fixed-ttl`` seconds;
 - predicted: ``KVStore.tool_started``/``tool_finished`` (kvstore.agents: a high quantile of the
   tool's observed durations, learned online, a default for tools never seen; tools expected to
-  outlast ``--pause-limit`` are not pinned);
+  outlast ``--pause-turnovers`` turnovers of the memory tier are not pinned, or ``--pause-limit``
+  seconds with ``--pause-turnovers 0``);
 - oracle, every pause: pinned exactly until its next turn (known only in a replay). It does
   worse than LRU: long pauses hold the pin budget and crowd out sessions that return sooner;
 - oracle, short pauses: the same, for pauses up to ``--pause-limit`` only.
@@ -114,11 +115,13 @@ def pick_tool(rng: random.Random) -> tuple[str, float]:
 
 
 def run(policy: str, arrivals: list[tuple[float, Session]], capacity_tokens: int, fixed_ttl: float,
-        chunk: int, background: float = 0.0, pause_limit: float = 60.0, seed: int = 0) -> Result:
+        chunk: int, background: float = 0.0, pause_limit: float = 60.0, seed: int = 0,
+        pause_turnovers: float = 2.5) -> Result:
     clock = Clock()
     cfg = {"chunk_size": chunk, "tiers": {"cpu": {"capacity": capacity_tokens * SPEC.bytes_per_token,
                                                   "pin_fraction": 0.5}},
-           "tool_default_ttl_s": 30.0, "max_pin_ttl_s": 3600.0, "tool_max_pause_s": pause_limit}
+           "tool_default_ttl_s": 30.0, "max_pin_ttl_s": 3600.0, "tool_max_pause_s": pause_limit,
+           "tool_pause_turnovers": pause_turnovers}
     res = Result()
     events: list[tuple[float, int, Session | None]] = []
     for t, s in arrivals:  # fresh copies: every policy replays the same sessions
@@ -186,7 +189,10 @@ def main() -> None:
     ap.add_argument("--background", type=float, default=1.0,
                     help="one-off 4K-token requests per simulated second beside the agents (default 1)")
     ap.add_argument("--capacity", default="300K", help="memory tier in tokens of KV (default 300K)")
-    ap.add_argument("--pause-limit", type=float, default=60.0, help="tool_max_pause_s (default 60)")
+    ap.add_argument("--pause-limit", type=float, default=60.0,
+                    help="tool_max_pause_s, and the short-pause oracle's limit (default 60)")
+    ap.add_argument("--pause-turnovers", type=float, default=2.5, help="tool_pause_turnovers (default 2.5; 0: "
+                    "the fixed --pause-limit)")
     ap.add_argument("--fixed-ttl", type=float, default=30.0)
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -200,7 +206,7 @@ def main() -> None:
     policies = ("lru", "fixed", "predicted", "oracle", "oracle-short")
     caps = [cap // 2, cap, cap * 2] if args.png else [cap]
     results = {(p, c): run(p, arrivals, c, args.fixed_ttl, args.chunk_size, args.background, args.pause_limit,
-                           args.seed) for c in caps for p in policies}
+                           args.seed, args.pause_turnovers) for c in caps for p in policies}
     rows = [["policy", "next-turn hit ratio", "prefill tokens", "vs lru", "pins refused", "mean pin s"]]
     for p in policies:
         r = results[(p, cap)]

@@ -3,9 +3,10 @@ is expected to take, so an LRU cache under pressure does not evict it just befor
 
 A turn that ends in a tool call says ``tool_started(session, tool, keys)``; the keys are pinned
 for a TTL predicted from that tool's observed durations (a high quantile of the last few
-hundred, times a margin; a default for a tool never seen; never past ``max_ttl_s``; a tool
-expected to take longer than ``max_pause_s`` is not pinned at all, since holding its context
-that long crowds out sessions that come back sooner: measured in bench/agents.py). The next
+hundred, times a margin; a default for a tool never seen; never past ``max_ttl_s``). A tool
+expected to take longer than a few turnovers of the memory tier (``Turnover``) is not pinned at
+all: holding its context that long crowds out sessions that come back sooner, and where that
+happens moves with the tier's size and traffic (measured in bench/agents.py). The next
 turn says ``tool_finished(session)``: the duration is learned and the pins are released (keys
 another paused session shares, such as a common system prompt, stay pinned for it). A pin the
 tier's pinned-byte cap refuses is counted, never raised: the engine's turn goes on unpinned.
@@ -33,9 +34,13 @@ class ToolTTLConfig:
     quantile: float = 0.9  # of the tool's recent durations
     margin: float = 1.25  # times that quantile: the pin outlives most calls a little
     max_ttl_s: float = 600.0  # no pin is longer
-    # A tool expected to take longer is not pinned at all: its context held that long would crowd
-    # out sessions that return sooner, and plain LRU already lets it go (bench/agents.py).
-    max_pause_s: float = 60.0
+    # A tool expected to take longer than this many turnovers of the memory tier (the time it
+    # takes new objects to fill it: about how long LRU keeps an object nobody asks for) is not
+    # pinned: its context held that long would crowd out sessions that return sooner. The best
+    # limit grows with the tier (bench/agents.py: 15-30 s at 150K tokens, 60 s at 300K, 60-120 s
+    # at 600K, in step with the turnover). 0: a fixed limit, max_pause_s.
+    pause_turnovers: float = 2.5
+    max_pause_s: float = 60.0  # the limit while the turnover is not known yet (or pause_turnovers is 0)
     min_samples: int = 3
     history: int = 256  # durations kept per tool
     # Sessions paused at once; past it the longest-paused is forgotten (its pins run out by TTL).
@@ -46,10 +51,11 @@ class ToolTTLConfig:
     def of(cls, config: "StoreConfig") -> "ToolTTLConfig":
         """The settings a store's config gives (``tool_*`` and ``max_pin_ttl_s``)."""
         return cls(default_ttl_s=config.tool_default_ttl_s, quantile=config.tool_ttl_quantile,
-                   max_ttl_s=config.max_pin_ttl_s, max_pause_s=config.tool_max_pause_s)
+                   max_ttl_s=config.max_pin_ttl_s, max_pause_s=config.tool_max_pause_s,
+                   pause_turnovers=config.tool_pause_turnovers)
 
     def __post_init__(self) -> None:
-        if (not 0 < self.quantile <= 1 or self.margin < 1 or self.max_sessions < 1
+        if (not 0 < self.quantile <= 1 or self.margin < 1 or self.max_sessions < 1 or self.pause_turnovers < 0
                 or min(self.default_ttl_s, self.max_ttl_s, self.max_pause_s) <= 0):
             raise ConfigError(f"tool TTL settings out of range (tool_default_ttl_s, tool_ttl_quantile, max_pin_ttl_s): {self}")
 
@@ -78,10 +84,12 @@ class AgentSessions:
     PinLimitError, which is counted). Both calls are cheap: no I/O of their own."""
 
     def __init__(self, pin: Callable[[Sequence[bytes], float], object], unpin: Callable[[Sequence[bytes]], object],
-                 config: ToolTTLConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 config: ToolTTLConfig | None = None, clock: Callable[[], float] = time.monotonic,
+                 turnover: Callable[[], float | None] | None = None) -> None:
         self._pin, self._unpin = pin, unpin
         self.config = config or ToolTTLConfig()
         self._clock = clock
+        self._turnover = turnover  # seconds the memory tier takes to turn over, None while unknown
         self._lock = threading.Lock()
         self._paused: dict[str, _Paused] = {}
         self._durations: dict[str, deque[float]] = {}
@@ -97,6 +105,11 @@ class AgentSessions:
         q = ordered[min(len(ordered) - 1, max(0, math.ceil(c.quantile * len(ordered)) - 1))]
         return min(max(q * c.margin, 1e-3), c.max_ttl_s)
 
+    def pause_limit(self) -> float:
+        """Tools expected to take longer than this are not pinned (see ToolTTLConfig)."""
+        turnover = self._turnover() if self._turnover is not None and self.config.pause_turnovers else None
+        return self.config.max_pause_s if turnover is None else self.config.pause_turnovers * turnover
+
     def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float = 0.0) -> float:
         """Pin ``keys`` (the session's stored prefix) for the predicted TTL; returns it (0.0 when
         the pin was refused or there is nothing to pin). A session already paused is resumed
@@ -111,7 +124,7 @@ class AgentSessions:
         pinned: tuple[bytes, ...] = tuple(keys)
         with self._lock:
             self._stats.started += 1
-            if predicted > self.config.max_pause_s:
+            if predicted > self.pause_limit():
                 self._stats.skipped += 1
                 pinned = ()
             elif ttl <= 0:
@@ -168,6 +181,40 @@ class AgentSessions:
             for tool, seen in self._durations.items():
                 s.per_tool[tool] = {"calls": len(seen), "ttl_s": self.predict(tool)}
         return s
+
+
+class Turnover:
+    """How long a tier takes to turn over: its capacity over the rate new bytes arrive, the
+    rate decayed over ``tau_s`` (under LRU and a steady stream of new objects, about how long an
+    object nobody asks for again survives). Thread-safe; ``add`` is a few float operations."""
+
+    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic, tau_s: float = 120.0) -> None:
+        self.capacity = capacity
+        self._clock = clock
+        self._tau = tau_s
+        self._lock = threading.Lock()
+        self._start: float | None = None
+        self._last = 0.0
+        self._sum = 0.0  # bytes, each decayed by exp(-age / tau)
+
+    def add(self, nbytes: int) -> None:
+        now = self._clock()
+        with self._lock:
+            if self._start is None:
+                self._start = self._last = now
+            self._sum = self._sum * math.exp(-(now - self._last) / self._tau) + nbytes
+            self._last = now
+
+    def seconds(self) -> float | None:
+        """None until bytes have arrived over at least a second."""
+        now = self._clock()
+        with self._lock:
+            if self._start is None or now - self._start < 1.0:
+                return None
+            decayed = self._sum * math.exp(-(now - self._last) / self._tau)
+            # The rate a steady stream since _start would give this decayed sum.
+            rate = decayed / (self._tau * (1.0 - math.exp(-(now - self._start) / self._tau)))
+        return self.capacity / rate if rate > 0 else None
 
 
 def _age(ago_s: object) -> float:

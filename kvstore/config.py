@@ -187,7 +187,8 @@ class StoreConfig:
     max_pin_ttl_s: float = 7 * 86400.0  # the longest pin a caller may ask for
     tool_default_ttl_s: float = 30.0  # agent sessions: the pin of a tool never seen before (then learned per tool)
     tool_ttl_quantile: float = 0.9  # agent sessions: pins last this quantile of the tool's durations, x1.25
-    tool_max_pause_s: float = 60.0  # agent sessions: a tool expected to take longer is not pinned at all
+    tool_pause_turnovers: float = 2.5  # agent sessions: a tool expected to take longer than this many turnovers of the memory tier is not pinned (0: use tool_max_pause_s)
+    tool_max_pause_s: float = 60.0  # agent sessions: the same limit in seconds, while the turnover is unknown
     access_log: str | None = None  # a JSONL file of every lookup, get, put and pin, for `kvstore plan` (off by default)
 
     def __post_init__(self) -> None:

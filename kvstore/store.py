@@ -60,8 +60,10 @@ class KVStore:
         self.pins = self.stack.pins
         # Tiers that keep agent sessions themselves (the daemon learns from every engine it
         # serves) get the events instead of a pin at this process's predicted TTL.
+        turnover = self.stack.turnover
         self.agents = AgentSessions(functools.partial(self.stack.pin, session_tiers=False), self.stack.unpin,
-                                    ToolTTLConfig.of(self.config), clock=clock)
+                                    ToolTTLConfig.of(self.config), clock=clock,
+                                    turnover=turnover.seconds if turnover is not None else None)
         self._access: AccessLog | None = None
         try:
             self._check_budgets()
@@ -259,7 +261,7 @@ class KVStore:
         """An agent's turn ended in a call of ``tool``: pin the stored prefix of ``tokens`` (the
         session's context so far) for as long as that tool is expected to take (kvstore.agents).
         Returns this process's TTL, 0.0 if it pinned nothing (nothing stored, the pin cap
-        refused, a tool expected to outlast tool_max_pause_s). ``ago_s``: how long ago the call
+        refused, a tool expected to outlast the pause limit). ``ago_s``: how long ago the call
         started, for an engine that reports it late. A daemon tier is told too and pins on its
         own prediction (a network round trip; an unreachable daemon is skipped, never raised)."""
         refs, _where, n = self._resolve(tokens)

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
+from kvstore.agents import Turnover
 from kvstore.config import StoreConfig
 from kvstore.errors import ConfigError, CorruptObjectError
 from kvstore.objects import ObjectMeta, decode_payload, encode_object, join_parts, read_meta, recode
@@ -33,6 +34,7 @@ from kvstore.pins import PinRegistry, check_pin_budget
 from kvstore.stats import Counters
 from kvstore.tiers.base import BlobTier, MemoryTierBase, Tier, TierContext
 from kvstore.tiers.registry import build_tier
+from kvstore.wire import parts_nbytes
 from kvstore.writer import PendingWrite, TierWriter, WriteAcks
 
 if TYPE_CHECKING:  # the daemon's opaque stack never loads torch
@@ -62,6 +64,7 @@ class TierStack:
         self.pins = PinRegistry(clock)  # a replay (bench/agents.py) runs pins on simulated time
         self.tiers: list[Tier] = []
         self.writers: dict[str, TierWriter] = {}
+        self.turnover: Turnover | None = None
         self._on_drop = on_drop
         self._stop = threading.Event()
         self._said: set[tuple[str, str]] = set()
@@ -75,6 +78,9 @@ class TierStack:
                     raise ConfigError("the daemon cannot have a remote tier (it stores bytes for many engines)")
                 self.tiers.append(build_tier(tc, context))
             first = self.tiers[0] if self.tiers else None
+            # How fast new objects turn the fastest tier over (agent sessions' pause limit).
+            self.turnover = (Turnover(int(first.config.capacity), clock) if first is not None and first.config.capacity
+                             and (first.is_memory or first.is_memory_blob) else None)
             if first is not None and first.is_memory_blob:  # reads land where a promotion keeps them
                 for tier in self.tiers[1:]:
                     if isinstance(tier, BlobTier):
@@ -328,6 +334,8 @@ class TierStack:
             item = (meta, recode(join_parts(parts), codec) if codec else parts)
             took = self.guarded_write(first, lambda: first.put_blobs([item]) > 0)
         self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
+        if took and self.turnover is not None:
+            self.turnover.add(kv.nbytes if view is not None and kv is not None else parts_nbytes(parts or []))
         if not through:
             return took
         return self._write_down(meta, kv, parts, view, took, keep_parts=keep_parts, acks=acks)
@@ -363,16 +371,19 @@ class TierStack:
     def write_many(self, objects: Sequence[tuple[ObjectMeta, torch.Tensor]]) -> int:
         """``write`` for each (meta, kv), but a remote first tier takes them all in one call (one
         pipeline per Redis node, one request to a daemon) instead of a round trip per object.
-        Returns how many some tier took."""
+        Returns how many some tier took: the remote tier answers a count for the whole batch,
+        not which objects (a daemon with ``--ack disk`` counts only what its disk holds), so
+        that count is taken as it is, never as "all of them" because it is not zero."""
         first = self.tiers[0]
         if len(objects) < 2 or not (isinstance(first, BlobTier) and first.is_remote):
             return sum(self.write(meta, kv=kv) for meta, kv in objects)
         t0 = time.perf_counter()
         encoded = [(meta, encode_object(meta, kv, first.config.codec)) for meta, kv in objects]
-        took = self.guarded_write(first, lambda: first.put_blobs(encoded) > 0)
+        took = int(self.guarded_write(first, lambda: first.put_blobs(encoded)))
         self.counters.tier(first.name, "write_seconds", time.perf_counter() - t0)
-        return sum(self._write_down(meta, kv, parts, None, took)
-                   for (meta, kv), (_meta, parts) in zip(objects, encoded))
+        below = sum(self._write_down(meta, kv, parts, None, False)  # what the tiers below took
+                    for (meta, kv), (_meta, parts) in zip(objects, encoded))
+        return min(len(objects), max(took, below))
 
     # ---- pins ----------------------------------------------------------------------------
 

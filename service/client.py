@@ -94,6 +94,15 @@ class AsyncKVStoreClient:
     async def unpin(self, keys: Sequence[bytes]) -> int:
         return int((await self._call("/v1/unpin", {"keys": list(keys)}))["unpinned"])
 
+    async def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float = 0.0) -> float:
+        """An agent session paused on ``tool`` (see kvstore.client.DaemonClient.tool_started)."""
+        body = {"session": session, "tool": tool, "keys": list(keys), "ago_s": ago_s}
+        return float((await self._call("/v1/tool/started", body))["ttl_s"])
+
+    async def tool_finished(self, session: str, ago_s: float = 0.0) -> float | None:
+        took = (await self._call("/v1/tool/finished", {"session": session, "ago_s": ago_s}))["took_s"]
+        return None if took is None else float(took)
+
     async def delete(self, keys: Sequence[bytes]) -> int:
         return int((await self._call("/v1/delete", {"keys": list(keys)}))["deleted"])
 

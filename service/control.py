@@ -47,7 +47,10 @@ class TenantSessions:
         with self._lock:
             sessions = self._tenants.get(tenant)
             if sessions is None:
-                sessions = self._tenants[tenant] = AgentSessions(self._store.pin, self._store.unpin, self._config)
+                turnover = self._store.stack.turnover
+                sessions = self._tenants[tenant] = AgentSessions(
+                    self._store.pin, self._store.unpin, self._config,
+                    turnover=turnover.seconds if turnover is not None else None)
             return sessions
 
     def stats(self, tenant: str | None = None) -> dict[str, AgentStats]:

@@ -79,7 +79,7 @@ def _session_metrics(per_tenant: dict[str, Any]) -> Iterator[Metric]:
                                labels=["tenant"])
     calls = CounterMetricFamily("kvstore_agent_tool_calls", "tool calls agent sessions paused on, by outcome: "
                                 "started, finished (next turn came), refused (pin cap), skipped (expected "
-                                "to outlast tool_max_pause_s), expired (took longer than the pin)",
+                                "to outlast the pause limit), expired (took longer than the pin)",
                                 labels=["tenant", "outcome"])
     for tenant, s in per_tenant.items():
         paused.add_metric([tenant], float(s.paused))

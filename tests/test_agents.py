@@ -66,11 +66,32 @@ def test_a_refused_pin_is_counted_not_raised(spec):
         assert torch.equal(out, causal_kv(spec, ctx)[:, :, :hit])
 
 
+def test_the_pause_limit_follows_the_memory_tiers_turnover(spec):
+    """A tool is not pinned past 2.5 turnovers of the memory tier: the time new KV takes to fill
+    it. Filled fast (a busy server), a 20 s tool is not worth holding; filled slowly, it is."""
+    for per_s, pinned in ((8, False), (1, True)):  # chunks of new KV a second; the tier holds 16
+        clock = Clock()
+        cfg = {"chunk_size": 16, "tiers": {"cpu": {"capacity": 16 * 16 * spec.bytes_per_token}},
+               "tool_default_ttl_s": 20.0}
+        with KVStore(spec, cfg, clock=clock) as store:
+            for i in range(60):  # a minute of one-off traffic
+                ctx = [10_000 + i] * 16 * per_s
+                store.put(ctx, causal_kv(spec, ctx))
+                clock.now += 1.0
+            turnover = 16 / per_s
+            assert abs(store.agents.pause_limit() - 2.5 * turnover) < 0.1 * 2.5 * turnover
+            ctx = list(range(32))
+            store.put(ctx, causal_kv(spec, ctx))
+            assert (store.tool_started("s", "search", ctx) > 0) is pinned
+            assert store.agents.stats().skipped == (0 if pinned else 1)
+
+
 def test_a_tool_expected_to_outlast_the_pause_limit_is_not_pinned(spec):
     """Holding a context for minutes crowds out sessions that return sooner: a tool learned to
     take longer than tool_max_pause_s is not pinned (counted as skipped), and still learned."""
     clock = Clock()
-    cfg = {"chunk_size": 16, "tiers": {"cpu": {"capacity": "1MiB"}}, "tool_max_pause_s": 60.0}
+    cfg = {"chunk_size": 16, "tiers": {"cpu": {"capacity": "1MiB"}}, "tool_max_pause_s": 60.0,
+           "tool_pause_turnovers": 0}  # a fixed limit in seconds
     ctx = list(range(64))
     with KVStore(spec, cfg, clock=clock) as store:
         store.put(ctx, causal_kv(spec, ctx))

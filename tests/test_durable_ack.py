@@ -174,3 +174,32 @@ def test_writes_dropped_on_a_full_queue_are_not_acknowledged_until_put_again(tmp
             break
     assert total == 64
     store.close()
+
+
+def test_a_kvstore_put_through_the_daemon_counts_only_the_chunks_it_acknowledged(tmp_path, spec):
+    """A prompt's chunks go to the daemon in one request; when the disk keeps only some of them
+    (here a disk with room for three: a disk filling up halfway through the batch does the same),
+    KVStore.put returns how many the daemon acknowledged, not every chunk of the prompt: an
+    engine (or the soak's ack log) takes that number as what survives a SIGKILL of the daemon."""
+    from kvstore import KVStore
+
+    from conftest import causal_kv
+
+    conf = _config(tmp_path, {"disk": {"path": str(tmp_path / "disk"), "capacity": 8000, "fsync": True}})
+    d = Daemon(tmp_path, "--config", conf, "--ack", "disk")
+    try:
+        toks = list(range(16 * 8))
+        with KVStore(spec, {"chunk_size": 16, "tiers": {"remote": {"url": d.url}}}) as s:
+            stored = s.put(toks, causal_kv(spec, toks))
+            keys = [r.key for r in s.chunks(toks)]
+        d.stop(signal.SIGKILL)
+        d.start()
+        client = DaemonClient(d.url)
+        try:
+            held = sum(client.exists(keys))
+        finally:
+            client.close()
+        assert 0 < held < 8, f"the disk should keep some of the 8 chunks, not {held}"
+        assert stored == held
+    finally:
+        d.stop()

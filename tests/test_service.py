@@ -292,5 +292,7 @@ def test_async_client(daemon):
             assert await c.lookup(keys) == 8
             blobs = await c.get(keys + [b"\xee" * 16])
             assert all(b is not None for b in blobs[:8]) and blobs[8] is None
+            assert await c.tool_started("agent", "search", keys, ago_s=1.0) == 29.0  # the default 30 s, 1 s gone
+            assert await c.tool_finished("agent") >= 1.0
             assert await c.delete(keys) == 8
     asyncio.run(run())
