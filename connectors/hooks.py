@@ -166,14 +166,24 @@ class KVHooks:
             for fut in waits:
                 fut.exception()  # waits; a failed save was logged by itself
             return self.store.tool_started(session, tool, tokens, ago_s=ago_s + time.monotonic() - t0)
-        return self._pool.submit(self._quietly, run, 0.0)
+        return self._submit(run, 0.0)
 
     def tool_finished(self, session: str, *, ago_s: float = 0.0) -> Future:
         """The session's next turn arrived ``ago_s`` seconds ago: release its pins (in the
         background; never raises). The future gives how long the tool took (None: not paused)."""
         t0 = time.monotonic()
-        return self._pool.submit(self._quietly, lambda: self.store.tool_finished(
-            session, ago_s=ago_s + time.monotonic() - t0), None)
+        return self._submit(lambda: self.store.tool_finished(session, ago_s=ago_s + time.monotonic() - t0), None)
+
+    def _submit(self, fn: Callable[[], T], default: T) -> Future:
+        """On the save pool, in order with the saves (one save thread keeps a session's events in
+        order too); after ``close`` the event is dropped, counted, never raised."""
+        try:
+            return self._pool.submit(self._quietly, fn, default)
+        except RuntimeError:  # the pool is shut down
+            self.session_errors += 1
+            done: Future = Future()
+            done.set_result(default)
+            return done
 
     def _pending_saves(self, request_id: str | None) -> list[Future]:
         with self._lock:

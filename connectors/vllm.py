@@ -184,6 +184,8 @@ class KVStoreConnector(KVConnectorBase_V1):
     # ==== scheduler side ==================================================================
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        # A session's next turn ends its pause even if this turn bypasses the cache.
+        self._sessions.arrived(request.request_id, getattr(request, "kv_transfer_params", None))
         reason = uncacheable(request)
         if reason is not None:
             # Its KV is not a function of its token ids alone: never looked up, never saved.
@@ -194,7 +196,6 @@ class KVStoreConnector(KVConnectorBase_V1):
                          reason)
             return 0, False
         tokens = list(request.prompt_token_ids or [])
-        self._sessions.arrived(request.request_id, getattr(request, "kv_transfer_params", None))
         # At least one prompt token is always computed (it yields the first logits).
         limit = _align(len(tokens) - 1, self.block_size)
         hit = min(self.hooks.lookup(tokens, align=self.block_size), limit)

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from kvstore.agents import MAX_NAME
 from kvstore.connectors.hooks import KVHooks
 
 log = logging.getLogger(__name__)
-_MAX_NAME = 256
 DEFAULT_TOOL = "any"  # the pause's tool when the request does not say: learned over all such pauses
 
 
@@ -42,11 +42,11 @@ def session_params(params: Any, logged: set[str]) -> tuple[str, str] | None:
         return None
     session, tool = params.get("kvstore_session"), params.get("kvstore_tool", DEFAULT_TOOL)
     for name, value in (("kvstore_session", session), ("kvstore_tool", tool)):
-        if not isinstance(value, str) or not 0 < len(value) <= _MAX_NAME:
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
             if name not in logged:
                 logged.add(name)
                 log.warning("kvstore: ignoring kv_transfer_params %s=%r: it must be a string of 1..%d "
-                            "characters (said once)", name, value, _MAX_NAME)
+                            "characters (said once)", name, value, MAX_NAME)
             return None
     return session, tool
 

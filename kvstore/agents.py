@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -46,6 +46,9 @@ class ToolTTLConfig:
     # Sessions paused at once; past it the longest-paused is forgotten (its pins run out by TTL).
     # Bounds the memory of agents that never come back.
     max_sessions: int = 100_000
+    max_tools: int = 1024  # tool names whose durations are kept; past it the least recently learned goes
+    max_pause_ttl_s: float = 600.0  # the pause limit never exceeds this (a quiet spell's long turnover)
+    max_paused_keys: int = 1_000_000  # keys held by all paused sessions; past it the oldest are forgotten
 
     @classmethod
     def of(cls, config: "StoreConfig") -> "ToolTTLConfig":
@@ -55,7 +58,9 @@ class ToolTTLConfig:
                    pause_turnovers=config.tool_pause_turnovers)
 
     def __post_init__(self) -> None:
-        if (not 0 < self.quantile <= 1 or self.margin < 1 or self.max_sessions < 1 or self.pause_turnovers < 0
+        if (not 0 < self.quantile <= 1 or self.margin < 1
+                or min(self.max_sessions, self.max_tools, self.max_paused_keys) < 1
+                or self.pause_turnovers < 0
                 or min(self.default_ttl_s, self.max_ttl_s, self.max_pause_s) <= 0):
             raise ConfigError(f"tool TTL settings out of range (tool_default_ttl_s, tool_ttl_quantile, max_pin_ttl_s): {self}")
 
@@ -92,7 +97,9 @@ class AgentSessions:
         self._turnover = turnover  # seconds the memory tier takes to turn over, None while unknown
         self._lock = threading.Lock()
         self._paused: dict[str, _Paused] = {}
-        self._durations: dict[str, deque[float]] = {}
+        self._durations: OrderedDict[str, deque[float]] = OrderedDict()  # least recently learned first
+        self._held: Counter[bytes] = Counter()  # key -> paused sessions holding it (release is O(own keys))
+        self._paused_keys = 0
         self._stats = AgentStats()
 
     def predict(self, tool: str) -> float:
@@ -106,17 +113,21 @@ class AgentSessions:
         return min(max(q * c.margin, 1e-3), c.max_ttl_s)
 
     def pause_limit(self) -> float:
-        """Tools expected to take longer than this are not pinned (see ToolTTLConfig)."""
-        turnover = self._turnover() if self._turnover is not None and self.config.pause_turnovers else None
-        return self.config.max_pause_s if turnover is None else self.config.pause_turnovers * turnover
+        """Tools expected to take longer than this are not pinned (see ToolTTLConfig). Never past
+        ``max_pause_ttl_s``: after a quiet spell the turnover is long, but holding a context for
+        hours would outlast the quiet."""
+        c = self.config
+        turnover = self._turnover() if self._turnover is not None and c.pause_turnovers else None
+        limit = c.max_pause_s if turnover is None else c.pause_turnovers * turnover
+        return min(limit, max(c.max_pause_s, c.max_pause_ttl_s))
 
     def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float = 0.0) -> float:
         """Pin ``keys`` (the session's stored prefix) for the predicted TTL; returns it (0.0 when
         the pin was refused or there is nothing to pin). A session already paused is resumed
         first (its previous call's end was never said). ``ago_s``: how long ago the call really
         started, for an engine that reports it late (vLLM's connector does, by a step)."""
-        if not session or not tool:
-            raise InvalidInputError("tool_started needs a session id and a tool name")
+        _name("session", session)
+        _name("tool", tool)
         ago_s = _age(ago_s)
         self.tool_finished(session, learn=False)
         predicted = self.predict(tool)
@@ -138,6 +149,8 @@ class AgentSessions:
                 pinned = ()
         with self._lock:  # paused even when unpinned: its duration is still learned
             self._paused[session] = _Paused(tool, pinned, self._clock() - ago_s, predicted)
+            self._held.update(pinned)
+            self._paused_keys += len(pinned)
             forgotten = self._forget_oldest()
         if forgotten:
             self._unpin(forgotten)
@@ -146,33 +159,53 @@ class AgentSessions:
     def _forget_oldest(self) -> list[bytes]:
         """Past max_sessions, drop the longest-paused (under the lock); returns keys to unpin."""
         free: list[bytes] = []
-        while len(self._paused) > self.config.max_sessions:
+        while len(self._paused) > self.config.max_sessions or self._paused_keys > self.config.max_paused_keys:
             oldest = next(iter(self._paused))  # dicts keep insertion order: the earliest pause
-            free.extend(self._paused.pop(oldest).keys)
-        if free:
-            held = {k for p in self._paused.values() for k in p.keys}
-            free = [k for k in free if k not in held]
+            free.extend(self._release(self._paused.pop(oldest).keys))
+        return free
+
+    def _release(self, keys: Sequence[bytes]) -> list[bytes]:
+        """Under the lock: a session lets go of its keys; returns those no paused session holds."""
+        free = []
+        self._paused_keys -= len(keys)
+        for k in keys:
+            self._held[k] -= 1
+            if self._held[k] <= 0:
+                del self._held[k]
+                free.append(k)
         return free
 
     def tool_finished(self, session: str, learn: bool = True, ago_s: float = 0.0) -> float | None:
         """The session's next turn has come: learn how long the tool took and release its pins
         (but not keys another paused session holds). Returns the duration, None if not paused.
         ``ago_s``: how long ago the turn really arrived."""
+        _name("session", session)
         ago_s = _age(ago_s)
         with self._lock:
             paused = self._paused.pop(session, None)
             if paused is None:
                 return None
             took = max(0.0, self._clock() - ago_s - paused.started)
-            held = {k for p in self._paused.values() for k in p.keys}
+            free = self._release(paused.keys)
             if learn:
-                self._durations.setdefault(paused.tool, deque(maxlen=self.config.history)).append(took)
+                self._learn(paused.tool, took)
                 self._stats.finished += 1
                 self._stats.expired += bool(paused.keys) and took > paused.ttl_s
-        free = [k for k in paused.keys if k not in held]
         if free:
             self._unpin(free)
         return took
+
+    def _learn(self, tool: str, took: float) -> None:
+        """Under the lock. Past max_tools, the tool learned least recently is forgotten: tool
+        names come from callers, and a stream of new ones must not grow memory without bound."""
+        seen = self._durations.get(tool)
+        if seen is None:
+            seen = self._durations[tool] = deque(maxlen=self.config.history)
+            while len(self._durations) > self.config.max_tools:
+                self._durations.popitem(last=False)
+        else:
+            self._durations.move_to_end(tool)
+        seen.append(took)
 
     def stats(self) -> AgentStats:
         with self._lock:
@@ -202,8 +235,8 @@ class Turnover:
         with self._lock:
             if self._start is None:
                 self._start = self._last = now
-            self._sum = self._sum * math.exp(-(now - self._last) / self._tau) + nbytes
-            self._last = now
+            self._sum = self._sum * math.exp(-max(0.0, now - self._last) / self._tau) + nbytes
+            self._last = max(now, self._last)
 
     def seconds(self) -> float | None:
         """None until bytes have arrived over at least a second."""
@@ -211,10 +244,18 @@ class Turnover:
         with self._lock:
             if self._start is None or now - self._start < 1.0:
                 return None
-            decayed = self._sum * math.exp(-(now - self._last) / self._tau)
+            decayed = self._sum * math.exp(-max(0.0, now - self._last) / self._tau)
             # The rate a steady stream since _start would give this decayed sum.
             rate = decayed / (self._tau * (1.0 - math.exp(-(now - self._start) / self._tau)))
         return self.capacity / rate if rate > 0 else None
+
+
+MAX_NAME = 256  # longest session id or tool name (the daemon's limit too)
+
+
+def _name(what: str, value: object) -> None:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        raise InvalidInputError(f"{what} must be a string of 1..{MAX_NAME} characters, got {value!r:.80}")
 
 
 def _age(ago_s: object) -> float:

@@ -181,8 +181,8 @@ class DaemonGroup:
         groups: dict[int, list[int]] = {i: [] for i, m in enumerate(self.members) if m.backoff.available}
         for pos, key in enumerate(keys):
             owner = self.owner(key)
-            if owner is not None:
-                groups[owner].append(pos)
+            if owner is not None:  # setdefault: a member may have come back since groups was made
+                groups.setdefault(owner, []).append(pos)
         results = self._run(groups, lambda c, ps: c.tool_started(session, tool, [keys[p] for p in ps], ago_s))
         return max((value for ok, value in results.values() if ok), default=0.0)
 

@@ -267,7 +267,7 @@ class KVStore:
         refs, _where, n = self._resolve(tokens)
         keys = [r.key for r in refs[:n]]
         ttl = self.agents.tool_started(session, tool, keys, ago_s)
-        self.stack.tool_started(session, tool, keys, ago_s)
+        self.stack.tool_started(self._shared_session(session), tool, keys, ago_s)
         if self._access is not None:
             self._access.record("tool_started", keys, num_tokens(tokens), ttl_s=ttl)
         return ttl
@@ -276,10 +276,16 @@ class KVStore:
         """The session's next turn is here (since ``ago_s``): learn the tool's duration and
         release its pins. Returns how long the tool took, None if the session was not paused."""
         took = self.agents.tool_finished(session, ago_s=ago_s)
-        self.stack.tool_finished(session, ago_s)
+        self.stack.tool_finished(self._shared_session(session), ago_s)
         if self._access is not None and took is not None:
             self._access.record("tool_finished", [], 0, duration_s=took)
         return took
+
+    def _shared_session(self, session: str) -> str:
+        """The session's name in a shared tier: scoped by this store's model and rank (its key
+        namespace), so the tensor-parallel ranks of one engine, each with its own keys, pause
+        side by side instead of each ending the other's pause."""
+        return f"{session}@{self.hasher.root.hex()[:16]}"
 
     def unpin(self, tokens: object) -> int:
         """Release pins on the chunks of ``tokens``; returns how many tokens were pinned."""

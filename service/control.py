@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from kvstore.agents import AgentSessions, AgentStats, ToolTTLConfig
+from kvstore.agents import MAX_NAME, AgentSessions, AgentStats, ToolTTLConfig
 from kvstore.client import TENANT_HEADER
 from kvstore.service.auth import Principal, storage_key
 from kvstore.wire import MSGPACK_CONTENT_TYPE, WireError, pack_control
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from kvstore.service.auth import KeyFile
     from kvstore.service.server import ServeConfig
 
-_MAX_NAME = 256  # longest session id or tool name
 
 
 def msgpack_response(data: dict[str, Any]) -> web.Response:
@@ -53,6 +52,12 @@ class TenantSessions:
                     turnover=turnover.seconds if turnover is not None else None)
             return sessions
 
+    def tool_started(self, tenant: str, session: str, tool: str, keys: list[bytes], ago_s: float) -> float:
+        """Blocking (the store's index, Redis below it). Only keys the store holds are kept and
+        pinned: a tenant cannot make the daemon hold keys it never stored."""
+        present = [k for k, there in zip(keys, self._store.exists(keys)) if there] if keys else []
+        return self.of(tenant).tool_started(session, tool, present, ago_s)
+
     def stats(self, tenant: str | None = None) -> dict[str, AgentStats]:
         """Per tenant (every one, or just ``tenant``)."""
         with self._lock:
@@ -63,8 +68,8 @@ class TenantSessions:
 
 def _name(body: dict[str, Any], field: str) -> str:
     value = body.get(field)
-    if not isinstance(value, str) or not 0 < len(value) <= _MAX_NAME:
-        raise WireError(f"'{field}' must be a string of 1..{_MAX_NAME} characters")
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        raise WireError(f"'{field}' must be a string of 1..{MAX_NAME} characters")
     return value
 
 
@@ -122,8 +127,7 @@ class ControlPlane:
         principal: Principal = request["principal"]
         session, tool, ago = _name(body, "session"), _name(body, "tool"), _ago(body)
         _keys, skeys = self._keys({"keys": body.get("keys", [])}, principal)
-        sessions = self.sessions.of(principal.tenant)
-        ttl = await self._run(sessions.tool_started, session, tool, skeys, ago)
+        ttl = await self._run(self.sessions.tool_started, principal.tenant, session, tool, skeys, ago)
         return msgpack_response({"ttl_s": ttl})
 
     async def tool_finished(self, request: web.Request) -> web.Response:

@@ -172,12 +172,29 @@ def test_the_daemon_learns_each_tenants_tools_from_all_its_engines(tmp_path, spe
             b.tool_started("s9", "search", [])
             assert b.stats()["sessions"]["b"]["per_tool"] == {}  # b has learned nothing (from a)
             assert set(b.stats()["sessions"]) == {"b"} and set(admin.stats()["sessions"]) == {"a", "b"}
+            # Keys the tenant never stored are neither pinned nor kept: nothing to hold memory with.
+            import os
+            assert a.tool_started("ghost", "search", [os.urandom(16) for _ in range(100)]) == 0.0
+            assert admin.stats()["pinned_objects"] == 0
+            # Another model (or tensor-parallel rank) of the tenant pauses the same session id:
+            # each store's chunks stay pinned, neither ends the other's pause.
+            from kvstore import KVSpec
+            other_spec = KVSpec(model_id="test/agents-other-rank", num_layers=2, num_kv_heads=2, head_size=8)
+            with KVStore(other_spec, _daemon_store(d.url, "ka")) as other:
+                other.put(ctx, causal_kv(other_spec, ctx))
+                other.flush()
+                one.tool_started("agent", "search", ctx)
+                other.tool_started("agent", "search", ctx)
+                assert admin.stats()["pinned_objects"] == 8
+                one.tool_finished("agent")
+                other.tool_finished("agent")
+                assert admin.stats()["pinned_objects"] == 0
             assert a.tool_finished("s9") is not None
             hit, out = two.get(ctx)
             assert hit == 64 and torch.equal(out, causal_kv(spec, ctx))
         req = urllib.request.Request(f"http://127.0.0.1:{d.port}/metrics", headers={"Authorization": "Bearer kadmin"})
         text = urllib.request.urlopen(req, timeout=10).read().decode()
-        assert 'kvstore_agent_tool_calls_total{outcome="finished",tenant="a"} 4.0' in text
+        assert 'kvstore_agent_tool_calls_total{outcome="finished",tenant="a"} 6.0' in text
         assert 'kvstore_agent_sessions_paused{tenant="b"} 1.0' in text
         json.loads(urllib.request.urlopen(f"http://127.0.0.1:{d.port}/openapi.json").read())["paths"]["/v1/tool/started"]
     finally:
@@ -211,3 +228,46 @@ def test_a_pause_reaches_every_daemon_of_a_group(tmp_path, spec):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_stream_of_new_tool_names_does_not_grow_memory():
+    from kvstore.agents import AgentSessions, ToolTTLConfig
+
+    clock = Clock()
+    sessions = AgentSessions(lambda keys, ttl: None, lambda keys: None, ToolTTLConfig(max_tools=4), clock=clock)
+    for i in range(10):
+        sessions.tool_started("s", f"tool-{i}", [])
+        clock.now += 1.0
+        sessions.tool_finished("s")
+    assert set(sessions.stats().per_tool) == {f"tool-{i}" for i in range(6, 10)}
+
+
+def test_the_pause_limit_has_a_ceiling_after_a_quiet_spell_and_names_are_checked(spec):
+    clock = Clock()
+    with KVStore(spec, {"chunk_size": 16, "tiers": {"cpu": {"capacity": "1MiB"}}}, clock=clock) as store:
+        ctx = list(range(16))
+        store.put(ctx, causal_kv(spec, ctx))
+        clock.now += 3600.0  # an idle hour: the turnover is as good as infinite
+        assert store.agents.pause_limit() == 600.0
+        clock.now -= 7200.0  # a clock that goes back is not an error on the write path
+        store.put(list(range(100, 116)), causal_kv(spec, list(range(100, 116))))
+        import pytest
+
+        from kvstore.errors import InvalidInputError
+        for bad in ("x" * 257, "", 42):
+            with pytest.raises(InvalidInputError, match="session"):
+                store.tool_started(bad, "search", ctx)
+
+
+def test_hooks_session_events_after_close_are_dropped_not_raised(spec):
+    from kvstore.connectors.hooks import KVHooks
+
+    with KVStore(spec, {"chunk_size": 16, "tiers": {"cpu": {"capacity": "1MiB"}}}) as store:
+        hooks = KVHooks(store)
+        ctx = list(range(16))
+        store.put(ctx, causal_kv(spec, ctx))
+        assert 29.0 < hooks.tool_started("s", "t", ctx).result() <= 30.0  # the default, less its time queued
+        assert hooks.tool_started("y" * 300, "t", ctx).result() == 0.0  # a caller's mistake: counted
+        assert hooks.session_errors == 1
+        hooks.close()
+        assert hooks.tool_finished("s").result() is None and hooks.session_errors == 2
