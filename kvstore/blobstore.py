@@ -251,14 +251,15 @@ class BlobStore:
 
     # ---- control -------------------------------------------------------------------------
 
-    def pin(self, keys: Sequence[bytes], ttl_s: float) -> int:
-        """Pin the keys present; raises PinLimitError, pinning nothing, past a tier's cap."""
+    def pin(self, keys: Sequence[bytes], ttl_s: float, session: bool = False) -> int:
+        """Pin the keys present; raises PinLimitError, pinning nothing, past a tier's cap.
+        ``session``: an agent session's pin (see PinRegistry)."""
         present = [k for k, there in zip(keys, self.exists(keys)) if there]
-        self.stack.pin(present, ttl_s)
+        self.stack.pin(present, ttl_s, session)
         return len(present)
 
-    def unpin(self, keys: Sequence[bytes]) -> int:
-        return self.stack.unpin(keys)
+    def unpin(self, keys: Sequence[bytes], session: bool = False) -> int:
+        return self.stack.unpin(keys, session)
 
     def delete(self, keys: Sequence[bytes]) -> int:
         removed = self.stack.delete(keys)

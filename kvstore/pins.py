@@ -14,53 +14,77 @@ from kvstore.errors import PinLimitError
 
 
 class PinRegistry:
+    """Two kinds of pin, kept apart so releasing one never releases the other: a caller's
+    ``pin()`` and an agent session's (kvstore.agents), which its next turn releases."""
+
     def __init__(self, clock=time.monotonic) -> None:
         self._lock = threading.Lock()
         self._until: dict[bytes, float] = {}
+        self._session_until: dict[bytes, float] = {}
         self._clock = clock
 
-    def pin(self, keys: Iterable[bytes], ttl_s: float) -> None:
+    def _of(self, session: bool) -> dict[bytes, float]:
+        return self._session_until if session else self._until
+
+    def pin(self, keys: Iterable[bytes], ttl_s: float, session: bool = False) -> None:
         """Pin (or extend) keys until now + ttl_s; an existing longer pin is kept."""
         until = self._clock() + ttl_s
         with self._lock:
+            table = self._of(session)
             for key in keys:
-                if self._until.get(key, 0.0) < until:
-                    self._until[key] = until
+                if table.get(key, 0.0) < until:
+                    table[key] = until
 
-    def unpin(self, keys: Iterable[bytes]) -> int:
+    def unpin(self, keys: Iterable[bytes], session: bool = False) -> int:
         with self._lock:
-            return sum(self._until.pop(key, None) is not None for key in keys)
+            table = self._of(session)
+            return sum(table.pop(key, None) is not None for key in keys)
+
+    def forget(self, keys: Iterable[bytes]) -> None:
+        """Both kinds of pin on keys that are gone (deleted, cleared)."""
+        with self._lock:
+            for key in keys:
+                self._until.pop(key, None)
+                self._session_until.pop(key, None)
 
     def is_pinned(self, key: bytes) -> bool:
-        until = self._until.get(key)  # dict reads are atomic under the GIL; no lock on the hot path
+        return self._live(self._until, key) or (bool(self._session_until) and self._live(self._session_until, key))
+
+    def _live(self, table: dict[bytes, float], key: bytes) -> bool:
+        until = table.get(key)  # dict reads are atomic under the GIL; no lock on the hot path
         if until is None:
             return False
         if until > self._clock():
             return True
         with self._lock:
-            if self._until.get(key, 0.0) <= self._clock():
-                self._until.pop(key, None)
+            if table.get(key, 0.0) <= self._clock():
+                table.pop(key, None)
         return False
 
     def remaining(self, key: bytes) -> float:
-        until = self._until.get(key)
-        return 0.0 if until is None else max(0.0, until - self._clock())
+        until = max(self._until.get(key, 0.0), self._session_until.get(key, 0.0))
+        return max(0.0, until - self._clock())
 
     def active(self) -> list[bytes]:
         now = self._clock()
         with self._lock:
-            return [k for k, u in self._until.items() if u > now]
+            live = {k for k, u in self._until.items() if u > now}
+            live.update(k for k, u in self._session_until.items() if u > now)
+            return list(live)
 
     def sweep(self) -> int:
         now = self._clock()
+        expired = 0
         with self._lock:
-            expired = [k for k, u in self._until.items() if u <= now]
-            for k in expired:
-                del self._until[k]
-        return len(expired)
+            for table in (self._until, self._session_until):
+                gone = [k for k, u in table.items() if u <= now]
+                for k in gone:
+                    del table[k]
+                expired += len(gone)
+        return expired
 
     def __len__(self) -> int:
-        return len(self._until)
+        return len(self._until.keys() | self._session_until.keys())
 
 
 def check_pin_budget(tiers: Sequence[Any], active: Iterable[bytes], keys: Sequence[bytes]) -> None:

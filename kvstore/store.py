@@ -61,7 +61,8 @@ class KVStore:
         # Tiers that keep agent sessions themselves (the daemon learns from every engine it
         # serves) get the events instead of a pin at this process's predicted TTL.
         turnover = self.stack.turnover
-        self.agents = AgentSessions(functools.partial(self.stack.pin, session_tiers=False), self.stack.unpin,
+        self.agents = AgentSessions(functools.partial(self.stack.pin, session=True),
+                                    functools.partial(self.stack.unpin, session=True),
                                     ToolTTLConfig.of(self.config), clock=clock,
                                     turnover=turnover.seconds if turnover is not None else None)
         self._access: AccessLog | None = None

@@ -387,14 +387,14 @@ class TierStack:
 
     # ---- pins ----------------------------------------------------------------------------
 
-    def pin(self, keys: Sequence[bytes], ttl_s: float, session_tiers: bool = True) -> None:
+    def pin(self, keys: Sequence[bytes], ttl_s: float, session: bool = False) -> None:
         """Pin keys for ``ttl_s``; raises PinLimitError, pinning nothing, past any tier's cap.
-        ``session_tiers=False``: an agent session's pin, which tiers that keep sessions
-        themselves take as an event (``tool_started``) instead."""
+        ``session``: an agent session's pin (kept apart from callers' pins, see PinRegistry),
+        which tiers that keep sessions themselves take as an event (``tool_started``) instead."""
         check_pin_budget(self.tiers, self.pins.active(), keys)
-        self.pins.pin(keys, ttl_s)
+        self.pins.pin(keys, ttl_s, session)
         for tier in self.tiers:
-            if isinstance(tier, BlobTier) and (session_tiers or not tier.keeps_sessions):
+            if isinstance(tier, BlobTier) and not (session and tier.keeps_sessions):
                 tier.expire(keys, ttl_s)
 
     def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float) -> None:
@@ -408,8 +408,8 @@ class TierStack:
             if tier.keeps_sessions:
                 tier.tool_finished(session, ago_s)
 
-    def unpin(self, keys: Sequence[bytes]) -> int:
-        return self.pins.unpin(keys)
+    def unpin(self, keys: Sequence[bytes], session: bool = False) -> int:
+        return self.pins.unpin(keys, session)
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.config.pin_sweep_s):
@@ -420,7 +420,7 @@ class TierStack:
     def delete(self, keys: Sequence[bytes]) -> int:
         self.flush()
         removed = [t.delete(keys) for t in self.tiers]
-        self.pins.unpin(keys)
+        self.pins.forget(keys)
         return max(removed) if removed else 0
 
     def flush(self, timeout_s: float | None = None) -> bool:
@@ -443,7 +443,7 @@ class TierStack:
 
     def clear(self) -> None:
         self.flush()
-        self.pins.unpin(self.pins.active())
+        self.pins.forget(self.pins.active())
         for tier in self.tiers:
             tier.clear()
 

@@ -7,6 +7,7 @@ that may block (pins and deletes reach every tier, Redis included) runs in the t
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -48,7 +49,8 @@ class TenantSessions:
             if sessions is None:
                 turnover = self._store.stack.turnover
                 sessions = self._tenants[tenant] = AgentSessions(
-                    self._store.pin, self._store.unpin, self._config,
+                    functools.partial(self._store.pin, session=True),
+                    functools.partial(self._store.unpin, session=True), self._config,
                     turnover=turnover.seconds if turnover is not None else None)
             return sessions
 

@@ -54,6 +54,22 @@ def test_a_shared_prefix_stays_pinned_for_the_session_still_waiting(spec):
         assert not store.pins.active()
 
 
+def test_a_sessions_next_turn_keeps_a_callers_own_pin(spec):
+    """A system prompt pinned for an hour by its owner stays pinned when a session that paused
+    over it resumes: the session releases only its own hold."""
+    clock = Clock()
+    ctx = list(range(64))
+    with KVStore(spec, {"chunk_size": 16, "tiers": {"cpu": {"capacity": "1MiB"}}}, clock=clock) as store:
+        store.put(ctx, causal_kv(spec, ctx))
+        store.pin(ctx[:32], 3600.0)
+        store.tool_started("s", "search", ctx)
+        assert len(store.pins.active()) == 4
+        store.tool_finished("s")
+        assert set(store.pins.active()) == {r.key for r in store.chunks(ctx[:32])}
+        clock.now += 3601.0
+        assert not store.pins.active()
+
+
 def test_a_refused_pin_is_counted_not_raised(spec):
     cfg = {"chunk_size": 16, "tiers": {"cpu": {"capacity": 16 * 4 * spec.bytes_per_token, "pin_fraction": 0.25}}}
     ctx = list(range(64))
@@ -189,12 +205,17 @@ def test_the_daemon_learns_each_tenants_tools_from_all_its_engines(tmp_path, spe
                 one.tool_finished("agent")
                 other.tool_finished("agent")
                 assert admin.stats()["pinned_objects"] == 0
+            # The tenant's own hour-long pin outlives a session's pause over the same chunks.
+            one.pin(ctx, 3600.0)
+            one.tool_started("agent", "search", ctx)
+            one.tool_finished("agent")
+            assert admin.stats()["pinned_objects"] == 4
             assert a.tool_finished("s9") is not None
             hit, out = two.get(ctx)
             assert hit == 64 and torch.equal(out, causal_kv(spec, ctx))
         req = urllib.request.Request(f"http://127.0.0.1:{d.port}/metrics", headers={"Authorization": "Bearer kadmin"})
         text = urllib.request.urlopen(req, timeout=10).read().decode()
-        assert 'kvstore_agent_tool_calls_total{outcome="finished",tenant="a"} 6.0' in text
+        assert 'kvstore_agent_tool_calls_total{outcome="finished",tenant="a"} 7.0' in text
         assert 'kvstore_agent_sessions_paused{tenant="b"} 1.0' in text
         json.loads(urllib.request.urlopen(f"http://127.0.0.1:{d.port}/openapi.json").read())["paths"]["/v1/tool/started"]
     finally:
