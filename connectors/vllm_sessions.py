@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from kvstore.agents import MAX_NAME
+from kvstore.agents import check_name
 from kvstore.connectors.hooks import KVHooks
+from kvstore.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 DEFAULT_TOOL = "any"  # the pause's tool when the request does not say: learned over all such pauses
@@ -42,11 +43,12 @@ def session_params(params: Any, logged: set[str]) -> tuple[str, str] | None:
         return None
     session, tool = params.get("kvstore_session"), params.get("kvstore_tool", DEFAULT_TOOL)
     for name, value in (("kvstore_session", session), ("kvstore_tool", tool)):
-        if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        try:
+            check_name(name, value)
+        except InvalidInputError as exc:
             if name not in logged:
                 logged.add(name)
-                log.warning("kvstore: ignoring kv_transfer_params %s=%r: it must be a string of 1..%d "
-                            "characters (said once)", name, value, MAX_NAME)
+                log.warning("kvstore: ignoring kv_transfer_params %s=%r: %s (said once)", name, value, exc)
             return None
     return session, tool
 

@@ -79,7 +79,7 @@ class AgentStats:
     started: int = 0
     finished: int = 0
     refused: int = 0  # pins the pinned-byte cap refused
-    skipped: int = 0  # calls of tools expected to outlast max_pause_s: not pinned
+    skipped: int = 0  # calls of tools expected to outlast the pause limit: not pinned
     expired: int = 0  # tools that took longer than their pin
     per_tool: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -126,9 +126,9 @@ class AgentSessions:
         the pin was refused or there is nothing to pin). A session already paused is resumed
         first (its previous call's end was never said). ``ago_s``: how long ago the call really
         started, for an engine that reports it late (vLLM's connector does, by a step)."""
-        _name("session", session)
-        _name("tool", tool)
-        ago_s = _age(ago_s)
+        check_name("session", session)
+        check_name("tool", tool)
+        ago_s = check_age(ago_s)
         self.tool_finished(session, learn=False)
         predicted = self.predict(tool)
         ttl = predicted - ago_s
@@ -179,8 +179,8 @@ class AgentSessions:
         """The session's next turn has come: learn how long the tool took and release its pins
         (but not keys another paused session holds). Returns the duration, None if not paused.
         ``ago_s``: how long ago the turn really arrived."""
-        _name("session", session)
-        ago_s = _age(ago_s)
+        check_name("session", session)
+        ago_s = check_age(ago_s)
         with self._lock:
             paused = self._paused.pop(session, None)
             if paused is None:
@@ -253,12 +253,15 @@ class Turnover:
 MAX_NAME = 256  # longest session id or tool name (the daemon's limit too)
 
 
-def _name(what: str, value: object) -> None:
+def check_name(what: str, value: object) -> str:
+    """A session id or tool name: a string of 1..MAX_NAME characters (InvalidInputError)."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
         raise InvalidInputError(f"{what} must be a string of 1..{MAX_NAME} characters, got {value!r:.80}")
+    return value  # type: ignore[return-value]
 
 
-def _age(ago_s: object) -> float:
+def check_age(ago_s: object) -> float:
+    """How long ago an event happened: seconds in [0, 86400) (InvalidInputError)."""
     if not isinstance(ago_s, (int, float)) or isinstance(ago_s, bool) or not 0 <= ago_s < 86400:
         raise InvalidInputError(f"ago_s must be a number of seconds in [0, 86400), got {ago_s!r}")
     return float(ago_s)

@@ -251,15 +251,14 @@ class BlobStore:
 
     # ---- control -------------------------------------------------------------------------
 
-    def pin(self, keys: Sequence[bytes], ttl_s: float, session: bool = False) -> int:
-        """Pin the keys present; raises PinLimitError, pinning nothing, past a tier's cap.
-        ``session``: an agent session's pin (see PinRegistry)."""
+    def pin(self, keys: Sequence[bytes], ttl_s: float) -> int:
+        """Pin the keys present; raises PinLimitError, pinning nothing, past a tier's cap."""
         present = [k for k, there in zip(keys, self.exists(keys)) if there]
-        self.stack.pin(present, ttl_s, session)
+        self.stack.pin(present, ttl_s)
         return len(present)
 
-    def unpin(self, keys: Sequence[bytes], session: bool = False) -> int:
-        return self.stack.unpin(keys, session)
+    def unpin(self, keys: Sequence[bytes]) -> int:
+        return self.stack.unpin(keys)
 
     def delete(self, keys: Sequence[bytes]) -> int:
         removed = self.stack.delete(keys)

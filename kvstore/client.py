@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 from kvstore.buffers import unzeroed
 from kvstore.errors import KVStoreError
-from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, Blob, pack_batch, pack_control, unpack_batch,
-                          unpack_control)
+from kvstore.wire import (BATCH_CONTENT_TYPE, MSGPACK_CONTENT_TYPE, Blob, pack_batch, pack_control, parts_nbytes,
+                          unpack_batch, unpack_control)
 
 
 TENANT_HEADER = "X-Kvstore-Tenant"
@@ -211,7 +211,7 @@ class DaemonClient:
         objects are stored rather than refused together; an object alone too large is refused."""
         stored, batch, size = 0, [], 0
         for key, obj in items:
-            n = sum(memoryview(p).nbytes for p in (obj if isinstance(obj, tuple) else (obj,)))
+            n = parts_nbytes(obj if isinstance(obj, tuple) else (obj,))
             if batch and size + n > MAX_PUT_BYTES:
                 stored += self._put(batch)
                 batch, size = [], 0

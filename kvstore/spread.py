@@ -175,10 +175,14 @@ class DaemonGroup:
         return sum(n for _ps, n in self._each(len(keys), keys.__getitem__,
                                               lambda c, ps: c.unpin([keys[p] for p in ps])))
 
+    def _live(self) -> dict[int, list[int]]:
+        """Every daemon not in back-off, with no positions yet (for calls every one must hear)."""
+        return {i: [] for i, m in enumerate(self.members) if m.backoff.available}
+
     def tool_started(self, session: str, tool: str, keys: Sequence[bytes], ago_s: float = 0.0) -> float:
         """Every live daemon learns of the pause (each pins its share of ``keys``); returns the
         longest TTL any pinned for. A daemon that does not answer is skipped."""
-        groups: dict[int, list[int]] = {i: [] for i, m in enumerate(self.members) if m.backoff.available}
+        groups = self._live()
         for pos, key in enumerate(keys):
             owner = self.owner(key)
             if owner is not None:  # setdefault: a member may have come back since groups was made
@@ -187,8 +191,7 @@ class DaemonGroup:
         return max((value for ok, value in results.values() if ok), default=0.0)
 
     def tool_finished(self, session: str, ago_s: float = 0.0) -> float | None:
-        groups: dict[int, list[int]] = {i: [] for i, m in enumerate(self.members) if m.backoff.available}
-        results = self._run(groups, lambda c, _ps: c.tool_finished(session, ago_s))
+        results = self._run(self._live(), lambda c, _ps: c.tool_finished(session, ago_s))
         return max((value for ok, value in results.values() if ok and value is not None), default=None)
 
     def delete(self, keys: Sequence[bytes]) -> int:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from kvstore.agents import MAX_NAME, AgentSessions, AgentStats, ToolTTLConfig
+from kvstore.agents import AgentSessions, AgentStats, ToolTTLConfig, check_age, check_name
 from kvstore.client import TENANT_HEADER
 from kvstore.service.auth import Principal, storage_key
 from kvstore.wire import MSGPACK_CONTENT_TYPE, WireError, pack_control
@@ -48,9 +48,11 @@ class TenantSessions:
             sessions = self._tenants.get(tenant)
             if sessions is None:
                 turnover = self._store.stack.turnover
+                # The stack's pin: tool_started below hands over only keys found present.
+                stack = self._store.stack
                 sessions = self._tenants[tenant] = AgentSessions(
-                    functools.partial(self._store.pin, session=True),
-                    functools.partial(self._store.unpin, session=True), self._config,
+                    functools.partial(stack.pin, session=True),
+                    functools.partial(stack.unpin, session=True), self._config,
                     turnover=turnover.seconds if turnover is not None else None)
             return sessions
 
@@ -66,20 +68,6 @@ class TenantSessions:
             chosen = dict(self._tenants) if tenant is None else {tenant: self._tenants[tenant]} \
                 if tenant in self._tenants else {}
         return {name: sessions.stats() for name, sessions in chosen.items()}
-
-
-def _name(body: dict[str, Any], field: str) -> str:
-    value = body.get(field)
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
-        raise WireError(f"'{field}' must be a string of 1..{MAX_NAME} characters")
-    return value
-
-
-def _ago(body: dict[str, Any]) -> float:
-    ago = body.get("ago_s", 0.0)
-    if not isinstance(ago, (int, float)) or isinstance(ago, bool) or not 0 <= ago < 86400:
-        raise WireError("'ago_s' must be a number of seconds in [0, 86400)")
-    return float(ago)
 
 
 class ControlPlane:
@@ -127,7 +115,8 @@ class ControlPlane:
         A pin the pinned-bytes cap refuses is counted, not an error: the engine goes on."""
         body = await self._control(request)
         principal: Principal = request["principal"]
-        session, tool, ago = _name(body, "session"), _name(body, "tool"), _ago(body)
+        session, tool = check_name("session", body.get("session")), check_name("tool", body.get("tool"))
+        ago = check_age(body.get("ago_s", 0.0))
         _keys, skeys = self._keys({"keys": body.get("keys", [])}, principal)
         ttl = await self._run(self.sessions.tool_started, principal.tenant, session, tool, skeys, ago)
         return msgpack_response({"ttl_s": ttl})
@@ -136,7 +125,7 @@ class ControlPlane:
         """The session's next turn: the tool's duration is learned and the pins released."""
         body = await self._control(request)
         principal: Principal = request["principal"]
-        session, ago = _name(body, "session"), _ago(body)
+        session, ago = check_name("session", body.get("session")), check_age(body.get("ago_s", 0.0))
         took = await self._run(self.sessions.of(principal.tenant).tool_finished, session, True, ago)
         return msgpack_response({"took_s": took})
 

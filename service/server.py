@@ -141,11 +141,7 @@ def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
     """A bug: logged with its traceback, answered 500; the daemon keeps serving."""
     log.exception("unhandled error on %s", request.path)
     _release(exc)
-    return _error(500, "internal error (logged)")
-
-
-_error = error_response
-_msgpack = msgpack_response
+    return error_response(500, "internal error (logged)")
 
 
 class Daemon(ControlPlane):
@@ -180,12 +176,12 @@ class Daemon(ControlPlane):
                 principal = self.keys.authenticate(request.headers.get("Authorization"))
                 if principal is None:
                     status = 401
-                    return _error(401, "missing or invalid API key (Authorization: Bearer KEY)")
+                    return error_response(401, "missing or invalid API key (Authorization: Bearer KEY)")
                 acting = request.headers.get(TENANT_HEADER)
                 if acting:  # an operator acting on one tenant's objects (kvstore admin --tenant)
                     if not principal.admin:
                         status = 403
-                        return _error(403, f"{TENANT_HEADER} needs an admin key")
+                        return error_response(403, f"{TENANT_HEADER} needs an admin key")
                     principal = dataclasses.replace(principal, tenant=acting)
                 request["principal"] = principal
             resp = await asyncio.wait_for(handler(request), self.config.request_timeout_s)
@@ -194,12 +190,12 @@ class Daemon(ControlPlane):
         except web.HTTPException as exc:
             status = exc.status
             if exc.status == 413:
-                return _error(413, f"request body exceeds the limit of {self.config.max_body_bytes} bytes")
+                return error_response(413, f"request body exceeds the limit of {self.config.max_body_bytes} bytes")
             raise
         except (WireError, InvalidInputError) as exc:
             status = 403 if isinstance(exc, QuotaExceededError) else 400
             _release(exc)
-            return _error(status, str(exc))
+            return error_response(status, str(exc))
         except ConnectionError as exc:
             # The client went away mid-body or mid-response (aiohttp says ConnectionResetError
             # while reading, a plain ConnectionError("Connection lost") while draining a write):
@@ -209,18 +205,18 @@ class Daemon(ControlPlane):
                 return _internal_error(request, exc)
             status = 499  # nginx's "client closed request": counted, not logged as an error
             _release(exc)
-            return _error(499, "client closed the connection")
+            return error_response(499, "client closed the connection")
         except asyncio.TimeoutError as exc:
             status = 503
             _release(exc)
-            return _error(503, f"request took longer than {self.config.request_timeout_s}s")
+            return error_response(503, f"request took longer than {self.config.request_timeout_s}s")
         except PinLimitError as exc:  # the tier's pinned-bytes cap: a conflict, nothing was pinned
             status = 409
-            return _error(409, str(exc))
+            return error_response(409, str(exc))
         except KVStoreError as exc:
             status = 400
             _release(exc)
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
         except Exception as exc:  # a bug: log it, answer 500, keep serving
             return _internal_error(request, exc)
         finally:
@@ -250,13 +246,13 @@ class Daemon(ControlPlane):
 
     async def exists(self, request: web.Request) -> web.Response:
         _keys, skeys = self._keys(await self._control(request), request["principal"])
-        return _msgpack({"present": await self._exists(skeys)})
+        return msgpack_response({"present": await self._exists(skeys)})
 
     async def lookup(self, request: web.Request) -> web.Response:
         _keys, skeys = self._keys(await self._control(request), request["principal"])
         present = await self._exists(skeys)
         hits = next((i for i, p in enumerate(present) if not p), len(present))
-        return _msgpack({"hits": hits})
+        return msgpack_response({"hits": hits})
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         keys, skeys = self._keys(await self._control(request), request["principal"])
@@ -375,7 +371,7 @@ class Daemon(ControlPlane):
             acks.when_done(lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
             await done
             stored = self.store.held_durably([o.storage_key for o in objects])
-        return _msgpack({"stored": stored})
+        return msgpack_response({"stored": stored})
 
     # ---- control plane -------------------------------------------------------------------
 
@@ -390,7 +386,7 @@ class Daemon(ControlPlane):
         the ``--metrics-port`` listener, which binds to loopback unless told otherwise."""
         principal = request.get("principal")
         if principal is not None and not principal.admin:
-            return _error(403, "/metrics needs an admin key (or scrape the --metrics-port listener)")
+            return error_response(403, "/metrics needs an admin key (or scrape the --metrics-port listener)")
         resp = web.Response(body=generate_latest(self.metrics.registry))
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp
