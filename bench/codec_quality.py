@@ -42,7 +42,7 @@ CONTEXT, FORCED, GREEDY, CHUNK = 1024, 512, 32, 256
 # Seven of this repository's own modules: real Python, shipped with every checkout.
 CODE = ("kvstore/tierstack.py", "kvstore/config.py", "service/server.py", "connectors/vllm.py",
         "connectors/blend.py", "codecs/cachegen.py", "kvstore/store.py")
-CODECS = ("int8", "fp8", "cachegen:high", "cachegen", "cachegen:low", "cachegen:tiny")
+CODECS = ("int8", "fp8", "cachegen:high", "balanced", "compact", "aggressive", "cachegen:extreme")
 
 
 @dataclass

@@ -6,14 +6,14 @@ stream states and word stream, so a reader decodes the first layers while later 
 arrive.
 
 Per channel (layer, plane, head*head_size) the encoder stores a mean and a step (fp16). The step
-is ``alpha * std`` (alpha from the quality level; keys get half of it: measured on SmolLM2, the
-model's output is more sensitive to K than to V), raised if needed so that no symbol exceeds
+is the quality level's factor times a spread rule (``_spread_base``): one step for every value
+channel of a layer, finer steps for wider key channels, because that is where the model feels
+the error. It is raised if needed so that no symbol exceeds
 +-127: quantization never clips, the error per value is at most step/2. A channel uses delta
 coding (each token predicted by the previous reconstructed one) where that gives smaller
 symbols; decode is then a cumulative sum. Symbols are entropy coded with one frequency table
-per (layer, plane, coding mode): the per-channel step already normalises each channel, so
-channels of one layer share a distribution, and per-channel tables (255 entries for 256 tokens)
-would cost more bytes than they save. Eight channels' symbols form one rANS stream (one state
+per (layer, plane, coding mode): per-channel tables (255 entries for 256 tokens) would cost
+more bytes than they save. Eight channels' symbols form one rANS stream (one state
 and word count for the eight). Attention sinks (see ``sink_tokens``) are stored in fp16 beside
 the stream and replaced in it by their channel's mean.
 
@@ -41,9 +41,9 @@ _INDEX = struct.Struct("<I")
 QMAX = 127
 
 LEVELS: dict[str, float] = {"high": 0.02, "medium": 0.05, "low": 0.12, "tiny": 0.25,
-                            "balanced": 0.15, "compact": 0.4, "aggressive": 0.8, "extreme": 1.4}
-"""Quality level -> the values' quantization step as a fraction of each channel's standard
-deviation (keys get half). The named presets (``balanced`` about 3x smaller than fp16,
+                            "balanced": 0.11, "compact": 0.27, "aggressive": 0.47, "extreme": 0.92}
+"""Quality level -> the step as a fraction of the layer's typical channel spread (see
+``_spread_base``). The named presets (``balanced`` about 3x smaller than fp16,
 ``compact`` 4x, ``aggressive`` 5x, ``extreme`` 7x) are chosen on SmolLM2 by
 bench/codec_quality.py; the README prints what each costs the model."""
 DEFAULT_LEVEL = "medium"
@@ -57,10 +57,14 @@ class CacheGenOptions:
     delta: bool = True             # allow closed-loop delta coding along tokens per channel
     frame_layers: int = 8          # layers per independently decodable frame
     sinks: bool = True             # keep attention-sink tokens exact (fp16)
-    # Step multiplier per plane: keys get half the values' step. Measured on SmolLM2 at ~4
-    # bits/value, the same bits give 30% lower KL with K finer; K coarser doubles it.
-    plane_factors: tuple[float, ...] = (0.5, 1.0)
+    # Step multiplier per plane (K, V): with the spread powers below, measured on SmolLM2 at
+    # 3.2 bits/value, K at 0.85x of V's step is no better than 1x (KL 7.6e-3 vs 7.8e-3), at
+    # 0.5x 30% worse.
+    plane_factors: tuple[float, ...] = (1.0, 1.0)
     layer_factors: tuple[float, ...] | None = None  # step multiplier per layer (experiments; None: flat)
+    # How a channel's step follows its spread, per plane: step = alpha * g * (sd / g) ** power,
+    # g the RMS spread of the layer's channels of that plane. See _spread_base.
+    spread_power: tuple[float, ...] = (-0.5, 0.0)
 
 
 class CacheGenCodec(Codec):
@@ -95,21 +99,21 @@ class CacheGenCodec(Codec):
                       exact: list[int]) -> bytes:
         layers, planes, tokens, channels = x.shape
         n = stop - start
-        # Lane layout [l, P, C, T] from the start: every reduction, the delta loop and the coder
-        # then walk contiguous rows, and the symbols need no transpose.
-        xl = x[start:stop].transpose(2, 3).contiguous()
+        # The KV's own layout [l, P, T, C]: the statistics reduce over tokens, and the compiled
+        # quantizer walks each token's channels side by side (vectorized across lanes).
+        xl = x[start:stop]
         kept = b""
         if exact:
             # Stored as they are; in the lanes they are replaced by the mean of the others, so
             # they neither widen the step of their channel nor break its delta chain.
             idx = torch.tensor(exact)
-            if not bool(torch.isfinite(xl[..., idx]).all()):
+            if not bool(torch.isfinite(xl[:, :, idx]).all()):
                 raise CodecError("cachegen cannot encode non-finite KV values")
-            xl = xl.clone()  # with one channel the transpose above is a view of the caller's KV
-            kept = struct.pack(f"<{len(exact)}H", *exact) + tensor_to_bytes(xl[..., idx].half())
+            xl = xl.clone()  # never write into the caller's KV (x may be a view of it)
+            kept = struct.pack(f"<{len(exact)}H", *exact) + tensor_to_bytes(xl[:, :, idx].transpose(2, 3).half())
             others = torch.ones(tokens, dtype=torch.bool)
             others[idx] = False
-            xl[..., idx] = xl[..., others].mean(dim=3, keepdim=True)
+            xl[:, :, idx] = xl[:, :, others].mean(dim=2, keepdim=True)
         alpha = torch.full((n, 1, 1), LEVELS[opts.level])
         early = torch.arange(start, stop) < max(1, round(opts.early_fraction * layers))
         alpha[early] *= opts.early_factor
@@ -117,33 +121,22 @@ class CacheGenCodec(Codec):
             alpha = alpha * torch.tensor(opts.layer_factors[start:stop]).view(n, 1, 1)
         if planes == len(opts.plane_factors):
             alpha = alpha * torch.tensor(opts.plane_factors).view(1, planes, 1)
-        mu = xl.mean(dim=3).half().float()                     # [l, P, C]
-        dev = xl - mu[..., None]  # not in place: with 1 token or 1 channel, xl may view the caller's KV
-        sd = dev.square().mean(dim=3).sqrt() if tokens > 1 else torch.zeros_like(mu)
-        peak = dev.abs().amax(dim=3)
+        mu = xl.mean(dim=2).half().float()                     # [l, P, C]
+        dev = xl - mu[:, :, None]  # not in place: xl may view the caller's KV
+        sd = dev.square().mean(dim=2).sqrt() if tokens > 1 else torch.zeros_like(mu)
+        peak = dev.abs().amax(dim=2)
         # A NaN or infinity anywhere in a lane makes its peak non-finite (so does a mean past
         # fp16's range): checked per lane here, 8x cheaper than a pass over every value.
         if not bool(torch.isfinite(peak).all()):
             raise CodecError("cachegen cannot encode non-finite KV values (or values beyond fp16's range)")
-        step = torch.maximum(alpha * sd, peak / (QMAX - 0.5))
+        base = _spread_base(sd, opts.spread_power)
+        step = torch.maximum(alpha * base, peak / (QMAX - 0.5))
         step = torch.where(step > 0, step, torch.ones_like(step))
         step = step.clamp(6.2e-5, 65000).half().float()        # fp16-exact, never zero
         step = torch.where((peak / step) > QMAX - 0.5, (peak / (QMAX - 0.5)).half().float(), step)
-        q = torch.round(dev / step[..., None]).clamp_(-QMAX, QMAX)
-        mode = torch.zeros_like(mu, dtype=torch.bool)
-        if opts.delta and tokens > 1:
-            qd = _delta_quantize(dev, step)
-            # Delta only where it is smaller AND never clamps: a clamped delta (a jump of more than
-            # QMAX steps) leaves the reconstruction behind for several tokens, far beyond step/2.
-            mode = (qd.abs().sum(dim=3) < q.abs().sum(dim=3)) & (qd.abs().amax(dim=3) < QMAX)
-            q = torch.where(mode[..., None], qd, q)
-        alphabet = 2 * QMAX + 1
-        sym = q.add_(QMAX).to(torch.int32).view(-1, tokens)     # lanes = (l, P, C)
-        ctx = _contexts(n, planes, channels, mode.reshape(-1))
-        keys = (ctx.to(torch.int32) * alphabet)[:, None] + sym
-        hist = torch.bincount(keys.view(-1), minlength=2 * n * planes * alphabet).view(-1, alphabet)
+        sym, mode, ctx, hist = _symbols(xl, mu, step, opts.delta and tokens > 1)
         freqs = rans.quantize_freqs(hist)
-        group = stream_group(sym.shape[0], tokens)
+        group = stream_group(n * planes * channels, tokens)
         states, counts, words = _entropy_encode(sym, ctx, freqs, group)
         flags = int(opts.delta) | (group.bit_length() - 1) << 4
         head = _FRAME.pack(start, n, len(exact), QMAX, flags, words.numel())
@@ -217,10 +210,10 @@ class CacheGenCodec(Codec):
     def _decode_cpu(states, counts, words, ctx, freqs, mu, step, mode, T: int, C: int, group: int) -> torch.Tensor:
         """Compiled decode with dequantization fused in, written straight in [l*P, T, C] order."""
         rans.check_stream(states, counts, words)
-        fb_table, sym_table = rans.decode_tables(freqs)
+        fb_table, sym_table = rans_cpu.decode_tables(freqs.numpy())
         buf = torch.empty(mu.numel() // C, T, C)  # lanes, not streams
         ok = rans_cpu.decode_dequant(states.numpy(), counts.numpy(), words.numpy(), ctx.to(torch.int32).numpy(),
-                                     fb_table.numpy(), sym_table.numpy(), mu.numpy(), step.numpy(),
+                                     fb_table, sym_table, mu.numpy(), step.numpy(),
                                      mode.numpy(), QMAX, T, C, buf.numpy(), group)
         if not ok:
             raise rans.RansError("lanes did not decode back to their initial states (corrupt stream)")
@@ -260,6 +253,34 @@ class CacheGenCodec(Codec):
         if covered != lay.layers:
             raise CodecError(f"frames cover {covered} of {lay.layers} layers")
         return out.reshape(shape)
+
+
+def _spread_base(sd: torch.Tensor, power: tuple[float, ...]) -> torch.Tensor:
+    """Each channel's step before the level's factor: ``g * (sd / g) ** power`` per plane, with
+    ``g`` the RMS spread of the layer's channels in that plane (``sd`` is ``[layers, planes,
+    channels]``).
+
+    Why not a step proportional to each channel's spread (power 1, every channel the same
+    relative error, as before): at a given rate, entropy-coded uniform quantization
+    spends bits best with the absolute step set by how much the model feels a channel's error,
+    not by the channel's size. For values that is about the same in every channel of a layer
+    (power 0: one step per layer). For keys it grows with the channel's size: a query reads
+    keys through a dot product, and in RoPE models the queries' large channels are the keys'
+    large channels (the same rotary frequencies), so a large key channel gets a finer step
+    (power -0.5). Measured on SmolLM2 (bench/codec_quality.py, 6 passages): at 2.9-3.0
+    bits/value, KL 2.5e-2 with power 1 (keys at half the values' step, the rule before) and
+    1.6e-2 with (-0.5, 0); keys at -0.25 or -1 and values at +-0.25 within 5% of that. Grouping
+    by head instead of layer gave 20% more KL, the frame's layers together 35% more (at 2% fewer
+    bits)."""
+    if len(power) != sd.shape[1]:  # a layout with other planes (MLA latents): the spread itself
+        return sd
+    # RMS of spreads clipped at 4x their median: on SmolLM2 that clips ~0.1% of value channels
+    # and almost no key channel, but one channel 400x the others must not set the layer's step.
+    typical = sd.median(dim=2, keepdim=True).values
+    g = sd.minimum(4 * typical).square().mean(dim=2, keepdim=True).sqrt().clamp_min(1e-12)
+    p = torch.tensor(power, dtype=sd.dtype).view(1, -1, 1)
+    # Bounded so that no channel's step strays more than 16x from its layer's.
+    return g * ((sd.clamp_min(1e-12) / g) ** p).clamp(1 / 16, 16)
 
 
 def sink_tokens(x: torch.Tensor) -> list[int]:
@@ -312,19 +333,49 @@ def _contexts(layers: int, planes: int, channels: int, mode: torch.Tensor) -> to
     return torch.arange(layers * planes).repeat_interleave(channels) * 2 + mode.to(torch.int64)
 
 
-def _delta_quantize(dev: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def _symbols(x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor, delta: bool) -> tuple[torch.Tensor, ...]:
+    """Symbols ``int32 [l * P, T, C]`` (offset by QMAX), delta mode per lane (lanes are (l, P,
+    C) in order), the table of every lane (``_contexts``) and the tables' histograms, from the
+    values ``x`` ``[l, P, T, C]`` and each lane's mean and step ``[l, P, C]``.
+
+    Deviations are scaled by the step's reciprocal (one multiply; both versions compute the
+    same float32 operations, so they write one bitstream). A lane is delta coded only where
+    that gives smaller symbols AND none clamps: a clamped delta (a jump of more than QMAX
+    steps) leaves the reconstruction behind for several tokens, far beyond step/2. On CPU one
+    compiled pass does it all; the tensor version is the same arithmetic."""
+    n, planes, tokens, channels = x.shape
+    alphabet = 2 * QMAX + 1
+    inv = 1.0 / step
+    if rans_cpu.available() and x.device.type == "cpu":
+        rows = n * planes
+        sym, mode, ctx, hist = rans_cpu.quantize(x.reshape(rows, tokens, channels).numpy(),
+                                                 mu.reshape(rows, channels).numpy(),
+                                                 inv.reshape(rows, channels).numpy(), QMAX, delta)
+        return torch.from_numpy(sym), torch.from_numpy(mode), torch.from_numpy(ctx), torch.from_numpy(hist)
+    dev = x - mu[:, :, None]
+    v = dev * inv[:, :, None]
+    q = torch.round(v).clamp_(-QMAX, QMAX)
+    mode = torch.zeros_like(step, dtype=torch.bool)
+    if delta:
+        qd = _delta_quantize(v)
+        mode = (qd.abs().sum(dim=2) < q.abs().sum(dim=2)) & (qd.abs().amax(dim=2) < QMAX)
+        q = torch.where(mode[:, :, None], qd, q)
+    sym = q.add_(QMAX).to(torch.int32).view(n * planes, tokens, channels)
+    ctx = _contexts(n, planes, channels, mode.reshape(-1))
+    keys = (ctx.view(n * planes, 1, channels).to(torch.int32) * alphabet) + sym
+    hist = torch.bincount(keys.view(-1), minlength=2 * n * planes * alphabet).view(-1, alphabet)
+    return sym, mode.reshape(-1), ctx, hist
+
+
+def _delta_quantize(v: torch.Tensor) -> torch.Tensor:
     """Closed-loop delta symbols: token t is coded against the reconstruction of token t-1, so
     errors never accumulate (decode is mu + step * cumsum(q), exactly what the encoder tracks).
-    ``dev`` is ``[l, P, C, T]`` (deviation from the channel mean), ``step`` ``[l, P, C]``."""
-    tokens = dev.shape[-1]
-    if rans_cpu.available() and dev.device.type == "cpu":
-        lanes = rans_cpu.delta_symbols(dev.reshape(-1, tokens).numpy(), step.reshape(-1).numpy(), QMAX)
-        return torch.from_numpy(lanes).view(dev.shape)
-    q = torch.empty_like(dev)
-    total = torch.zeros_like(step)
-    for t in range(tokens):
-        qt = torch.round(dev[..., t] / step - total).clamp_(-QMAX, QMAX)
-        q[..., t] = qt
+    ``v`` is ``[l, P, T, C]``: deviations from the channel mean in units of the step."""
+    q = torch.empty_like(v)
+    total = torch.zeros_like(v[:, :, 0])
+    for t in range(v.shape[2]):
+        qt = torch.round(v[:, :, t] - total).clamp_(-QMAX, QMAX)
+        q[:, :, t] = qt
         total += qt
     return q
 
@@ -341,10 +392,11 @@ def stream_group(lanes: int, tokens: int) -> int:
 
 
 def _entropy_encode(sym: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
-    """The compiled CPU coder when it is there (same bitstream, many times faster), else torch."""
+    """Symbols ``[rows, T, C]`` (lanes are (row, C)) into rANS streams: the compiled CPU coder when it is there (same bitstream, many times faster), else torch."""
     if rans_cpu.available() and sym.device.type == "cpu":
         return tuple(torch.from_numpy(a) for a in rans_cpu.encode(sym.numpy(), ctx.numpy(), freqs.numpy(), group))
-    return rans.encode(sym, ctx, freqs, group)
+    rows, tokens, channels = sym.shape
+    return rans.encode(sym.transpose(1, 2).reshape(rows * channels, tokens), ctx, freqs, group)
 
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:

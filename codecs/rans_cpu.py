@@ -1,4 +1,5 @@
-"""CPU kernels for the rANS streams of :mod:`kvstore.codecs.rans`, compiled with numba.
+"""CPU kernels for cachegen, compiled with numba: the rANS streams of :mod:`kvstore.codecs.rans`
+and the quantization before them.
 
 Why a second implementation: the torch coder advances all lanes one step per handful of tensor
 ops, which is what a GPU wants, but on a CPU each op is a pass over memory; a compiled scalar
@@ -53,7 +54,7 @@ def _load() -> SimpleNamespace | None:
                     return None
                 jit = numba.njit(cache=True, nogil=True, boundscheck=False)
                 _kernels = SimpleNamespace(decode=jit(_decode_dequant), encode=jit(_encode),
-                                           delta=jit(_delta_symbols))
+                                           quantize=jit(_quantize), tables=jit(_decode_tables))
     return _kernels
 
 
@@ -68,29 +69,75 @@ def _decode_dequant(states, counts, words, ctx, fb_table, sym_table, mu, step, d
                     channels, group, out):  # pragma: no cover - compiled
     """Decode every stream (``group`` lanes in a row) and write ``mu + step * q`` (q summed
     along tokens on delta lanes) to ``out[lane // channels, t, lane % channels]``. Returns 0,
-    or -1 for a corrupt stream."""
+    or -1 for a corrupt stream.
+
+    Two streams advance side by side: one stream's symbols form a chain (each state comes from
+    the one before), so a lone stream leaves the core waiting on each table load; two chains
+    interleaved keep it busy (1.5x measured)."""
     streams = states.shape[0]
-    ptr = 0
+    starts = np.empty(streams + 1, np.int64)
+    starts[0] = 0
     for s in range(streams):
+        starts[s + 1] = starts[s] + np.int64(counts[s])
+    for s in range(0, streams - 1, 2):
+        xa = np.int64(states[s])
+        xb = np.int64(states[s + 1])
+        pa, ea = starts[s], starts[s + 1]
+        pb, eb = starts[s + 1], starts[s + 2]
+        for off in range(group):
+            la = s * group + off
+            lb = la + group
+            ra = la // channels
+            ca = la - ra * channels
+            rb = lb // channels
+            cb = lb - rb * channels
+            basea = np.int64(ctx[la]) * M
+            baseb = np.int64(ctx[lb]) * M
+            ma, sa, runa = mu[la], step[la], delta[la]
+            mb, sb, runb = mu[lb], step[lb], delta[lb]
+            acca = np.float32(0.0)
+            accb = np.float32(0.0)
+            for t in range(steps):
+                ia = basea + (xa & (M - 1))
+                ib = baseb + (xb & (M - 1))
+                ba = np.int64(fb_table[ia])
+                bb = np.int64(fb_table[ib])
+                xa = (ba >> 16) * (xa >> SCALE_BITS) + (ba & 0xFFFF)
+                xb = (bb >> 16) * (xb >> SCALE_BITS) + (bb & 0xFFFF)
+                qa = np.float32(sym_table[ia] - qmax)
+                qb = np.float32(sym_table[ib] - qmax)
+                acca = acca + qa if runa else qa
+                accb = accb + qb if runb else qb
+                out[ra, t, ca] = ma + acca * sa
+                out[rb, t, cb] = mb + accb * sb
+                if xa < RANS_L:
+                    if pa >= ea:
+                        return -1
+                    xa = (xa << 16) | (np.int64(words[pa]) & 0xFFFF)
+                    pa += 1
+                if xb < RANS_L:
+                    if pb >= eb:
+                        return -1
+                    xb = (xb << 16) | (np.int64(words[pb]) & 0xFFFF)
+                    pb += 1
+        if pa != ea or xa != RANS_L or pb != eb or xb != RANS_L:
+            return -1
+    if streams % 2:  # the odd one out, alone
+        s = streams - 1
         x = np.int64(states[s])
-        end = ptr + np.int64(counts[s])
+        ptr, end = starts[s], starts[s + 1]
         for lane in range(s * group, s * group + group):
             row = lane // channels
             c = lane - row * channels
             base = np.int64(ctx[lane]) * M
-            m = mu[lane]
-            st = step[lane]
-            running = delta[lane]
+            m, st, running = mu[lane], step[lane], delta[lane]
             acc = np.float32(0.0)
             for t in range(steps):
                 idx = base + (x & (M - 1))
                 b = np.int64(fb_table[idx])
                 x = (b >> 16) * (x >> SCALE_BITS) + (b & 0xFFFF)
                 q = np.float32(sym_table[idx] - qmax)
-                if running:
-                    acc += q
-                else:
-                    acc = q
+                acc = acc + q if running else q
                 out[row, t, c] = m + acc * st
                 if x < RANS_L:
                     if ptr >= end:
@@ -102,47 +149,171 @@ def _decode_dequant(states, counts, words, ctx, fb_table, sym_table, mu, step, d
     return 0
 
 
-def _encode(symbols, ctx, freqs, cum, group, states, counts, words):  # pragma: no cover - compiled
-    """rANS-encode each stream (``group`` lanes of ``symbols[lane, t]`` in a row) backwards;
-    words land stream-major in decode order. Returns the number of words written, or -1 when a
-    symbol has no frequency in its table."""
-    lanes, steps = symbols.shape
-    scratch = np.empty(steps * group, np.int32)
+def _encode(symbols, ctx, mul, add, group, states, counts, words):  # pragma: no cover - compiled
+    """rANS-encode each stream (``group`` lanes in a row; lane ``(r, c)`` holds ``symbols[r, :,
+    c]``) backwards; words land stream-major in decode order. Returns the number of words
+    written, or -1 when a symbol has no frequency in its table.
+
+    ``x // f * M + x % f + cum`` is computed as ``x + bias + q * cmpl`` with ``q = x // f`` from a
+    multiply by a precomputed reciprocal (exact for states below 2**31, which rANS keeps them):
+    an integer division per symbol was half of the encoder's time. ``mul`` and ``add`` pack
+    what a symbol needs into two loads (``_reciprocals``), and two streams are coded side by
+    side so that their dependency chains overlap (as in the decoder)."""
+    rows, steps, channels = symbols.shape
+    lanes = rows * channels
+    streams = lanes // group
+    scratch_a = np.empty(steps * group, np.int32)
+    scratch_b = np.empty(steps * group, np.int32)
     ptr = 0
-    for s in range(lanes // group):
-        x = np.int64(RANS_L)
-        k = 0
-        for lane in range(s * group + group - 1, s * group - 1, -1):
-            c = ctx[lane]
+    for s in range(0, streams, 2):
+        pair = s + 1 < streams
+        xa = np.uint64(RANS_L)
+        xb = np.uint64(RANS_L)
+        ka = 0
+        kb = 0
+        for off in range(group - 1, -1, -1):
+            la = s * group + off
+            lb = la + group if pair else la
+            ra = la // channels
+            ca = la - ra * channels
+            rb = lb // channels
+            cb = lb - rb * channels
+            ta = ctx[la]
+            tb = ctx[lb]
             for t in range(steps - 1, -1, -1):
-                sym = symbols[lane, t]
-                f = np.int64(freqs[c, sym])
-                if f <= 0:
+                ma = mul[ta, symbols[ra, t, ca]]
+                mb = mul[tb, symbols[rb, t, cb]]
+                aa = add[ta, symbols[ra, t, ca]]
+                ab = add[tb, symbols[rb, t, cb]]
+                if aa == 0 or ab == 0:  # no frequency: a symbol its table cannot code
                     return -1
-                if x >= (f << _XMAX_SHIFT):
-                    scratch[k] = x & 0xFFFF
-                    k += 1
-                    x >>= 16
-                x = (x // f) * M + x % f + cum[c, sym]
-        states[s] = x
-        counts[s] = k
-        for j in range(k):  # emitted last = read first
-            words[ptr + j] = scratch[k - 1 - j]
-        ptr += k
+                # Renormalization without branches (a word is written every few symbols, at
+                # random: a branch there mispredicts often): store always, advance if needed.
+                fa = np.uint64(xa >= ((aa >> np.uint64(32)) << np.uint64(_XMAX_SHIFT)))
+                fb = np.uint64(xb >= ((ab >> np.uint64(32)) << np.uint64(_XMAX_SHIFT)))
+                scratch_a[ka] = xa & np.uint64(0xFFFF)
+                scratch_b[kb] = xb & np.uint64(0xFFFF)
+                ka += np.int64(fa)
+                kb += np.int64(fb)
+                xa >>= fa << np.uint64(4)
+                xb >>= fb << np.uint64(4)
+                qa = ((xa * (ma & np.uint64(0xFFFFFFFF))) >> np.uint64(32)) >> (ma >> np.uint64(32))
+                qb = ((xb * (mb & np.uint64(0xFFFFFFFF))) >> np.uint64(32)) >> (mb >> np.uint64(32))
+                xa = xa + (aa & np.uint64(0xFFFF)) + qa * ((aa >> np.uint64(16)) & np.uint64(0xFFFF))
+                xb = xb + (ab & np.uint64(0xFFFF)) + qb * ((ab >> np.uint64(16)) & np.uint64(0xFFFF))
+        states[s] = xa
+        counts[s] = ka
+        for j in range(ka):  # emitted last = read first
+            words[ptr + j] = scratch_a[ka - 1 - j]
+        ptr += ka
+        if pair:
+            states[s + 1] = xb
+            counts[s + 1] = kb
+            for j in range(kb):
+                words[ptr + j] = scratch_b[kb - 1 - j]
+            ptr += kb
     return ptr
 
 
-def _delta_symbols(dev, step, qmax, out):  # pragma: no cover - compiled
-    """Closed-loop delta symbols per lane: token t against the reconstruction of token t-1."""
-    lanes, steps = dev.shape
-    for lane in range(lanes):
-        total = np.float32(0.0)
-        s = step[lane]
+def _reciprocals(freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per (table, symbol), what the encoder needs to turn its division by the frequency into a
+    multiply (Alverson's method, as in ryg_rans: exact for dividends below 2**31), in two
+    words: ``mul`` = reciprocal | shift << 32, ``add`` = bias | complement << 16 | frequency
+    << 32. A zero frequency leaves ``add`` 0, which the encoder refuses."""
+    f = freqs.astype(np.uint64)
+    cum = (np.cumsum(freqs, axis=1) - freqs).astype(np.uint64)
+    shift = np.ceil(np.log2(np.maximum(freqs, 1))).astype(np.uint64)  # exact: f <= 4096
+    safe = np.maximum(f, np.uint64(1))
+    rcp = ((np.uint64(1) << (shift + np.uint64(31))) + safe - np.uint64(1)) // safe
+    rshift = np.where(shift > 0, shift - np.uint64(1), np.uint64(0)).astype(np.uint64)
+    one = f == 1
+    rcp[one] = np.uint64(0xFFFFFFFF)
+    bias = cum + np.where(one, np.uint64(M - 1), np.uint64(0)).astype(np.uint64)
+    cmpl = np.uint64(M) - np.where(one, np.uint64(1), f)
+    mul = rcp | (rshift << np.uint64(32))
+    add = np.where(f > 0, bias | (cmpl << np.uint64(16)) | (f << np.uint64(32)), np.uint64(0)).astype(np.uint64)
+    return mul, add
+
+
+def _quantize(v, mu, inv, qmax, allow_delta, sym, mode, ctx, hist):  # pragma: no cover - compiled
+    """Cachegen's symbols: ``round((v - mu) * inv)`` direct, closed-loop delta ones (as
+    ``cachegen._delta_quantize``), the lane's mode (delta where its symbols are smaller in sum
+    and none clamps), the chosen symbols offset by ``qmax``, the lane's table (``row * 2 +
+    mode``) and the tables' histograms, in two passes over each row's ``[T, C]`` values with
+    the channels innermost (so the compiler vectorizes across lanes) instead of the dozen
+    passes the same steps take as tensor operations."""
+    rows, steps, channels = v.shape
+    alphabet = 2 * int(qmax) + 1
+    total = np.empty(channels, np.float32)
+    direct = np.empty(channels, np.float32)
+    summed = np.empty(channels, np.float32)
+    peak = np.empty(channels, np.float32)
+    for r in range(rows):
+        total[:] = 0
+        direct[:] = 0
+        summed[:] = 0
+        peak[:] = 0
         for t in range(steps):
-            q = np.round(dev[lane, t] / s - total)
-            q = min(max(q, -qmax), qmax)
-            out[lane, t] = q
-            total += q
+            for c in range(channels):
+                x = (v[r, t, c] - mu[r, c]) * inv[r, c]
+                q = min(max(np.rint(x), -qmax), qmax)
+                direct[c] += abs(q)
+                d = min(max(np.rint(x - total[c]), -qmax), qmax)
+                summed[c] += abs(d)
+                peak[c] = max(peak[c], abs(d))
+                total[c] += d
+        for c in range(channels):
+            use = allow_delta and summed[c] < direct[c] and peak[c] < qmax
+            lane = r * channels + c
+            mode[lane] = use
+            ctx[lane] = r * 2 + (1 if use else 0)
+            total[c] = 0
+        for t in range(steps):
+            for c in range(channels):
+                x = (v[r, t, c] - mu[r, c]) * inv[r, c]
+                if mode[r * channels + c]:
+                    q = min(max(np.rint(x - total[c]), -qmax), qmax)
+                    total[c] += q
+                else:
+                    q = min(max(np.rint(x), -qmax), qmax)
+                k = np.int32(q) + np.int32(qmax)
+                sym[r, t, c] = k
+                hist[ctx[r * channels + c] * alphabet + k] += 1
+
+
+def _decode_tables(freqs, fb, sym):  # pragma: no cover - compiled
+    """``rans.decode_tables`` as one loop (the tensor version is ~15 ops over every slot of
+    every table, a fifth of a frame's decode). Returns False for rows that are negative or do
+    not sum to M."""
+    rows, alphabet = freqs.shape
+    for r in range(rows):
+        total = 0
+        for a in range(alphabet):
+            if freqs[r, a] < 0:
+                return False
+            total += freqs[r, a]
+        if total != M:
+            return False
+        slot = r * M
+        cum = 0
+        for a in range(alphabet):
+            f = freqs[r, a]
+            for k in range(f):
+                fb[slot] = (f << 16) | k
+                sym[slot] = a
+                slot += 1
+            cum += f
+    return True
+
+
+def decode_tables(freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Same contract as :func:`kvstore.codecs.rans.decode_tables` (numpy in and out)."""
+    rows = freqs.shape[0]
+    fb = np.empty(rows * M, np.int32)
+    sym = np.empty(rows * M, np.int16)
+    if not _compiled().tables(np.ascontiguousarray(freqs, dtype=np.int32), fb, sym):
+        raise RansError("frequency table rows must be non-negative and sum to 4096")
+    return fb, sym
 
 
 def decode_dequant(states: np.ndarray, counts: np.ndarray, words: np.ndarray, ctx: np.ndarray,
@@ -157,27 +328,38 @@ def decode_dequant(states: np.ndarray, counts: np.ndarray, words: np.ndarray, ct
 
 def encode(symbols: np.ndarray, ctx: np.ndarray, freqs: np.ndarray,
            group: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Same contract as :func:`kvstore.codecs.rans.encode` (symbols ``[lanes, steps]``)."""
-    lanes, steps = symbols.shape
+    """:func:`kvstore.codecs.rans.encode` for symbols ``[rows, steps, C]`` (lane ``(r, c)`` is
+    ``symbols[r, :, c]``, lanes in (row, C) order: cachegen's layout, no transpose)."""
+    rows, steps, channels = symbols.shape
+    lanes = rows * channels
     if lanes % group:
         raise RansError(f"{lanes} lanes do not split into streams of {group}")
     f = np.ascontiguousarray(freqs, dtype=np.int64)
     if symbols.size and (symbols.min() < 0 or symbols.max() >= f.shape[1]):
         raise RansError("symbol outside the tables' alphabet")
-    cum = np.cumsum(f, axis=1) - f
     states = np.empty(lanes // group, np.int32)
     counts = np.empty(lanes // group, np.int32)
     words = np.empty(lanes * steps, np.int32)
     kernels = _compiled()
-    n = kernels.encode(np.ascontiguousarray(symbols, dtype=np.int32), ctx.astype(np.int64), f, cum,
+    n = kernels.encode(np.ascontiguousarray(symbols, dtype=np.int32), ctx.astype(np.int64), *_reciprocals(f),
                        group, states, counts, words)
     if n < 0:
         raise RansError("a symbol has zero frequency in its table")
     return states, counts, words[:n]
 
 
-def delta_symbols(dev: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
-    out = np.empty(dev.shape, np.float32)
-    kernels = _compiled()
-    kernels.delta(np.ascontiguousarray(dev, dtype=np.float32), step.astype(np.float32), float(qmax), out)
-    return out
+def quantize(v: np.ndarray, mu: np.ndarray, inv: np.ndarray, qmax: int,
+             allow_delta: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``v`` ``[rows, T, C]``, and per lane ``[rows, C]`` its mean and the step's reciprocal ->
+    ``(symbols int32 [rows, T, C], delta mode bool [lanes], table per lane int64, histogram
+    int64 [2 * rows, 2 * qmax + 1])``; lanes are (row, C) in order."""
+    rows, steps, channels = v.shape
+    sym = np.empty((rows, steps, channels), np.int32)
+    mode = np.empty(rows * channels, np.bool_)
+    ctx = np.empty(rows * channels, np.int64)
+    hist = np.zeros(2 * rows * (2 * qmax + 1), np.int64)
+    f32 = np.float32
+    _compiled().quantize(np.ascontiguousarray(v, dtype=f32), np.ascontiguousarray(mu, dtype=f32),
+                         np.ascontiguousarray(inv, dtype=f32), f32(qmax), allow_delta and steps > 1,
+                         sym, mode, ctx, hist)
+    return sym, mode, ctx, hist.reshape(2 * rows, 2 * qmax + 1)

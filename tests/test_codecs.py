@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from kvstore import KVSpec, KVStore
 from kvstore.codecs import CodecError, get_codec
+from kvstore.codecs import cachegen
 from kvstore.codecs.cachegen import CacheGenCodec, CacheGenOptions
 from kvstore.codecs.quality import attention_error, relative_error, synthetic_kv
 
@@ -47,6 +48,16 @@ def test_cachegen_levels_trade_size_for_error():
     assert sizes == sorted(sizes, reverse=True) and errors == sorted(errors)
 
 
+def _steps(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The step the codec gives each channel of ``x`` ``[L, P, T, H, D]`` (as ``[L, P, 1, H, D]``):
+    the level's factor times the spread rule, raised so that no symbol clips."""
+    L, P, T, H, D = x.shape
+    dev = x - x.mean(dim=2, keepdim=True)
+    sd = dev.square().mean(dim=2).reshape(L, P, H * D).sqrt()
+    base = cachegen._spread_base(sd, CacheGenOptions().spread_power).reshape(L, P, 1, H, D)
+    return torch.maximum(alpha * base, dev.abs().amax(dim=2, keepdim=True) / 126.5)
+
+
 def test_cachegen_error_is_bounded_by_half_a_step():
     """No clipping: every value is within step/2 of the original (outlier channels included)."""
     kv = KV.float().clone()
@@ -56,10 +67,29 @@ def test_cachegen_error_is_bounded_by_half_a_step():
     out = codec.decode(memoryview(codec.encode(kv)), tuple(kv.shape), kv.dtype)
     x = kv.float()
     peak = (x - x.mean(dim=2, keepdim=True)).abs().amax(dim=2, keepdim=True)
-    step = torch.maximum(0.12 * x.std(dim=2, correction=0, keepdim=True), peak / 126.5)
+    step = _steps(x, cachegen.LEVELS["low"])
     err = (out.float() - x).abs()
     assert (err <= step / 2 * 1.01 + x.abs() * 2**-10 + 1e-4).all()
     assert err[0, 0, :, 0, 3].max() < 0.02 * peak[0, 0, 0, 0, 3]  # the outlier channel kept its precision
+
+
+def test_key_steps_shrink_with_the_channels_spread_and_value_steps_are_shared():
+    """The spread rule: a key channel 8x wider than its layer's others gets a finer absolute
+    step than they do (queries read keys through a dot product, and their large channels are
+    the keys' large ones); a value channel 8x wider gets the same absolute step as the others,
+    so its relative error is far smaller. Step ~ spread (the old rule) fails both."""
+    kv = torch.randn(4, 2, 64, 2, 32, generator=torch.Generator().manual_seed(5))
+    kv[:, :, :, 0, 5] *= 4
+    kv = kv.half()
+    codec = CacheGenCodec(CacheGenOptions(level="tiny"))
+    err = (codec.decode(memoryview(codec.encode(kv)), tuple(kv.shape), kv.dtype).float() - kv.float()).abs()
+    rest = torch.ones(kv.shape[3], kv.shape[4], dtype=torch.bool)
+    rest[0, 5] = False
+    for layer in range(kv.shape[0]):
+        k_wide, k_rest = err[layer, 0, :, 0, 5].mean(), err[layer, 0][:, rest].mean()
+        v_wide, v_rest = err[layer, 1, :, 0, 5].mean(), err[layer, 1][:, rest].mean()
+        assert k_wide < 0.8 * k_rest, (layer, float(k_wide), float(k_rest))
+        assert 0.5 * v_rest < v_wide < 2 * v_rest, (layer, float(v_wide), float(v_rest))
 
 
 def test_cachegen_delta_never_lags_behind_a_jump():
@@ -206,12 +236,18 @@ def test_compiled_and_torch_coders_agree(monkeypatch):
 
     assert rans_cpu.available(), "numba is a dependency: the compiled CPU coder must load"
     codec = get_codec("cachegen")
-    fast = bytes(codec.encode(KV))
-    fast_out = codec.decode(memoryview(fast), tuple(KV.shape), KV.dtype)
-    monkeypatch.setattr(rans_cpu, "ENABLED", False)
-    slow = bytes(codec.encode(KV))
-    assert slow == fast
-    assert torch.equal(codec.decode(memoryview(fast), tuple(KV.shape), KV.dtype), fast_out)
+    # The second: 24 lanes, 3 streams of 8 (the compiled coders run streams in pairs; the odd
+    # one out alone).
+    odd = synthetic_kv(layers=1, heads=3, head_size=4, tokens=40, seed=9)
+    for kv in (KV, odd):
+        monkeypatch.setattr(rans_cpu, "ENABLED", True)
+        fast = bytes(codec.encode(kv))
+        fast_out = codec.decode(memoryview(fast), tuple(kv.shape), kv.dtype)
+        monkeypatch.setattr(rans_cpu, "ENABLED", False)
+        slow = bytes(codec.encode(kv))
+        assert slow == fast
+        assert torch.equal(codec.decode(memoryview(fast), tuple(kv.shape), kv.dtype), fast_out)
+        assert relative_error(kv, fast_out) < 0.05
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
