@@ -6,19 +6,27 @@ functions ``encode(kv) -> bytes`` and ``decode(bytes, kv) -> tensor`` on one chu
   ``lmcache-turbo-quant-serde`` (needs ``tqai``);
 - KIVI (asymmetric uniform quantization, keys per channel over groups of tokens, values per
   token over groups of channels, an fp16 scale and zero per group), a short reference
-  implementation written here from the paper's description.
+  implementation written here from the paper's description;
+- LMCache 0.5.6's CacheGen serializer, in LMCache's own venv through a worker process.
 
 A peer whose package is missing is returned with the reason, never dropped silently.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
 import struct
+import subprocess
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -98,12 +106,55 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits, dtype=np.uint8)).sum(1).astype(np.uint8)
 
 
-def lmcache_cachegen() -> Peer:
-    """LMCache 0.5.6's CacheGen lives in its own venv (scripts/test_lmcache.sh: it pins
-    packages the main environment must not get); calling it from here is not built yet."""
-    return Peer("LMCache 0.5.6 CacheGen", None, None,
-                "not run: lmcache installs only in its own venv; this bench does not call into it yet")
+def lmcache_cachegen(model_dir: Path) -> Peer:
+    """LMCache 0.5.6's CacheGen, in its own venv (scripts/test_lmcache.sh makes it; it pins
+    packages the main environment must not get): a worker process there encodes and decodes
+    over a pipe (bench/_lmcache_cachegen_worker.py). Its speed includes the pipe (a few ms a
+    chunk, under 2% of its time)."""
+    name = "LMCache 0.5.6 CacheGen"
+    venv = Path(os.environ.get("KVSTORE_LMCACHE_VENV", ROOT / ".venv-lmcache"))
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return Peer(name, None, None, f"not installed: no venv at {venv} (bash scripts/test_lmcache.sh makes it)")
+    worker = subprocess.Popen([str(python), str(Path(__file__).with_name("_lmcache_cachegen_worker.py")),
+                               str(model_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    atexit.register(worker.kill)
+
+    def call(op: bytes, shape: tuple[int, ...], body: bytes) -> bytes:
+        assert worker.stdin is not None and worker.stdout is not None
+        msg = op + struct.pack("<5I", *shape) + body
+        worker.stdin.write(struct.pack("<I", len(msg)) + msg)
+        worker.stdin.flush()
+        head = worker.stdout.read(4)
+        if len(head) < 4:
+            raise RuntimeError(f"the LMCache worker exited (status {worker.poll()})")
+        return worker.stdout.read(struct.unpack("<I", head)[0])
+
+    def encode(kv: torch.Tensor) -> bytes:
+        return call(b"e", tuple(kv.shape), kv.half().contiguous().numpy().tobytes())
+
+    def decode(blob: bytes, like: torch.Tensor) -> torch.Tensor:
+        raw = call(b"d", tuple(like.shape), blob)
+        return torch.from_numpy(np.frombuffer(raw, np.float16).copy()).reshape(like.shape).to(like.dtype)
+
+    try:  # one round trip now: a venv without lmcache (or a broken one) is reported, not a crash later
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        probe = torch.randn(cfg["num_hidden_layers"], 2, 256, heads, head_dim).half()
+        decode(encode(probe), probe)
+    except Exception as exc:  # noqa: BLE001 - any failure means the peer cannot run here
+        worker.kill()
+        return Peer(name, None, None, f"not run: its worker failed in {venv} ({exc})")
+    return Peer(name, encode, decode)
 
 
-def peers() -> list[Peer]:
-    return [turboquant(4), turboquant(3), turboquant(2), kivi(4, 64), kivi(3, 64), kivi(2, 32), lmcache_cachegen()]
+def peers(model_dir: Path, wanted: list[str] | None = None) -> list[Peer]:
+    """Every peer, or those whose name contains one of ``wanted`` (lower case)."""
+    makers: list[tuple[str, Callable[[], Peer]]] = [
+        ("TurboQuant 4-bit", lambda: turboquant(4)), ("TurboQuant 3-bit", lambda: turboquant(3)),
+        ("TurboQuant 2-bit", lambda: turboquant(2)), ("KIVI 4-bit, group 64", lambda: kivi(4, 64)),
+        ("KIVI 3-bit, group 64", lambda: kivi(3, 64)), ("KIVI 2-bit, group 32", lambda: kivi(2, 32)),
+        ("LMCache 0.5.6 CacheGen", lambda: lmcache_cachegen(model_dir))]
+    return [make() for name, make in makers if not wanted or any(w in name.lower() for w in wanted)]

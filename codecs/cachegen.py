@@ -43,7 +43,7 @@ QMAX = 127
 LEVELS: dict[str, float] = {"high": 0.02, "medium": 0.05, "low": 0.12, "tiny": 0.25,
                             "balanced": 0.11, "compact": 0.27, "aggressive": 0.47, "extreme": 0.92}
 """Quality level -> the step as a fraction of the layer's typical channel spread (see
-``_spread_base``). The named presets (``balanced`` about 3x smaller than fp16,
+``_spread_base``; in MLA latents, of each channel's own). The named presets (``balanced`` about 3x smaller than fp16,
 ``compact`` 4x, ``aggressive`` 5x, ``extreme`` 7x) are chosen on SmolLM2 by
 bench/codec_quality.py; the README prints what each costs the model."""
 DEFAULT_LEVEL = "medium"
@@ -111,9 +111,9 @@ class CacheGenCodec(Codec):
                 raise CodecError("cachegen cannot encode non-finite KV values")
             xl = xl.clone()  # never write into the caller's KV (x may be a view of it)
             kept = struct.pack(f"<{len(exact)}H", *exact) + tensor_to_bytes(xl[:, :, idx].transpose(2, 3).half())
-            others = torch.ones(tokens, dtype=torch.bool)
-            others[idx] = False
-            xl[:, :, idx] = xl[:, :, others].mean(dim=2, keepdim=True)
+            sinks = xl[:, :, idx]
+            rest = (xl.sum(dim=2, keepdim=True) - sinks.sum(dim=2, keepdim=True)) / (tokens - len(exact))
+            xl[:, :, idx] = rest  # the mean of the other tokens, without copying them out
         alpha = torch.full((n, 1, 1), LEVELS[opts.level])
         early = torch.arange(start, stop) < max(1, round(opts.early_fraction * layers))
         alpha[early] *= opts.early_factor
@@ -123,8 +123,8 @@ class CacheGenCodec(Codec):
             alpha = alpha * torch.tensor(opts.plane_factors).view(1, planes, 1)
         mu = xl.mean(dim=2).half().float()                     # [l, P, C]
         dev = xl - mu[:, :, None]  # not in place: xl may view the caller's KV
-        sd = dev.square().mean(dim=2).sqrt() if tokens > 1 else torch.zeros_like(mu)
-        peak = dev.abs().amax(dim=2)
+        peak = torch.maximum(dev.amax(dim=2), dev.amin(dim=2).neg())  # max |dev|, no temporary
+        sd = dev.square_().mean(dim=2).sqrt() if tokens > 1 else torch.zeros_like(mu)
         # A NaN or infinity anywhere in a lane makes its peak non-finite (so does a mean past
         # fp16's range): checked per lane here, 8x cheaper than a pass over every value.
         if not bool(torch.isfinite(peak).all()):
@@ -257,8 +257,8 @@ class CacheGenCodec(Codec):
 
 def _spread_base(sd: torch.Tensor, power: tuple[float, ...]) -> torch.Tensor:
     """Each channel's step before the level's factor: ``g * (sd / g) ** power`` per plane, with
-    ``g`` the RMS spread of the layer's channels in that plane (``sd`` is ``[layers, planes,
-    channels]``).
+    ``g`` the typical spread of the layer's channels in that plane (``sd`` is ``[layers, planes,
+    channels]``). A layout without two planes (MLA latents) keeps each channel's own spread.
 
     Why not a step proportional to each channel's spread (power 1, every channel the same
     relative error, as before): at a given rate, entropy-coded uniform quantization
@@ -274,10 +274,15 @@ def _spread_base(sd: torch.Tensor, power: tuple[float, ...]) -> torch.Tensor:
     bits)."""
     if len(power) != sd.shape[1]:  # a layout with other planes (MLA latents): the spread itself
         return sd
-    # RMS of spreads clipped at 4x their median: on SmolLM2 that clips ~0.1% of value channels
-    # and almost no key channel, but one channel 400x the others must not set the layer's step.
-    typical = sd.median(dim=2, keepdim=True).values
-    g = sd.minimum(4 * typical).square().mean(dim=2, keepdim=True).sqrt().clamp_min(1e-12)
+    # The RMS of the live channels' spreads, clipped at 4x their median: on SmolLM2 that clips
+    # ~0.1% of value channels and almost no key channel, but one channel 400x the others must
+    # not set the layer's step. Channels under 1/1000 of the widest are left out: constant (or
+    # all but constant) channels, half of a layer's say, must not make the rest finer.
+    live = sd > 1e-3 * sd.amax(dim=2, keepdim=True)
+    typical = torch.where(live, sd, torch.nan).nanmedian(dim=2, keepdim=True).values.nan_to_num(0.0)
+    clipped = torch.where(live, sd.minimum(4 * typical), 0.0)
+    count = live.sum(dim=2, keepdim=True).clamp_min(1)
+    g = (clipped.square().sum(dim=2, keepdim=True) / count).sqrt().clamp_min(1e-12)
     p = torch.tensor(power, dtype=sd.dtype).view(1, -1, 1)
     # Bounded so that no channel's step strays more than 16x from its layer's.
     return g * ((sd.clamp_min(1e-12) / g) ** p).clamp(1 / 16, 16)
@@ -342,7 +347,8 @@ def _symbols(x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor, delta: bool)
     same float32 operations, so they write one bitstream). A lane is delta coded only where
     that gives smaller symbols AND none clamps: a clamped delta (a jump of more than QMAX
     steps) leaves the reconstruction behind for several tokens, far beyond step/2. On CPU one
-    compiled pass does it all; the tensor version is the same arithmetic."""
+    compiled kernel does it all (two passes over each row); the tensor version is the same
+    arithmetic."""
     n, planes, tokens, channels = x.shape
     alphabet = 2 * QMAX + 1
     inv = 1.0 / step

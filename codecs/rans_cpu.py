@@ -8,9 +8,10 @@ dequantization (mean, step, running sum for delta lanes) into the same pass. The
 the same: tests check both coders against each other, and the torch one remains the path for
 CUDA tensors and for machines where numba does not import.
 
-Corrupt input must never read out of bounds: callers run ``rans.check_stream`` and
-``rans.decode_tables`` first (as ``rans.decode`` does), contexts come from the frame layout, and
-the loops here check every word read against the lane's own range.
+Corrupt input must never read out of bounds: callers run ``rans.check_stream`` first (as
+``rans.decode`` does), the tables come from ``decode_tables`` here (which refuses rows that do
+not sum to M, as ``rans.decode_tables`` does), contexts come from the frame layout, and the
+loops here check every word read against the stream's own range.
 """
 
 from __future__ import annotations
@@ -149,19 +150,21 @@ def _decode_dequant(states, counts, words, ctx, fb_table, sym_table, mu, step, d
     return 0
 
 
-def _encode(symbols, ctx, mul, add, group, states, counts, words):  # pragma: no cover - compiled
+def _encode(symbols, ctx, mul, add, alphabet, group, states, counts, words):  # pragma: no cover - compiled
     """rANS-encode each stream (``group`` lanes in a row; lane ``(r, c)`` holds ``symbols[r, :,
     c]``) backwards; words land stream-major in decode order. Returns the number of words
-    written, or -1 when a symbol has no frequency in its table.
+    written, or -1 when a symbol is outside the alphabet or has no frequency in its table.
 
     ``x // f * M + x % f + cum`` is computed as ``x + bias + q * cmpl`` with ``q = x // f`` from a
     multiply by a precomputed reciprocal (exact for states below 2**31, which rANS keeps them):
-    an integer division per symbol was half of the encoder's time. ``mul`` and ``add`` pack
-    what a symbol needs into two loads (``_reciprocals``), and two streams are coded side by
-    side so that their dependency chains overlap (as in the decoder)."""
+    an integer division per symbol was half of the encoder's time. ``mul`` and ``add`` (flat,
+    ``table * alphabet + symbol``) pack what a symbol needs into two loads (``_reciprocals``),
+    and two streams are coded side by side so that their dependency chains overlap (as in the
+    decoder)."""
     rows, steps, channels = symbols.shape
     lanes = rows * channels
     streams = lanes // group
+    flat = symbols.reshape(-1)
     scratch_a = np.empty(steps * group, np.int32)
     scratch_b = np.empty(steps * group, np.int32)
     ptr = 0
@@ -175,16 +178,21 @@ def _encode(symbols, ctx, mul, add, group, states, counts, words):  # pragma: no
             la = s * group + off
             lb = la + group if pair else la
             ra = la // channels
-            ca = la - ra * channels
             rb = lb // channels
-            cb = lb - rb * channels
-            ta = ctx[la]
-            tb = ctx[lb]
-            for t in range(steps - 1, -1, -1):
-                ma = mul[ta, symbols[ra, t, ca]]
-                mb = mul[tb, symbols[rb, t, cb]]
-                aa = add[ta, symbols[ra, t, ca]]
-                ab = add[tb, symbols[rb, t, cb]]
+            at_a = ra * steps * channels + la - ra * channels  # symbols[ra, 0, ca] in flat
+            at_b = rb * steps * channels + lb - rb * channels
+            ta = ctx[la] * alphabet
+            tb = ctx[lb] * alphabet
+            for back in range(steps):
+                t = steps - 1 - back
+                sa = flat[at_a + t * channels]
+                sb = flat[at_b + t * channels]
+                if sa < 0 or sa >= alphabet or sb < 0 or sb >= alphabet:
+                    return -1
+                ma = mul[ta + sa]
+                mb = mul[tb + sb]
+                aa = add[ta + sa]
+                ab = add[tb + sb]
                 if aa == 0 or ab == 0:  # no frequency: a symbol its table cannot code
                     return -1
                 # Renormalization without branches (a word is written every few symbols, at
@@ -239,15 +247,19 @@ def _quantize(v, mu, inv, qmax, allow_delta, sym, mode, ctx, hist):  # pragma: n
     """Cachegen's symbols: ``round((v - mu) * inv)`` direct, closed-loop delta ones (as
     ``cachegen._delta_quantize``), the lane's mode (delta where its symbols are smaller in sum
     and none clamps), the chosen symbols offset by ``qmax``, the lane's table (``row * 2 +
-    mode``) and the tables' histograms, in two passes over each row's ``[T, C]`` values with
-    the channels innermost (so the compiler vectorizes across lanes) instead of the dozen
-    passes the same steps take as tensor operations."""
+    mode``) and the tables' histograms. Per row one pass over its ``[T, C]`` values with the
+    channels innermost (so the compiler vectorizes across lanes) keeps both candidates in small
+    buffers, and a second pass over those picks, instead of the dozen passes over every value
+    the same steps take as tensor operations."""
     rows, steps, channels = v.shape
     alphabet = 2 * int(qmax) + 1
     total = np.empty(channels, np.float32)
     direct = np.empty(channels, np.float32)
     summed = np.empty(channels, np.float32)
     peak = np.empty(channels, np.float32)
+    cand_q = np.empty((steps, channels), np.int16)
+    cand_d = np.empty((steps, channels), np.int16)
+    use = np.empty(channels, np.bool_)
     for r in range(rows):
         total[:] = 0
         direct[:] = 0
@@ -262,21 +274,16 @@ def _quantize(v, mu, inv, qmax, allow_delta, sym, mode, ctx, hist):  # pragma: n
                 summed[c] += abs(d)
                 peak[c] = max(peak[c], abs(d))
                 total[c] += d
+                cand_q[t, c] = np.int16(q)
+                cand_d[t, c] = np.int16(d)
         for c in range(channels):
-            use = allow_delta and summed[c] < direct[c] and peak[c] < qmax
+            use[c] = allow_delta and summed[c] < direct[c] and peak[c] < qmax
             lane = r * channels + c
-            mode[lane] = use
-            ctx[lane] = r * 2 + (1 if use else 0)
-            total[c] = 0
+            mode[lane] = use[c]
+            ctx[lane] = r * 2 + (1 if use[c] else 0)
         for t in range(steps):
             for c in range(channels):
-                x = (v[r, t, c] - mu[r, c]) * inv[r, c]
-                if mode[r * channels + c]:
-                    q = min(max(np.rint(x - total[c]), -qmax), qmax)
-                    total[c] += q
-                else:
-                    q = min(max(np.rint(x), -qmax), qmax)
-                k = np.int32(q) + np.int32(qmax)
+                k = np.int32(cand_d[t, c] if use[c] else cand_q[t, c]) + np.int32(qmax)
                 sym[r, t, c] = k
                 hist[ctx[r * channels + c] * alphabet + k] += 1
 
@@ -295,14 +302,12 @@ def _decode_tables(freqs, fb, sym):  # pragma: no cover - compiled
         if total != M:
             return False
         slot = r * M
-        cum = 0
         for a in range(alphabet):
             f = freqs[r, a]
             for k in range(f):
                 fb[slot] = (f << 16) | k
                 sym[slot] = a
                 slot += 1
-            cum += f
     return True
 
 
@@ -335,16 +340,17 @@ def encode(symbols: np.ndarray, ctx: np.ndarray, freqs: np.ndarray,
     if lanes % group:
         raise RansError(f"{lanes} lanes do not split into streams of {group}")
     f = np.ascontiguousarray(freqs, dtype=np.int64)
-    if symbols.size and (symbols.min() < 0 or symbols.max() >= f.shape[1]):
-        raise RansError("symbol outside the tables' alphabet")
+    if ctx.size and (ctx.min() < 0 or ctx.max() >= f.shape[0]):
+        raise RansError("a lane's table is outside the tables")
     states = np.empty(lanes // group, np.int32)
     counts = np.empty(lanes // group, np.int32)
     words = np.empty(lanes * steps, np.int32)
     kernels = _compiled()
-    n = kernels.encode(np.ascontiguousarray(symbols, dtype=np.int32), ctx.astype(np.int64), *_reciprocals(f),
-                       group, states, counts, words)
+    mul, add = _reciprocals(f)
+    n = kernels.encode(np.ascontiguousarray(symbols, dtype=np.int32), ctx.astype(np.int64), mul.reshape(-1),
+                       add.reshape(-1), f.shape[1], group, states, counts, words)
     if n < 0:
-        raise RansError("a symbol has zero frequency in its table")
+        raise RansError("a symbol is outside the tables' alphabet or has zero frequency in its table")
     return states, counts, words[:n]
 
 

@@ -92,6 +92,19 @@ def test_key_steps_shrink_with_the_channels_spread_and_value_steps_are_shared():
         assert 0.5 * v_rest < v_wide < 2 * v_rest, (layer, float(v_wide), float(v_rest))
 
 
+def test_constant_channels_do_not_make_the_others_finer():
+    """Half a layer's channels constant (zeroed heads, padding): the live ones keep the level's
+    step, so the chunk costs about what the live channels cost alone. (A median over every
+    channel was 0 there, and each live value took 8.5 bits at ``extreme``.)"""
+    codec = get_codec("cachegen:extreme")
+    kv = synthetic_kv(layers=1, heads=4, head_size=32, tokens=256, seed=3)
+    for dead in (15, 17):
+        x = kv.clone()
+        x[..., :dead] = 0
+        whole, live = len(codec.encode(x)), len(codec.encode(x[..., dead:].contiguous()))
+        assert whole < 1.4 * live, (dead, whole, live)
+
+
 def test_cachegen_delta_never_lags_behind_a_jump():
     """A flat channel (delta coding pays) that swings from its minimum to its maximum in one
     token: that delta is ~2 x QMAX steps, would clamp, and the reconstruction would trail the
