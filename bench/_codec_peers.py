@@ -150,11 +150,20 @@ def lmcache_cachegen(model_dir: Path) -> Peer:
     return Peer(name, encode, decode)
 
 
-def peers(model_dir: Path, wanted: list[str] | None = None) -> list[Peer]:
-    """Every peer, or those whose name contains one of ``wanted`` (lower case)."""
-    makers: list[tuple[str, Callable[[], Peer]]] = [
-        ("TurboQuant 4-bit", lambda: turboquant(4)), ("TurboQuant 3-bit", lambda: turboquant(3)),
-        ("TurboQuant 2-bit", lambda: turboquant(2)), ("KIVI 4-bit, group 64", lambda: kivi(4, 64)),
-        ("KIVI 3-bit, group 64", lambda: kivi(3, 64)), ("KIVI 2-bit, group 32", lambda: kivi(2, 32)),
-        ("LMCache 0.5.6 CacheGen", lambda: lmcache_cachegen(model_dir))]
-    return [make() for name, make in makers if not wanted or any(w in name.lower() for w in wanted)]
+FAMILIES = ("turboquant", "kivi", "lmcache")
+
+
+def peers(model_dir: Path, families: list[str] | None = None) -> list[Peer]:
+    """Every peer, or those of the named ``FAMILIES`` (chosen by family before any is built:
+    LMCache's starts a worker process)."""
+    made: list[Peer] = []
+    for family in FAMILIES:
+        if families and family not in families:
+            continue
+        if family == "turboquant":
+            made += [turboquant(4), turboquant(3), turboquant(2)]
+        elif family == "kivi":
+            made += [kivi(4, 64), kivi(3, 64), kivi(2, 32)]
+        else:
+            made.append(lmcache_cachegen(model_dir))
+    return made

@@ -128,8 +128,13 @@ def main() -> int:
     ap.add_argument("--passages", type=int, default=16, help="how many of the 16 passages (default all)")
     ap.add_argument("--codecs", default=",".join(CODECS), help="kvstore codecs, comma-separated")
     ap.add_argument("--no-peers", action="store_true", help="skip the peers (TurboQuant, KIVI, LMCache's CacheGen)")
-    ap.add_argument("--peers", default="", help="only the peers whose name contains one of these (comma-separated)")
+    ap.add_argument("--peers", default="", help="only these peer families, comma-separated: "
+                    + ", ".join(_codec_peers.FAMILIES))
     args = ap.parse_args()
+    families = [w.strip().lower() for w in args.peers.split(",") if w.strip()]
+    unknown = sorted(set(families) - set(_codec_peers.FAMILIES))
+    if unknown:
+        ap.error(f"unknown peer family {', '.join(unknown)}; choose from {', '.join(_codec_peers.FAMILIES)}")
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
@@ -146,8 +151,7 @@ def main() -> int:
         entries.append((name, lambda kv, c=codec: bytes(memoryview(c.encode(kv)).cast("B")),
                         lambda blob, kv, c=codec: c.decode(memoryview(blob), tuple(kv.shape), kv.dtype), ""))
     if not args.no_peers:
-        wanted = [w.strip().lower() for w in args.peers.split(",") if w.strip()]
-        for peer in _codec_peers.peers(model_dir, wanted):
+        for peer in _codec_peers.peers(model_dir, families):
             entries.append((peer.name, peer.encode, peer.decode, peer.missing))
     rows = {name: Row(name, note=missing) for name, _e, _d, missing in entries}
     torch.set_num_threads(1)

@@ -43,9 +43,9 @@ QMAX = 127
 LEVELS: dict[str, float] = {"high": 0.02, "medium": 0.05, "low": 0.12, "tiny": 0.25,
                             "balanced": 0.11, "compact": 0.27, "aggressive": 0.47, "extreme": 0.92}
 """Quality level -> the step as a fraction of the layer's typical channel spread (see
-``_spread_base``; in MLA latents, of each channel's own). The named presets (``balanced`` about 3x smaller than fp16,
-``compact`` 4x, ``aggressive`` 5x, ``extreme`` 7x) are chosen on SmolLM2 by
-bench/codec_quality.py; the README prints what each costs the model."""
+``_spread_base``; in MLA latents, of each channel's own). The named presets (``balanced``
+about 3x smaller than fp16, ``compact`` 4x, ``aggressive`` 5x, ``extreme`` 7x) are chosen on
+SmolLM2 by bench/codec_quality.py; the README prints what each costs the model."""
 DEFAULT_LEVEL = "medium"
 
 
@@ -63,7 +63,7 @@ class CacheGenOptions:
     plane_factors: tuple[float, ...] = (1.0, 1.0)
     layer_factors: tuple[float, ...] | None = None  # step multiplier per layer (experiments; None: flat)
     # How a channel's step follows its spread, per plane: step = alpha * g * (sd / g) ** power,
-    # g the RMS spread of the layer's channels of that plane. See _spread_base.
+    # g the typical spread of the layer's channels in that plane (see _spread_base).
     spread_power: tuple[float, ...] = (-0.5, 0.0)
 
 
@@ -107,12 +107,12 @@ class CacheGenCodec(Codec):
             # Stored as they are; in the lanes they are replaced by the mean of the others, so
             # they neither widen the step of their channel nor break its delta chain.
             idx = torch.tensor(exact)
-            if not bool(torch.isfinite(xl[:, :, idx]).all()):
+            sinks = xl[:, :, idx]  # a copy (advanced indexing)
+            if not bool(torch.isfinite(sinks).all()):
                 raise CodecError("cachegen cannot encode non-finite KV values")
-            xl = xl.clone()  # never write into the caller's KV (x may be a view of it)
-            kept = struct.pack(f"<{len(exact)}H", *exact) + tensor_to_bytes(xl[:, :, idx].transpose(2, 3).half())
-            sinks = xl[:, :, idx]
+            kept = struct.pack(f"<{len(exact)}H", *exact) + tensor_to_bytes(sinks.transpose(2, 3).half())
             rest = (xl.sum(dim=2, keepdim=True) - sinks.sum(dim=2, keepdim=True)) / (tokens - len(exact))
+            xl = xl.clone()  # never write into the caller's KV (x may be a view of it)
             xl[:, :, idx] = rest  # the mean of the other tokens, without copying them out
         alpha = torch.full((n, 1, 1), LEVELS[opts.level])
         early = torch.arange(start, stop) < max(1, round(opts.early_fraction * layers))
@@ -398,7 +398,8 @@ def stream_group(lanes: int, tokens: int) -> int:
 
 
 def _entropy_encode(sym: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
-    """Symbols ``[rows, T, C]`` (lanes are (row, C)) into rANS streams: the compiled CPU coder when it is there (same bitstream, many times faster), else torch."""
+    """Symbols ``[rows, T, C]`` (lanes are (row, C)) into rANS streams: the compiled CPU coder
+    when it is there (same bitstream, many times faster), else torch."""
     if rans_cpu.available() and sym.device.type == "cpu":
         return tuple(torch.from_numpy(a) for a in rans_cpu.encode(sym.numpy(), ctx.numpy(), freqs.numpy(), group))
     rows, tokens, channels = sym.shape
