@@ -104,16 +104,12 @@ class CacheGenCodec(Codec):
         xl = x[start:stop]
         kept = b""
         if exact:
-            # Stored as they are; in the lanes they are replaced by the mean of the others, so
-            # they neither widen the step of their channel nor break its delta chain.
-            idx = torch.tensor(exact)
-            sinks = xl[:, :, idx]  # a copy (advanced indexing)
+            # Stored as they are; in the lanes they count as the mean of the others, so they
+            # neither widen the step of their channel nor break its delta chain.
+            sinks = xl[:, :, exact]  # a copy (advanced indexing)
             if not bool(torch.isfinite(sinks).all()):
                 raise CodecError("cachegen cannot encode non-finite KV values")
             kept = struct.pack(f"<{len(exact)}H", *exact) + tensor_to_bytes(sinks.transpose(2, 3).half())
-            rest = (xl.sum(dim=2, keepdim=True) - sinks.sum(dim=2, keepdim=True)) / (tokens - len(exact))
-            xl = xl.clone()  # never write into the caller's KV (x may be a view of it)
-            xl[:, :, idx] = rest  # the mean of the other tokens, without copying them out
         alpha = torch.full((n, 1, 1), LEVELS[opts.level])
         early = torch.arange(start, stop) < max(1, round(opts.early_fraction * layers))
         alpha[early] *= opts.early_factor
@@ -121,20 +117,17 @@ class CacheGenCodec(Codec):
             alpha = alpha * torch.tensor(opts.layer_factors[start:stop]).view(n, 1, 1)
         if planes == len(opts.plane_factors):
             alpha = alpha * torch.tensor(opts.plane_factors).view(1, planes, 1)
-        mu = xl.mean(dim=2).half().float()                     # [l, P, C]
-        dev = xl - mu[:, :, None]  # not in place: xl may view the caller's KV
-        peak = torch.maximum(dev.amax(dim=2), dev.amin(dim=2).neg())  # max |dev|, no temporary
-        sd = dev.square_().mean(dim=2).sqrt() if tokens > 1 else torch.zeros_like(mu)
-        # A NaN or infinity anywhere in a lane makes its peak non-finite (so does a mean past
-        # fp16's range): checked per lane here, 8x cheaper than a pass over every value.
-        if not bool(torch.isfinite(peak).all()):
+        mu, peak, sd = _statistics(xl, exact)
+        # A NaN or infinity anywhere in a lane makes its statistics non-finite (so does a mean
+        # past fp16's range): checked per lane here, 8x cheaper than a pass over every value.
+        if not bool(torch.isfinite(mu).all() and torch.isfinite(peak).all() and torch.isfinite(sd).all()):
             raise CodecError("cachegen cannot encode non-finite KV values (or values beyond fp16's range)")
         base = _spread_base(sd, opts.spread_power)
         step = torch.maximum(alpha * base, peak / (QMAX - 0.5))
         step = torch.where(step > 0, step, torch.ones_like(step))
         step = step.clamp(6.2e-5, 65000).half().float()        # fp16-exact, never zero
         step = torch.where((peak / step) > QMAX - 0.5, (peak / (QMAX - 0.5)).half().float(), step)
-        sym, mode, ctx, hist = _symbols(xl, mu, step, opts.delta and tokens > 1)
+        sym, mode, ctx, hist = _symbols(xl, exact, mu, step, opts.delta and tokens > 1)
         freqs = rans.quantize_freqs(hist)
         group = stream_group(n * planes * channels, tokens)
         states, counts, words = _entropy_encode(sym, ctx, freqs, group)
@@ -210,10 +203,10 @@ class CacheGenCodec(Codec):
     def _decode_cpu(states, counts, words, ctx, freqs, mu, step, mode, T: int, C: int, group: int) -> torch.Tensor:
         """Compiled decode with dequantization fused in, written straight in [l*P, T, C] order."""
         rans.check_stream(states, counts, words)
-        fb_table, sym_table = rans_cpu.decode_tables(freqs.numpy())
+        table = rans_cpu.decode_tables(freqs.numpy())
         buf = torch.empty(mu.numel() // C, T, C)  # lanes, not streams
         ok = rans_cpu.decode_dequant(states.numpy(), counts.numpy(), words.numpy(), ctx.to(torch.int32).numpy(),
-                                     fb_table, sym_table, mu.numpy(), step.numpy(),
+                                     table, mu.numpy(), step.numpy(),
                                      mode.numpy(), QMAX, T, C, buf.numpy(), group)
         if not ok:
             raise rans.RansError("lanes did not decode back to their initial states (corrupt stream)")
@@ -325,10 +318,10 @@ def _unpack_tables(r: Reader, rows: int, alphabet: int) -> torch.Tensor:
         raise CodecError("corrupt frequency table ranges")
     body = r.tensor(torch.int16, int(widths.sum())).to(torch.int32)
     freqs = torch.zeros(rows, alphabet, dtype=torch.int32)
-    offset = 0
-    for i, (a, width) in enumerate(zip(ranges[:, 0].tolist(), widths.tolist())):
-        freqs[i, a:a + width] = body[offset:offset + width]
-        offset += width
+    # Scattered in one step (a loop over the rows was 8% of a chunk's decode).
+    row = torch.repeat_interleave(torch.arange(rows), widths)
+    first = torch.cumsum(widths, 0) - widths  # where each row's run starts in the body
+    freqs[row, ranges[row, 0] + torch.arange(len(body)) - first[row]] = body
     return freqs
 
 
@@ -338,10 +331,48 @@ def _contexts(layers: int, planes: int, channels: int, mode: torch.Tensor) -> to
     return torch.arange(layers * planes).repeat_interleave(channels) * 2 + mode.to(torch.int64)
 
 
-def _symbols(x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor, delta: bool) -> tuple[torch.Tensor, ...]:
-    """Symbols ``int32 [l * P, T, C]`` (offset by QMAX), delta mode per lane (lanes are (l, P,
-    C) in order), the table of every lane (``_contexts``) and the tables' histograms, from the
-    values ``x`` ``[l, P, T, C]`` and each lane's mean and step ``[l, P, C]``.
+def _statistics(x: torch.Tensor, exact: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per lane ``[l, P, C]`` of ``x`` ``[l, P, T, C]``: the mean of the tokens not kept exact
+    (fp16-exact, as stored), the largest deviation from it and the RMS deviation over all T
+    tokens, the exact ones counting as the mean. On CPU two compiled passes; the tensor
+    version (CUDA) materializes the deviations. Both sum in float64, which makes the order of
+    additions all but irrelevant: the two write the same payload (tests check it)."""
+    n, planes, tokens, channels = x.shape
+    others = tokens - len(exact)
+    if rans_cpu.available() and x.device.type == "cpu":
+        v = x.reshape(n * planes, tokens, channels).numpy()
+        skip = _skip_mask(tokens, exact).numpy()
+        mu = (torch.from_numpy(rans_cpu.sums(v, skip)) / others).half().float()
+        peak, squares = (torch.from_numpy(a) for a in rans_cpu.spreads(v, skip, mu.numpy()))
+        shape = (n, planes, channels)
+        sd = squares.div_(tokens).sqrt_().float().view(shape) if tokens > 1 else torch.zeros(shape)
+        return mu.view(shape), peak.view(shape), sd
+    total = x.sum(dim=2, dtype=torch.float64)
+    if exact:
+        total -= x[:, :, exact].sum(dim=2, dtype=torch.float64)
+    mu = (total / others).half().float()
+    dev = x - mu[:, :, None]  # not in place: x may view the caller's KV
+    if exact:
+        dev[:, :, exact] = 0
+    peak = torch.maximum(dev.amax(dim=2), dev.amin(dim=2).neg())
+    if tokens == 1:
+        return mu, peak, torch.zeros_like(mu)
+    squares = dev.double().square_().sum(dim=2)
+    return mu, peak, squares.div_(tokens).sqrt_().float()
+
+
+def _skip_mask(tokens: int, exact: list[int]) -> torch.Tensor:
+    skip = torch.zeros(tokens, dtype=torch.bool)
+    skip[exact] = True
+    return skip
+
+
+def _symbols(x: torch.Tensor, exact: list[int], mu: torch.Tensor, step: torch.Tensor,
+             delta: bool) -> tuple[torch.Tensor, ...]:
+    """Symbols ``[lanes, T]`` (offset by QMAX; lanes are (l, P, C) in order), delta mode per
+    lane, the table of every lane (``_contexts``) and the tables' histograms, from the values
+    ``x`` ``[l, P, T, C]`` and each lane's mean and step ``[l, P, C]``. Tokens kept exact are
+    coded as the mean (symbol 0: the decoder overwrites them).
 
     Deviations are scaled by the step's reciprocal (one multiply; both versions compute the
     same float32 operations, so they write one bitstream). A lane is delta coded only where
@@ -355,9 +386,13 @@ def _symbols(x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor, delta: bool)
     if rans_cpu.available() and x.device.type == "cpu":
         rows = n * planes
         sym, mode, ctx, hist = rans_cpu.quantize(x.reshape(rows, tokens, channels).numpy(),
+                                                 _skip_mask(tokens, exact).numpy(),
                                                  mu.reshape(rows, channels).numpy(),
                                                  inv.reshape(rows, channels).numpy(), QMAX, delta)
         return torch.from_numpy(sym), torch.from_numpy(mode), torch.from_numpy(ctx), torch.from_numpy(hist)
+    if exact:
+        x = x.clone()
+        x[:, :, exact] = mu[:, :, None]
     dev = x - mu[:, :, None]
     v = dev * inv[:, :, None]
     q = torch.round(v).clamp_(-QMAX, QMAX)
@@ -370,7 +405,7 @@ def _symbols(x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor, delta: bool)
     ctx = _contexts(n, planes, channels, mode.reshape(-1))
     keys = (ctx.view(n * planes, 1, channels).to(torch.int32) * alphabet) + sym
     hist = torch.bincount(keys.view(-1), minlength=2 * n * planes * alphabet).view(-1, alphabet)
-    return sym, mode.reshape(-1), ctx, hist
+    return sym.transpose(1, 2).reshape(n * planes * channels, tokens), mode.reshape(-1), ctx, hist
 
 
 def _delta_quantize(v: torch.Tensor) -> torch.Tensor:
@@ -398,12 +433,11 @@ def stream_group(lanes: int, tokens: int) -> int:
 
 
 def _entropy_encode(sym: torch.Tensor, ctx: torch.Tensor, freqs: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
-    """Symbols ``[rows, T, C]`` (lanes are (row, C)) into rANS streams: the compiled CPU coder
-    when it is there (same bitstream, many times faster), else torch."""
+    """Symbols ``[lanes, T]`` into rANS streams: the compiled CPU coder when it is there (same
+    bitstream, many times faster), else torch."""
     if rans_cpu.available() and sym.device.type == "cpu":
         return tuple(torch.from_numpy(a) for a in rans_cpu.encode(sym.numpy(), ctx.numpy(), freqs.numpy(), group))
-    rows, tokens, channels = sym.shape
-    return rans.encode(sym.transpose(1, 2).reshape(rows * channels, tokens), ctx, freqs, group)
+    return rans.encode(sym, ctx, freqs, group)
 
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
