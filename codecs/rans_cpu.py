@@ -1,5 +1,5 @@
 """CPU kernels for cachegen, compiled with numba: the rANS streams of :mod:`kvstore.codecs.rans`
-the quantization and the statistics before them.
+and the quantization and statistics before them.
 
 Why a second implementation: the torch coder advances all lanes one step per handful of tensor
 ops, which is what a GPU wants, but on a CPU each op is a pass over memory; a compiled scalar
