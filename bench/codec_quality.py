@@ -11,7 +11,13 @@ Printed per codec, kvstore's and its peers' in the same run: bits per value coun
 payload byte, ratio vs fp16, Δppl (mean and worst passage), mean KL, greedy agreement, and
 encode/decode MB/s on one thread (one chunk, best of 10).
 
+First a calibration (``kvstore calibrate``, kvstore.connectors.calibrate) measures SmolLM2's
+per-layer sensitivity on held-out text (the README beyond the windows used here and two
+modules not among the seven), and every cachegen level also runs following that profile
+("+ profile" rows), through the path a store takes (``for_model``); ``--no-profile`` skips it.
+
     python bench/codec_quality.py [--passages 16] [--codecs int8,compact,...] [--no-peers | --peers lmcache,kivi]
+                                  [--no-profile]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from _common import table  # noqa: E402
 from engine import smollm2_model_dir  # noqa: E402
 
 from kvstore.codecs import get_codec  # noqa: E402
+from kvstore.codecs.cachegen import CacheGenCodec  # noqa: E402
 from kvstore.connectors.reference import Engine  # noqa: E402
 from kvstore.connectors.reference.texts import rag_corpus  # noqa: E402
 
@@ -42,6 +49,7 @@ CONTEXT, FORCED, GREEDY, CHUNK = 1024, 512, 32, 256
 # Seven of this repository's own modules: real Python, shipped with every checkout.
 CODE = ("kvstore/tierstack.py", "kvstore/config.py", "service/server.py", "connectors/vllm.py",
         "connectors/blend.py", "codecs/cachegen.py", "kvstore/store.py")
+HELD_OUT = ("kvstore/blobstore.py", "kvstore/writer.py")  # calibration only (--profile)
 CODECS = ("int8", "fp8", "cachegen:high", "balanced", "compact", "aggressive", "cachegen:extreme")
 
 
@@ -123,6 +131,32 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def calibrated(engine: Engine, tok) -> Callable[[CacheGenCodec], CacheGenCodec]:
+    """Calibrate on held-out text into a private profile directory; returns codec -> the variant
+    a store would encode this model's KV with."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from kvstore.codecs import profiles
+    from kvstore.connectors.calibrate import calibrate, describe, passages_from
+
+    need = CONTEXT + FORCED + 1
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ids = tok.encode(readme, add_special_tokens=False)[5 * need:]  # past the 5 README windows above
+    texts = [tok.decode(ids), *((ROOT / rel).read_text(encoding="utf-8") for rel in HELD_OUT)]
+    held = passages_from(texts, lambda t: tok.encode(t, add_special_tokens=False), 4, CONTEXT, FORCED // 2)
+    torch.set_num_threads(1)
+    cal = calibrate(engine, held, level="compact", model="SmolLM2-135M-Instruct")
+    print(describe(cal))
+    where = tempfile.mkdtemp(prefix="kvstore-bench-profiles-")
+    atexit.register(shutil.rmtree, where, True)
+    os.environ["KVSTORE_CODEC_PROFILES"] = where
+    profiles.save_profile(cal.profile)
+    fingerprint = engine.kv_spec().fingerprint
+    return lambda codec: codec.for_model(fingerprint)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--passages", type=int, default=16, help="how many of the 16 passages (default all)")
@@ -130,6 +164,8 @@ def main() -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip the peers (TurboQuant, KIVI, LMCache's CacheGen)")
     ap.add_argument("--peers", default="", help="only these peer families, comma-separated: "
                     + ", ".join(_codec_peers.FAMILIES))
+    ap.add_argument("--no-profile", action="store_true", help="skip the calibration and the cachegen levels run "
+                    "with its per-layer profile")
     args = ap.parse_args()
     families = [w.strip().lower() for w in args.peers.split(",") if w.strip()]
     unknown = sorted(set(families) - set(_codec_peers.FAMILIES))
@@ -147,6 +183,9 @@ def main() -> int:
           f"{FORCED} teacher-forced, {GREEDY} greedy")
     ours = [(name, get_codec(name)) for name in args.codecs.split(",") if name]
     entries: list[tuple[str, Callable | None, Callable | None, str]] = [("fp16 (raw)", None, None, "")]
+    if not args.no_profile:
+        profiled = calibrated(engine, tok)
+        ours += [(f"{name} + profile", profiled(codec)) for name, codec in ours if isinstance(codec, CacheGenCodec)]
     for name, codec in ours:
         entries.append((name, lambda kv, c=codec: bytes(memoryview(c.encode(kv)).cast("B")),
                         lambda blob, kv, c=codec: c.decode(memoryview(blob), tuple(kv.shape), kv.dtype), ""))

@@ -47,6 +47,12 @@ class Codec(ABC):
         """A variant selected by ``name:option``; codecs without options reject any."""
         raise CodecError(f"codec {self.name!r} takes no options (got {option!r})")
 
+    def for_model(self, fingerprint: bytes) -> "Codec":
+        """The variant to encode this model's KV with (a lossy codec may tune itself to a
+        calibrated profile, kvstore.codecs.profiles); the payload must decode the same with
+        any variant. Default: this codec."""
+        return self
+
     @abstractmethod
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
 

@@ -23,13 +23,14 @@ error of the values alone: a flat error on the sink token alone cost 6x the KL.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from kvstore.codecs import rans, rans_cpu
+from kvstore.codecs import profiles, rans, rans_cpu
 from kvstore.codecs.base import Codec, CodecError, register_codec
 from kvstore.codecs.layout import ChunkLayout, Reader, seal, tensor_to_bytes, unseal
 
@@ -61,7 +62,7 @@ class CacheGenOptions:
     # 3.2 bits/value, K at 0.85x of V's step is no better than 1x (KL 7.6e-3 vs 7.8e-3), at
     # 0.5x 30% worse.
     plane_factors: tuple[float, ...] = (1.0, 1.0)
-    layer_factors: tuple[float, ...] | None = None  # step multiplier per layer (experiments; None: flat)
+    layer_factors: tuple[float, ...] | None = None  # step multiplier per layer (a calibrated profile: for_model)
     # How a channel's step follows its spread, per plane: step = alpha * g * (sd / g) ** power,
     # g the typical spread of the layer's channels in that plane (see _spread_base).
     spread_power: tuple[float, ...] = (-0.5, 0.0)
@@ -74,12 +75,27 @@ class CacheGenCodec(Codec):
 
     def __init__(self, options: CacheGenOptions | None = None) -> None:
         self.options = options or CacheGenOptions()
+        self._variants: dict[tuple[float, ...], CacheGenCodec] = {}  # by profile (for_model)
         if self.options.level not in LEVELS:
             raise CodecError(f"unknown cachegen level {self.options.level!r}; levels: {', '.join(LEVELS)}")
 
     def configured(self, option: str) -> "CacheGenCodec":
         """``cachegen:low`` style names: the option is the quality level."""
         return CacheGenCodec(CacheGenOptions(level=option))
+
+    def for_model(self, fingerprint: bytes) -> "CacheGenCodec":
+        """With a calibrated profile for the model (kvstore.codecs.profiles), each layer's step
+        scaled by its factor; explicit ``layer_factors`` win. One variant per profile, kept."""
+        if self.options.layer_factors is not None:
+            return self
+        profile = profiles.profile_for(fingerprint)
+        if profile is None:
+            return self
+        variant = self._variants.get(profile.layer_factors)
+        if variant is None:
+            variant = CacheGenCodec(dataclasses.replace(self.options, layer_factors=profile.layer_factors))
+            self._variants[profile.layer_factors] = variant
+        return variant
 
     # ---- encode --------------------------------------------------------------------------
 

@@ -163,6 +163,17 @@ def _repo_root() -> Path | None:
     return here if (here / "bench").is_dir() else None
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    # Runs a model on the reference engine, which kvstore's core never imports: loaded here only.
+    from kvstore.connectors.calibrate import run
+
+    return run(Path(args.model) if args.model else None, level=args.level, passages=args.passages,
+               groups=args.groups, context=args.context, forced=args.forced, fingerprint=args.fingerprint,
+               out_dir=Path(args.profile_dir) if args.profile_dir else None, dtype=args.dtype, save=not args.dry_run)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     root = _repo_root()
     if root is None:
@@ -259,6 +270,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_parser(sub)
     add_plan_parser(sub, _measure_prefill)
+
+    cal = sub.add_parser("calibrate", help="measure a model's per-layer sensitivity for the lossy codecs",
+                         description="Runs the model on the reference engine over shipped text, measures how much "
+                                     "a coarser cachegen step on each group of layers costs (KL per bit saved) and "
+                                     "writes a profile keyed by the model fingerprint (to $KVSTORE_CODEC_PROFILES, "
+                                     "default ~/.cache/kvstore/profiles). Lossy cachegen levels then give each layer "
+                                     "a step that follows it (~20%% less KL at the same size on SmolLM2). A profile "
+                                     "never changes what a stored object decodes to: each payload carries its steps.")
+    cal.add_argument("--model", help="an HF-style model directory (default: SmolLM2, else the packaged pylm-6l)")
+    cal.add_argument("--level", default="compact", help="the cachegen level to measure at (default %(default)s)")
+    cal.add_argument("--passages", type=int, default=4, help="text passages (default %(default)s)")
+    cal.add_argument("--groups", type=int, default=6, help="layer groups measured (default %(default)s)")
+    cal.add_argument("--context", type=int, default=1024, help="tokens stored per passage (default %(default)s)")
+    cal.add_argument("--forced", type=int, default=256, help="tokens teacher-forced after them (default %(default)s)")
+    cal.add_argument("--dtype", default="float32", help="the engine's compute dtype: float32, bfloat16, float16 "
+                     "(part of the fingerprint; default %(default)s)")
+    cal.add_argument("--fingerprint", help="write the profile for this model fingerprint (hex) instead of the "
+                     "reference engine's: the same model as another engine keys it")
+    cal.add_argument("--profile-dir", help="where to write (default $KVSTORE_CODEC_PROFILES or ~/.cache/kvstore/profiles)")
+    cal.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    cal.set_defaults(func=_cmd_calibrate)
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/ (source checkout)",
                            description="Run bench/NAME.py with the remaining arguments; without NAME, list them.")

@@ -23,7 +23,7 @@ WRITE_POLICIES = ("through", "demote")
 QUEUE_FULL_POLICIES = ("block", "drop")
 # Not store settings: the config file, the log level, where converted models are cached (the
 # reference engine's GGUF import).
-RESERVED_ENV = ("KVSTORE_CONFIG", "KVSTORE_LOG_LEVEL", "KVSTORE_MODEL_CACHE")
+RESERVED_ENV = ("KVSTORE_CONFIG", "KVSTORE_LOG_LEVEL", "KVSTORE_MODEL_CACHE", "KVSTORE_CODEC_PROFILES")
 RESERVED_ENV_PREFIXES = ("KVSTORE_SERVE_", "KVSTORE_ADMIN_")  # the daemon's own settings, kvstore admin's
 RESERVED_ENV_SUFFIXES = ("_TESTS", "_VENV")  # the test scripts' switches (KVSTORE_SGLANG_TESTS=1)
 

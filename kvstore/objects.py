@@ -53,7 +53,7 @@ def encode_object(meta: ObjectMeta, kv: torch.Tensor, codec: str | None = None) 
     from kvstore.codecs import get_codec
 
     codec_name = codec or meta.codec
-    return pack_object(meta, get_codec(codec_name).encode(kv), codec_name)
+    return pack_object(meta, get_codec(codec_name).for_model(meta.fingerprint).encode(kv), codec_name)
 
 
 def pack_object(meta: ObjectMeta, payload: bytes | bytearray | memoryview, codec_name: str) -> list[bytes | memoryview]:

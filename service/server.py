@@ -132,6 +132,16 @@ def _release(exc: BaseException) -> None:
     traceback.clear_frames(exc.__traceback__)
 
 
+async def _next_chunk(content: Any) -> bytes:
+    """The next piece of a body as aiohttp received it (b"" at its end). ``readany`` joins
+    every piece waiting into a new bytes object, a copy of what is about to be copied into the
+    receive buffer anyway; ``readchunk`` hands them over one at a time."""
+    while True:
+        data, end_of_http_chunk = await content.readchunk()
+        if data or not end_of_http_chunk:  # (b"", True): the end of a chunked-encoding piece
+            return data
+
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -300,7 +310,7 @@ class Daemon(ControlPlane):
             raise web.HTTPRequestEntityTooLarge(max_size=self.config.max_body_bytes, actual_size=length)
         # Memory only once the body starts: a connection that announces a length and sends
         # nothing holds none.
-        chunk = await request.content.readany()
+        chunk = await _next_chunk(request.content)
         if not chunk:
             raise WireError(f"request body ended before its first byte (Content-Length {length})")
         buf = await self._receive_buffer(length)
@@ -317,7 +327,7 @@ class Daemon(ControlPlane):
             intake.feed(got)
             if got == length:
                 return intake
-            chunk = await request.content.readany()
+            chunk = await _next_chunk(request.content)
 
     async def _receive_buffer(self, length: int) -> memoryview:
         """A region of the memory tier's arena for a body. When every free byte is taken by
