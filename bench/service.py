@@ -5,7 +5,7 @@ GET and PUT of 32 MiB and 2 MiB objects over loopback with 1 and 8 concurrent cl
 one connection each), and the lookup of a 128K-token prompt (512 chunk keys): the daemon's
 /v1/lookup against a pipelined EXISTS of the same 512 keys in Redis.
 
-    python bench/service.py [--rounds 3]
+    python bench/service.py [--rounds 4]
     python bench/service.py --load [--load-seconds 120] [--load-clients 64] [--load-budget 256MiB]
 """
 
@@ -55,7 +55,8 @@ def parallel(clients: int, work: list, fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4, help="rounds per row; each op's median (default 4: each side "
+                    "first in half of them)")
     ap.add_argument("--load", action="store_true", help="the load test instead (see bench/_load.py)")
     ap.add_argument("--load-seconds", type=float, default=120.0)
     ap.add_argument("--load-clients", type=int, default=64)
@@ -113,10 +114,13 @@ def main() -> None:
                     for rnd in range(args.rounds):
                         objs = objects(count, tokens, tag=1000 * clients + 10 * rnd + count)
                         nbytes = sum(len(b) for _, b in objs)
-                        res["r_put"].append(nbytes / parallel(clients, objs, lambda o: r.set(o[0], o[1])))
-                        res["d_put"].append(nbytes / parallel(clients, objs, lambda o: dclient(to).put([o])))
-                        res["r_get"].append(nbytes / parallel(clients, objs, lambda o: r.get(o[0])))
-                        res["d_get"].append(nbytes / parallel(clients, objs, lambda o: dclient(to).get([o[0]])))
+                        # Who goes first alternates by round: on a noisy 2-core machine the
+                        # second of two back-to-back runs was not a fair peer of the first.
+                        puts = [("r_put", lambda o: r.set(o[0], o[1])), ("d_put", lambda o: dclient(to).put([o]))]
+                        gets = [("r_get", lambda o: r.get(o[0])), ("d_get", lambda o: dclient(to).get([o[0]]))]
+                        for pair in (puts, gets):
+                            for name, fn in (pair if rnd % 2 == 0 else pair[::-1]):
+                                res[name].append(nbytes / parallel(clients, objs, fn))
                         got = dclient(to).get([objs[0][0]])[0]
                         assert got is not None and bytes(got) == objs[0][1]
                         r.delete(*[k for k, _ in objs])

@@ -137,3 +137,24 @@ def test_shared_directory_sees_objects_written_by_another_store(spec, tmp_path):
         assert reader.lookup(toks) == 48
         hit, kv = reader.get(toks)
         assert hit == 48 and torch.equal(kv, causal_kv(spec, toks))
+
+
+def test_a_shard_directory_removed_behind_the_tiers_back_is_made_again(spec, tmp_path):
+    """Shard directories are made once per process, not looked up on every write; one that
+    disappears (an operator's cleanup) must not make later writes fail."""
+    import shutil
+
+    from kvstore.objects import encode_object, meta_for
+
+    kv = causal_kv(spec, list(range(16)))
+    with KVStore(spec, disk_config(tmp_path, cpu=None)) as store:
+        disk = store.tiers[0]
+        first, second = b"\x11" * 16, b"\x11" + b"\x22" * 15  # one shard directory, "11"
+        items = [(meta_for(k, spec.fingerprint, kv, False), encode_object(meta_for(k, spec.fingerprint, kv, False), kv))
+                 for k in (first, second)]
+        assert disk.put_blobs(items[:1]) == 1
+        shard = os.path.dirname(disk.path_of(first))
+        shutil.rmtree(shard)
+        assert disk.put_blobs(items[1:]) == 1
+        assert os.path.isfile(disk.path_of(second))
+        assert store.stats()["tiers"]["disk"].get("write_errors", 0) == 0

@@ -52,6 +52,7 @@ class DiskTier(BlobTier):
         self._failing_said = False
         self._failing_said_at = -1e9
         self._local = threading.local()
+        self._made: set[str] = set()  # shard directories known to exist (_write_file)
         try:
             os.makedirs(self.root, exist_ok=True)
             probe = os.path.join(self.root, f".probe-{os.getpid()}.tmp")
@@ -265,10 +266,21 @@ class DiskTier(BlobTier):
 
     def _write_file(self, key: bytes, parts: list[bytes | memoryview]) -> bool:
         path = self.path_of(key)
+        parent = os.path.dirname(path)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb", buffering=0) as f:
+            # 256 shard directories, each made once rather than looked up on every write (three
+            # system calls and a caught exception, on the thread that shares the GIL with a
+            # daemon's event loop); one removed behind our back is made again.
+            if parent not in self._made:
+                os.makedirs(parent, exist_ok=True)
+                self._made.add(parent)
+            try:
+                f = open(tmp, "wb", buffering=0)
+            except FileNotFoundError:
+                os.makedirs(parent, exist_ok=True)
+                f = open(tmp, "wb", buffering=0)
+            with f:
                 for part in parts:
                     view = memoryview(part)
                     while view.nbytes:
