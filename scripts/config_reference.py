@@ -118,6 +118,10 @@ def render() -> str:
               "- `KVSTORE_CONFIG`: the config file when `--config` is not given.",
               "- `KVSTORE_LOG_LEVEL`: logging level (default INFO for `serve`, else WARNING).",
               "- `KVSTORE_ADMIN_URL`, `KVSTORE_ADMIN_KEY`, `KVSTORE_ADMIN_TLS_CA`: `kvstore admin`'s daemon, key and CA.",
+              "- `KVSTORE_MODEL_CACHE`: where SmolLM2 is converted for the reference engine (default "
+              "`~/.cache/kvstore/models`).",
+              "- `KVSTORE_CODEC_PROFILES`: per-model profiles for the lossy codecs, written by `kvstore calibrate` "
+              "(default `~/.cache/kvstore/profiles`).",
               ""]
     return "\n".join(lines)
 
