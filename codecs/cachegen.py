@@ -24,6 +24,7 @@ error of the values alone: a flat error on the sink token alone cost 6x the KL.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import struct
 from dataclasses import dataclass
 from typing import Iterator
@@ -47,6 +48,8 @@ LEVELS: dict[str, float] = {"high": 0.02, "medium": 0.05, "low": 0.12, "tiny": 0
 ``_spread_base``; in MLA latents, of each channel's own). The named presets (``balanced``
 about 3x smaller than fp16, ``compact`` 4x, ``aggressive`` 5x, ``extreme`` 7x) are chosen on
 SmolLM2 by bench/codec_quality.py; the README prints what each costs the model."""
+log = logging.getLogger(__name__)
+
 DEFAULT_LEVEL = "medium"
 
 
@@ -76,6 +79,7 @@ class CacheGenCodec(Codec):
     def __init__(self, options: CacheGenOptions | None = None) -> None:
         self.options = options or CacheGenOptions()
         self._variants: dict[tuple[float, ...], CacheGenCodec] = {}  # by profile (for_model)
+        self._mismatch_said = False
         if self.options.level not in LEVELS:
             raise CodecError(f"unknown cachegen level {self.options.level!r}; levels: {', '.join(LEVELS)}")
 
@@ -104,6 +108,10 @@ class CacheGenCodec(Codec):
         if opts.level not in LEVELS:
             raise CodecError(f"unknown cachegen level {opts.level!r}; levels: {', '.join(LEVELS)}")
         lay = ChunkLayout.of(kv)
+        if opts.layer_factors is not None and len(opts.layer_factors) != lay.layers and not self._mismatch_said:
+            self._mismatch_said = True
+            log.warning("cachegen: %d layer factors (a profile or option) for KV of %d layers: steps left flat",
+                        len(opts.layer_factors), lay.layers)
         x = kv.detach().float().reshape(lay.layers, lay.planes, lay.tokens, lay.channels)
         exact = sink_tokens(x) if opts.sinks else []
         frames = [self._encode_frame(x, start, min(start + opts.frame_layers, lay.layers), opts, exact)
@@ -123,8 +131,8 @@ class CacheGenCodec(Codec):
             # Stored as they are; in the lanes they count as the mean of the others, so they
             # neither widen the step of their channel nor break its delta chain.
             sinks = xl[:, :, exact]  # a copy (advanced indexing)
-            if not bool(torch.isfinite(sinks).all()):
-                raise CodecError("cachegen cannot encode non-finite KV values")
+            if not bool(torch.isfinite(sinks.half()).all()):  # stored in fp16: they must fit it
+                raise CodecError("cachegen cannot encode non-finite KV values (or values beyond fp16's range)")
             kept = struct.pack(f"<{len(exact)}H", *exact) + tensor_to_bytes(sinks.transpose(2, 3).half())
         alpha = torch.full((n, 1, 1), LEVELS[opts.level])
         early = torch.arange(start, stop) < max(1, round(opts.early_fraction * layers))
@@ -143,6 +151,8 @@ class CacheGenCodec(Codec):
         step = torch.where(step > 0, step, torch.ones_like(step))
         step = step.clamp(6.2e-5, 65000).half().float()        # fp16-exact, never zero
         step = torch.where((peak / step) > QMAX - 0.5, (peak / (QMAX - 0.5)).half().float(), step)
+        if not bool(torch.isfinite(step).all()):  # a spread past fp16's range: no step can be stored
+            raise CodecError("cachegen cannot encode KV values this far beyond fp16's range")
         sym, mode, ctx, hist = _symbols(xl, exact, mu, step, opts.delta and tokens > 1)
         freqs = rans.quantize_freqs(hist)
         group = stream_group(n * planes * channels, tokens)
@@ -204,6 +214,11 @@ class CacheGenCodec(Codec):
                 x = self._decode_torch(states, counts, words, ctx, freqs, mu, step, mode, T, C, group)
         except rans.RansError as exc:
             raise CodecError(f"entropy-coded stream is corrupt: {exc}") from exc
+        if float(step.max()) >= 32:
+            # A lane this wide may reconstruct up to half a step past the dtype's largest value
+            # (a full-range fp16 lane): clamped, never turned into inf by the final cast.
+            limit = torch.finfo(lay.dtype).max
+            x.clamp_(-limit, limit)
         if kept is not None:
             x = x.reshape(count, P, T, C)
             x[:, :, exact] = kept.float().transpose(2, 3)
@@ -363,9 +378,8 @@ def _statistics(x: torch.Tensor, exact: list[int]) -> tuple[torch.Tensor, torch.
         shape = (n, planes, channels)
         sd = squares.div_(tokens).sqrt_().float().view(shape) if tokens > 1 else torch.zeros(shape)
         return mu.view(shape), peak.view(shape), sd
-    total = x.sum(dim=2, dtype=torch.float64)
-    if exact:
-        total -= x[:, :, exact].sum(dim=2, dtype=torch.float64)
+    kept = [t for t in range(tokens) if t not in set(exact)]
+    total = (x[:, :, kept] if exact else x).sum(dim=2, dtype=torch.float64)
     mu = (total / others).half().float()
     dev = x - mu[:, :, None]  # not in place: x may view the caller's KV
     if exact:

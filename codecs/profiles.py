@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import stat
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +49,8 @@ class CodecProfile:
     def __post_init__(self) -> None:
         factors = self.layer_factors
         bound = MAX_FACTOR * 1.01  # rounding
-        if not factors or not all(isinstance(f, (int, float)) and 1 / bound <= f <= bound for f in factors):
+        if not factors or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 1 / bound <= f <= bound
+                                  for f in factors):
             raise ValueError(f"layer_factors must be numbers within 1/{MAX_FACTOR:g}..{MAX_FACTOR:g}, one per layer "
                              "(a hand-edited profile must not make a level unrecognizable)")
         int(self.fingerprint, 16)  # raises ValueError for anything but hex
@@ -93,30 +95,53 @@ _loaded: dict[tuple[Path, bytes], CodecProfile | None] = {}
 
 
 def profile_for(fingerprint: bytes) -> CodecProfile | None:
-    """The profile calibrated for this model, or None. Read once per process and fingerprint;
-    an unreadable or malformed file is logged once and treated as missing (the codec then
-    uses its rule alone)."""
+    """The profile calibrated for this model, or None. Read once per process and fingerprint
+    (under a lock: one read, one warning); nothing about the file, its directory or its
+    contents can raise here, in an engine's put: an unreadable, oversized, malformed or foreign
+    file is logged once and treated as missing (the codec then uses its rule alone)."""
     where = profile_dir()
     key = (where, fingerprint)
-    if key in _loaded:
+    try:
         return _loaded[key]
-    path = where / f"{fingerprint.hex()}.json"
-    profile = None
-    if path.exists():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            data["layer_factors"] = tuple(data["layer_factors"])
-            for name in ("sensitivity", "groups"):
-                data[name] = tuple(data.get(name, ()))
-            profile = CodecProfile(**data)
-            if profile.fingerprint != fingerprint.hex():
-                raise ValueError(f"it is for model {profile.fingerprint[:16]}")
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            log.warning("ignoring codec profile %s: %s", path, exc)
-            profile = None
+    except KeyError:
+        pass
     with _lock:
-        _loaded[key] = profile
-    return profile
+        if key not in _loaded:
+            _loaded[key] = _read(where / f"{fingerprint.hex()}.json", fingerprint)
+        return _loaded[key]
+
+
+_MAX_BYTES = 1 << 20  # a profile is a few hundred bytes
+
+
+def _read(path: Path, fingerprint: bytes) -> CodecProfile | None:
+    try:
+        # Opened without blocking (a FIFO under the name must not hang an engine) and checked to
+        # be a regular file of sane size before a byte is read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # permissions, a name too long, a loop of links...
+        log.warning("ignoring codec profile %s: %s", path, exc)
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_BYTES:
+                raise ValueError(f"not a regular file of at most {_MAX_BYTES} bytes")
+            data = json.loads(f.read(_MAX_BYTES + 1).decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        data["layer_factors"] = tuple(data["layer_factors"])
+        for name in ("sensitivity", "groups"):
+            data[name] = tuple(data.get(name, ()))
+        profile = CodecProfile(**data)
+        if profile.fingerprint != fingerprint.hex():
+            raise ValueError(f"it is for model {profile.fingerprint[:16]}")
+        return profile
+    except Exception as exc:  # malformed JSON, too deep, wrong types, another model's
+        log.warning("ignoring codec profile %s: %s", path, exc)
+        return None
 
 
 def save_profile(profile: CodecProfile, where: Path | None = None) -> Path:

@@ -296,9 +296,11 @@ def _quantize(v, skip, mu, inv, qmax, allow_delta, sym, mode, ctx, hist):  # pra
         summed[:] = 0
         peak[:] = 0
         for t in range(steps):
-            keep = np.float32(0.0) if skip[t] else np.float32(1.0)
+            held = skip[t]
             for c in range(channels):
-                x = (v[r, t, c] - mu[r, c]) * inv[r, c] * keep
+                # Selected, not multiplied by 0: a skipped token's deviation may be inf, and
+                # inf * 0 is a NaN that no clamp below stops.
+                x = np.float32(0.0) if held else (v[r, t, c] - mu[r, c]) * inv[r, c]
                 q = min(max(np.rint(x), -qmax), qmax)
                 direct[c] += abs(q)
                 d = min(max(np.rint(x - total[c]), -qmax), qmax)

@@ -13,6 +13,7 @@ the core.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -183,7 +184,11 @@ def run(model_dir: Path | None, *, level: str, passages: int, groups: int, conte
         try:
             target = bytes.fromhex(fingerprint)
         except ValueError:
-            raise InvalidInputError(f"--fingerprint must be hex (a KVSpec fingerprint), got {fingerprint!r}") from None
+            target = b""
+        if not target:
+            raise InvalidInputError(f"--fingerprint must be hex (a KVSpec fingerprint), got {fingerprint!r}")
+    if save:  # before minutes of measuring, not after
+        _check_writable(out_dir or profile_dir())
     path = demo_model(model_dir)
     engine = Engine.load(path, dtype=dtypes[dtype])
     tok = load_tokenizer(path)
@@ -196,9 +201,22 @@ def run(model_dir: Path | None, *, level: str, passages: int, groups: int, conte
                                                     len(cal.profile.layer_factors), model=path.name, level=level)
     print(describe(cal))
     if save:
-        written = save_profile(cal.profile, out_dir)
+        try:
+            written = save_profile(cal.profile, out_dir)
+        except OSError as exc:
+            raise InvalidInputError(f"cannot write the profile: {exc}") from None
         print(f"profile for model {cal.profile.fingerprint[:16]}... written to {written}; lossy cachegen levels "
               f"follow it for this model from the next start")
     else:
         print(f"not written (--dry-run); it would go to {(out_dir or profile_dir()) / (cal.profile.fingerprint + '.json')}")
     return 0
+
+
+def _check_writable(where: Path) -> None:
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / f".probe{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write profiles to {where}: {exc.strerror or exc}") from None

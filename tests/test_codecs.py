@@ -399,3 +399,55 @@ def test_one_non_finite_value_anywhere_is_refused(bad, where):
         kv[3, 1, 40, 0, 17] = bad
     with pytest.raises(CodecError, match="non-finite"):
         get_codec("compact").encode(kv.half())
+
+
+def test_tokens_kept_exact_never_feed_the_quantizer_a_nan():
+    """A skipped (sink) token's deviation can overflow float32; the compiled quantizer must
+    select 0 for it rather than multiply by 0 (inf * 0 is NaN, and a NaN symbol indexed the
+    histogram out of bounds)."""
+    import numpy as np
+
+    from kvstore.codecs import rans_cpu
+
+    rows, steps, channels = 1, 16, 12
+    v = (np.random.default_rng(0).standard_normal((rows, steps, channels)) * 1e-3).astype(np.float32)
+    v[0, 3, :] = 3e38
+    skip = np.zeros(steps, bool)
+    skip[3] = True
+    mu = np.zeros((rows, channels), np.float32)
+    inv = np.full((rows, channels), 16000.0, np.float32)
+    n = 2 * rows * (2 * cachegen.QMAX + 1)
+    guard = np.zeros(n + 200_000, np.int64)
+    hist = guard[100_000:100_000 + n]
+    sym = np.empty((rows, channels, steps), np.uint8)
+    mode = np.empty(rows * channels, bool)
+    ctx = np.empty(rows * channels, np.int64)
+    rans_cpu._compiled().quantize(v, skip, mu, inv, np.float32(cachegen.QMAX), True, sym, mode, ctx, hist)
+    assert hist.sum() == rows * steps * channels
+    assert not guard[:100_000].any() and not guard[100_000 + n:].any()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
+def test_values_beyond_fp16_are_refused_and_full_range_fp16_stays_finite(monkeypatch, compiled):
+    """What cachegen stores in fp16 (exact sink tokens, means, steps) must fit it: a bf16 sink of
+    1e36 or fp32 values of 1e9 are a CodecError at encode, never a payload that cannot decode. And
+    fp16 lanes spanning its whole range decode to finite values (half a coarse step past 65504
+    was rounded to inf)."""
+    from kvstore.codecs import rans_cpu
+
+    monkeypatch.setattr(rans_cpu, "ENABLED", compiled)
+    codec = get_codec("cachegen")
+    kv = (KV.float() * 0.01).to(torch.bfloat16)
+    kv[:, 1, 3] *= 0.01
+    kv[0, 0, 3] = 1e36
+    with pytest.raises(CodecError, match="fp16"):
+        codec.encode(kv)
+    huge = KV.float() * 1e9
+    with pytest.raises(CodecError, match="fp16"):
+        codec.encode(huge)
+    full = torch.full_like(KV, 65504.0)
+    full[:, :, 1::2] = -65504.0
+    for level in ("cachegen", "compact"):
+        out = get_codec(level).decode(memoryview(get_codec(level).encode(full)), tuple(full.shape), full.dtype)
+        assert bool(torch.isfinite(out).all())
+        assert relative_error(full, out) < 0.02

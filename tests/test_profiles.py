@@ -57,6 +57,36 @@ def test_missing_malformed_and_foreign_profiles_are_ignored(profile_dir, caplog)
     assert get_codec("compact").for_model(FP) is get_codec("compact")
 
 
+def test_nothing_about_a_profile_file_can_raise_or_hang_an_encode(profile_dir, monkeypatch, caplog):
+    """The lookup runs inside an engine's put: a FIFO under the profile's name (would block a
+    plain open), JSON nested past the recursion limit, a directory in its place or a directory
+    path too long to open are each a warning and no profile, and concurrent first reads warn
+    once."""
+    import os
+    import threading
+
+    profile_dir.mkdir()
+    meta = meta_for(b"k" * 16, FP, KV.half(), False, codec="compact")
+    os.mkfifo(profile_dir / f"{FP.hex()}.json")
+    deep = bytes([9] * 16)
+    (profile_dir / f"{deep.hex()}.json").write_text("[" * 200_000 + "]" * 200_000)
+    dirlike = bytes([8] * 16)
+    (profile_dir / f"{dirlike.hex()}.json").mkdir()
+    with caplog.at_level(logging.WARNING, logger="kvstore.codecs.profiles"):
+        threads = [threading.Thread(target=encode_object, args=(meta, KV.half())) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        assert profiles.profile_for(deep) is None and profiles.profile_for(dirlike) is None
+        monkeypatch.setenv("KVSTORE_CODEC_PROFILES", str(profile_dir / ("a" * 300)))
+        assert profiles.profile_for(FP) is None
+        encode_object(meta, KV.half())
+    warned = [r for r in caplog.records if "ignoring codec profile" in r.message]
+    assert len(warned) == 4  # the FIFO once (8 threads), the deep file, the directory, the long path
+
+
 def test_a_profile_moves_steps_and_payloads_decode_without_it(profile_dir):
     meta = meta_for(b"k" * 16, FP, KV.half(), False, codec="compact")
     plain = join_parts(encode_object(meta, KV.half()))
@@ -90,7 +120,10 @@ def test_calibrate_writes_the_profile_lossy_levels_then_follow(tmp_path, profile
     assert profile is not None and len(profile.layer_factors) == 6 and len(profile.sensitivity) == 3
     assert math.prod(profile.layer_factors) == pytest.approx(1.0, rel=1e-2)
     assert get_codec("aggressive").for_model(fp).options.layer_factors == profile.layer_factors
-    bad = subprocess.run([sys.executable, "-m", "kvstore", "calibrate", "--model", str(DEFAULT_MODEL), "--context",
-                          "1000"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "kvstore: error: --context must be a positive multiple of 256 tokens, got 1000"]
+    for flags, said in ((["--context", "1000"], "--context must be a positive multiple of 256 tokens, got 1000"),
+                        (["--fingerprint", ""], "--fingerprint must be hex (a KVSpec fingerprint), got ''"),
+                        (["--profile-dir", "/etc/hostname"], "cannot write profiles to /etc/hostname")):
+        bad = subprocess.run([sys.executable, "-m", "kvstore", "calibrate", "--model", str(DEFAULT_MODEL), *flags],
+                             capture_output=True, text=True, timeout=120)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("kvstore: error: " + said), bad.stderr
