@@ -109,11 +109,3 @@ def start_daemon(workdir: str, *extra: str, cpu: str = "6GiB") -> tuple[subproce
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("daemon did not start")
-
-
-def kl(ref: "torch.Tensor", got: "torch.Tensor") -> float:
-    """KL(ref || got) of two next-token logit vectors, in nats."""
-    import torch
-
-    p, q = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
-    return float((p.exp() * (p - q)).sum())

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import kl, median, table, timed  # noqa: E402
+from _common import median, table, timed  # noqa: E402
 
+from kvstore.codecs.quality import next_token_kl  # noqa: E402
 from kvstore.connectors.blend import BlendConfig, Blender  # noqa: E402
 from kvstore.connectors.reference import DEFAULT_MODEL, Engine, SamplingParams, Transformer  # noqa: E402
 from kvstore.connectors.reference.tokenizer import load_tokenizer  # noqa: E402
@@ -107,7 +108,7 @@ def quality(args: argparse.Namespace) -> None:
                 for r in methods:
                     b = blenders[r]
                     res = b.blend(docs, question, max_new_tokens=CONTINUATION)
-                    kls[r].append(kl(full.first_logits, res.logits))
+                    kls[r].append(next_token_kl(full.first_logits, res.logits))
                     if r == 0.0:
                         dev = true_deviation(engine, res.cache.kv[:, :, :len(tokens)], tokens)
                         concentration.append(top_share(dev, segments, 0.15))
@@ -183,7 +184,7 @@ def rag_quality(args: argparse.Namespace) -> None:
             for r in methods:
                 res = blenders[r].blend(docs, query, prefix, max_new_tokens=CONTINUATION)
                 got, _ = engine.decode(res.cache, res.tokens, res.logits, params, time.perf_counter())
-                kls[r].append(kl(full.first_logits, res.logits))
+                kls[r].append(next_token_kl(full.first_logits, res.logits))
                 agree[r].append(sum(a == g for a, g in zip(full.tokens, got)) / CONTINUATION)
                 fractions[r].append(res.compute_fraction)
                 right[r] += q.answered_by(reply(got))

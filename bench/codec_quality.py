@@ -41,6 +41,7 @@ from engine import smollm2_model_dir  # noqa: E402
 
 from kvstore.codecs import get_codec  # noqa: E402
 from kvstore.codecs.cachegen import CacheGenCodec  # noqa: E402
+from kvstore.codecs.quality import next_token_kl  # noqa: E402
 from kvstore.connectors.reference import Engine  # noqa: E402
 from kvstore.connectors.reference.texts import rag_corpus  # noqa: E402
 
@@ -109,8 +110,7 @@ def ppl_and_kl(ref: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) -> t
     lr, lg = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
     nll_r = -lr.gather(1, targets[:, None]).mean().item()
     nll_g = -lg.gather(1, targets[:, None]).mean().item()
-    kl = (lr.exp() * (lr - lg)).sum(-1).mean().item()
-    return math.exp(nll_r), math.exp(nll_g), kl
+    return math.exp(nll_r), math.exp(nll_g), next_token_kl(ref, got)
 
 
 def speed(encode: Callable[[torch.Tensor], bytes], decode: Callable[[bytes], torch.Tensor],

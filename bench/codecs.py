@@ -23,11 +23,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import kl, table  # noqa: E402
+from _common import table  # noqa: E402
 
 from kvstore.codecs import get_codec  # noqa: E402
 from kvstore.codecs.cachegen import CacheGenCodec, CacheGenOptions  # noqa: E402
-from kvstore.codecs.quality import attention_error, relative_error, synthetic_kv  # noqa: E402
+from kvstore.codecs.quality import attention_error, next_token_kl, relative_error, synthetic_kv  # noqa: E402
 
 CODECS = ["raw", "lz4", "int8", "fp8", "cachegen:high", "balanced", "compact", "aggressive"]
 LINKS_GBPS = [0.1, 1, 10, 100]
@@ -155,7 +155,7 @@ def model_quality(model_dir: str, names: list[str], prompts: int, seed: int = 0)
             try:
                 for ids, ref in zip(cases, refs):
                     got = engine.generate(ids, params)
-                    kls.append(kl(ref.first_logits, got.first_logits))
+                    kls.append(next_token_kl(ref.first_logits, got.first_logits))
                     agree.append(sum(a == b for a, b in zip(ref.tokens, got.tokens)) / len(ref.tokens))
                     hits.append(got.hit_tokens)
             finally:

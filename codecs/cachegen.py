@@ -378,8 +378,7 @@ def _statistics(x: torch.Tensor, exact: list[int]) -> tuple[torch.Tensor, torch.
         shape = (n, planes, channels)
         sd = squares.div_(tokens).sqrt_().float().view(shape) if tokens > 1 else torch.zeros(shape)
         return mu.view(shape), peak.view(shape), sd
-    kept = [t for t in range(tokens) if t not in set(exact)]
-    total = (x[:, :, kept] if exact else x).sum(dim=2, dtype=torch.float64)
+    total = (x[:, :, ~_skip_mask(tokens, exact)] if exact else x).sum(dim=2, dtype=torch.float64)
     mu = (total / others).half().float()
     dev = x - mu[:, :, None]  # not in place: x may view the caller's KV
     if exact:

@@ -25,8 +25,10 @@ import math
 import os
 import stat
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from kvstore.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,6 @@ class CodecProfile:
     level: str = ""  # the codec level the sensitivities were measured at
     sensitivity: tuple[float, ...] = ()  # measured KL per bit saved, per layer group
     groups: tuple[int, ...] = ()  # first layer of each group
-    note: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         factors = self.layer_factors
@@ -86,8 +87,7 @@ def profile_dir() -> Path:
     explicit = os.environ.get("KVSTORE_CODEC_PROFILES")
     if explicit:
         return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kvstore" / "profiles"
+    return cache_dir() / "profiles"
 
 
 _lock = threading.Lock()

@@ -13,6 +13,13 @@ import math
 import torch
 
 
+def next_token_kl(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """KL(ref || got) in nats between next-token distributions given as logits ``[..., vocab]``,
+    averaged over positions: how a decoded cache changes what the model predicts."""
+    p, q = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
 def relative_error(original: torch.Tensor, decoded: torch.Tensor) -> float:
     a, b = original.float(), decoded.float()
     return float(torch.linalg.vector_norm(b - a) / torch.linalg.vector_norm(a).clamp_min(1e-12))

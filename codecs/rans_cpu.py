@@ -275,9 +275,9 @@ def _spreads(v, skip, mu, peak, squares):  # pragma: no cover - compiled
 
 def _quantize(v, skip, mu, inv, qmax, allow_delta, sym, mode, ctx, hist):  # pragma: no cover - compiled
     """Cachegen's symbols: ``round((v - mu) * inv)`` direct (0 on skipped tokens: as if they
-    held the mean), closed-loop delta ones (as ``cachegen._delta_quantize``), the lane's mode (delta where its symbols are smaller in sum
-    and none clamps), the chosen symbols offset by ``qmax``, the lane's table (``row * 2 +
-    mode``) and the tables' histograms. Per row one pass over its ``[T, C]`` values with the
+    held the mean), closed-loop delta ones (as ``cachegen._delta_quantize``), the lane's mode
+    (delta where its symbols are smaller in sum and none clamps), the chosen symbols offset by
+    ``qmax``, the lane's table (``row * 2 + mode``) and the tables' histograms. Per row one pass over its ``[T, C]`` values with the
     channels innermost (so the compiler vectorizes across lanes) keeps both candidates in small
     buffers, and a second pass over those picks, instead of the dozen passes over every value
     the same steps take as tensor operations."""
@@ -324,9 +324,9 @@ def _quantize(v, skip, mu, inv, qmax, allow_delta, sym, mode, ctx, hist):  # pra
 
 
 def _decode_tables(freqs, table):  # pragma: no cover - compiled
-    """``rans.decode_tables`` as one loop (the tensor version is ~15 ops over every slot of
-    every table, a fifth of a frame's decode). Returns False for rows that are negative or do
-    not sum to M."""
+    """The packed decode table (see ``decode_tables``) in one loop (``rans.decode_tables``, the
+    tensor version for the torch coder, is ~15 ops over every slot of every table, a fifth of a
+    frame's decode). Returns False for rows that are negative or do not sum to M."""
     rows, alphabet = freqs.shape
     for r in range(rows):
         total = 0

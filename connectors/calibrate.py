@@ -12,6 +12,7 @@ the core.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -24,9 +25,12 @@ import torch
 
 from kvstore.codecs.cachegen import LEVELS, CacheGenCodec, CacheGenOptions
 from kvstore.codecs.profiles import CodecProfile
+from kvstore.codecs.quality import next_token_kl
 from kvstore.errors import InvalidInputError
+from kvstore.spec import dtype_from_name
 
 CHUNK = 256  # tokens per stored chunk, as engines store them
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # what the reference engine computes in
 COARSER = 1.6  # a group's step multiplier while its sensitivity is measured
 
 
@@ -118,7 +122,7 @@ def calibrate(engine, passages: Sequence[Passage], *, level: str = "compact", gr
                 back, nbytes = _through(codec, kv)
                 got, _ = engine.continue_from(back, p.ids)
                 bits.append(8 * nbytes / kv.numel())
-                kls.append(_kl(ref, got))
+                kls.append(next_token_kl(ref, got))
                 bar.update()
             results.append((sum(bits) / len(bits), sum(kls) / len(kls)))
     finally:
@@ -145,11 +149,6 @@ def _through(codec: CacheGenCodec, kv: torch.Tensor) -> tuple[torch.Tensor, int]
     return torch.cat(parts, 2).to(kv.dtype), nbytes
 
 
-def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
-    lr, lg = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
-    return float((lr.exp() * (lr - lg)).sum(-1).mean())
-
-
 def describe(cal: Calibration) -> str:
     lines = [f"{cal.profile.level} as it is: {cal.base_bits:.3f} bits/value, KL {cal.base_kl:.3e}; each group "
              f"of layers at {COARSER}x the step:",
@@ -173,9 +172,8 @@ def run(model_dir: Path | None, *, level: str, passages: int, groups: int, conte
     from kvstore.connectors.reference import Engine
     from kvstore.connectors.reference.tokenizer import load_tokenizer
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise InvalidInputError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    if dtype not in COMPUTE_DTYPES:
+        raise InvalidInputError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
     if context % CHUNK or context <= 0:
         raise InvalidInputError(f"--context must be a positive multiple of {CHUNK} tokens, got {context}")
     if forced <= 0 or passages <= 0 or groups <= 0:
@@ -190,15 +188,14 @@ def run(model_dir: Path | None, *, level: str, passages: int, groups: int, conte
     if save:  # before minutes of measuring, not after
         _check_writable(out_dir or profile_dir())
     path = demo_model(model_dir)
-    engine = Engine.load(path, dtype=dtypes[dtype])
+    engine = Engine.load(path, dtype=dtype_from_name(dtype))
     tok = load_tokenizer(path)
     texts = passages_from(default_texts(), lambda t: tok.encode(t).ids, passages, context, forced)
     print(f"calibrating {path.name} ({engine.config.num_layers} layers, {dtype}) at {level} on {len(texts)} passages "
           f"of {context} stored + {forced} teacher-forced tokens")
     cal = calibrate(engine, texts, level=level, groups=groups, model=path.name)
     if fingerprint is not None:
-        cal.profile = CodecProfile.from_sensitivity(target, list(cal.profile.sensitivity), list(cal.profile.groups),
-                                                    len(cal.profile.layer_factors), model=path.name, level=level)
+        cal.profile = dataclasses.replace(cal.profile, fingerprint=target.hex())
     print(describe(cal))
     if save:
         try:

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping
 import torch
 import xxhash
 
+from kvstore.paths import cache_home
+
 log = logging.getLogger(__name__)
 
 # Files whose bytes are weights. Anything else in a model directory (tokenizer, README,
@@ -51,8 +53,7 @@ _PROGRESS_MIN_BYTES = 1 << 30  # a progress bar for checkpoints that take second
 
 
 def digest_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kvstore-digests"
+    return cache_home() / "kvstore-digests"
 
 
 def _stat_key(path: Path) -> tuple[str, str]:

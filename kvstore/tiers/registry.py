@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
 from kvstore.errors import ConfigError
+from kvstore.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,7 @@ def build_tier(config: TierConfig, context: TierContext) -> Tier:
 # ---- the built-in kinds ------------------------------------------------------------------------
 
 def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "kvstore")
+    return str(cache_dir())
 
 
 def _check_disk(config: TierConfig) -> None:
