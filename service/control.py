@@ -11,11 +11,10 @@ import functools
 import threading
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from aiohttp import web
-
 from kvstore.agents import AgentSessions, AgentStats, ToolTTLConfig, check_age, check_name
 from kvstore.client import TENANT_HEADER
 from kvstore.service.auth import Principal, storage_key
+from kvstore.service.http import Request, Response, json_response
 from kvstore.wire import MSGPACK_CONTENT_TYPE, WireError, pack_control
 
 if TYPE_CHECKING:
@@ -25,12 +24,12 @@ if TYPE_CHECKING:
 
 
 
-def msgpack_response(data: dict[str, Any]) -> web.Response:
-    return web.Response(body=pack_control(data), content_type=MSGPACK_CONTENT_TYPE)
+def msgpack_response(data: dict[str, Any]) -> Response:
+    return Response(body=pack_control(data), content_type=MSGPACK_CONTENT_TYPE)
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def error_response(status: int, message: str) -> Response:
+    return json_response({"error": message}, status)
 
 
 class TenantSessions:
@@ -76,32 +75,32 @@ class ControlPlane:
     store: "BlobStore"
     sessions: TenantSessions
     _run: Callable[..., Awaitable[Any]]
-    _control: Callable[[web.Request], Awaitable[dict[str, Any]]]
+    _control: Callable[[Request], dict[str, Any]]
     _keys: Callable[[dict[str, Any], Principal], tuple[list[bytes], list[bytes]]]
 
-    async def pin(self, request: web.Request) -> web.Response:
-        body = await self._control(request)
-        _keys, skeys = self._keys(body, request["principal"])
+    async def pin(self, request: Request) -> Response:
+        body = self._control(request)
+        _keys, skeys = self._keys(body, request.principal)
         ttl = body.get("ttl_s")
         limit = self.config.store.max_pin_ttl_s
         if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= limit:
             raise WireError(f"'ttl_s' must be a number in (0, {limit}]")
         return msgpack_response({"pinned": await self._run(self.store.pin, skeys, float(ttl))})
 
-    async def unpin(self, request: web.Request) -> web.Response:
-        _keys, skeys = self._keys(await self._control(request), request["principal"])
+    async def unpin(self, request: Request) -> Response:
+        _keys, skeys = self._keys(self._control(request), request.principal)
         return msgpack_response({"unpinned": await self._run(self.store.unpin, skeys)})
 
-    async def delete(self, request: web.Request) -> web.Response:
-        _keys, skeys = self._keys(await self._control(request), request["principal"])
+    async def delete(self, request: Request) -> Response:
+        _keys, skeys = self._keys(self._control(request), request.principal)
         return msgpack_response({"deleted": await self._run(self.store.delete, skeys)})
 
-    async def clear(self, request: web.Request) -> web.Response:
+    async def clear(self, request: Request) -> Response:
         """Everything (admin), or one tenant's objects (``{"tenant": NAME}``, admin)."""
-        if not request["principal"].admin:
+        if not request.principal.admin:
             return error_response(403, "clear needs an admin key")
         # With an acting tenant (X-Kvstore-Tenant) a clear is that tenant's, never everyone's.
-        tenant = (await self._control(request)).get("tenant") or request.headers.get(TENANT_HEADER)
+        tenant = (self._control(request)).get("tenant") or request.headers.get(TENANT_HEADER)
         if tenant is None:
             await self._run(self.store.clear)
             return msgpack_response({"cleared": True})
@@ -109,30 +108,30 @@ class ControlPlane:
             raise WireError("'tenant' must be a tenant name")
         return msgpack_response({"cleared": True, "deleted": await self._run(self.store.clear_owner, tenant)})
 
-    async def tool_started(self, request: web.Request) -> web.Response:
+    async def tool_started(self, request: Request) -> Response:
         """An agent session of the caller's tenant paused on a tool: its keys are pinned for the
         TTL learned from the tenant's calls of that tool (``{"ttl_s": 0.0}``: nothing pinned).
         A pin the pinned-bytes cap refuses is counted, not an error: the engine goes on."""
-        body = await self._control(request)
-        principal: Principal = request["principal"]
+        body = self._control(request)
+        principal: Principal = request.principal
         session, tool = check_name("session", body.get("session")), check_name("tool", body.get("tool"))
         ago = check_age(body.get("ago_s", 0.0))
         _keys, skeys = self._keys({"keys": body.get("keys", [])}, principal)
         ttl = await self._run(self.sessions.tool_started, principal.tenant, session, tool, skeys, ago)
         return msgpack_response({"ttl_s": ttl})
 
-    async def tool_finished(self, request: web.Request) -> web.Response:
+    async def tool_finished(self, request: Request) -> Response:
         """The session's next turn: the tool's duration is learned and the pins released."""
-        body = await self._control(request)
-        principal: Principal = request["principal"]
+        body = self._control(request)
+        principal: Principal = request.principal
         session, ago = check_name("session", body.get("session")), check_age(body.get("ago_s", 0.0))
         took = await self._run(self.sessions.of(principal.tenant).tool_finished, session, True, ago)
         return msgpack_response({"took_s": took})
 
-    async def stats(self, request: web.Request) -> web.Response:
+    async def stats(self, request: Request) -> Response:
         """An admin sees the tiers and every tenant; a tenant sees only its own usage: tier-wide
         hits, objects and bytes would tell it what other tenants do."""
-        principal: Principal = request["principal"]
+        principal: Principal = request.principal
         st = await self._run(self.store.stats)
         tenants = st["tenants"]
         for tenant, quota in self.keys.quotas.items():
@@ -140,7 +139,7 @@ class ControlPlane:
         agents = self.sessions.stats(None if principal.admin else principal.tenant)
         sessions = {tenant: vars(s) for tenant, s in agents.items()}
         if principal.admin:
-            return web.json_response({**st, "sessions": sessions})
+            return json_response({**st, "sessions": sessions})
         own = tenants.get(principal.tenant, {"bytes": 0, "objects": 0})
-        return web.json_response({"tenant": principal.tenant, **own, "tenants": {principal.tenant: own},
+        return json_response({"tenant": principal.tenant, **own, "tenants": {principal.tenant: own},
                                   "sessions": sessions})

@@ -1,4 +1,4 @@
-"""``kvstore serve``: the shared cache daemon (aiohttp).
+"""``kvstore serve``: the shared cache daemon (HTTP on service.http).
 
 Data plane: exists/lookup/get/put of self-describing objects in batches (kvstore.wire). Control
 plane (service.control): pin/unpin/delete/clear, agent sessions, stats; here too: health,
@@ -17,12 +17,12 @@ import functools
 import json
 import logging
 import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstore.blobstore import BlobStore, QuotaExceededError, StoredObject
@@ -32,6 +32,7 @@ from kvstore.service import startup
 from kvstore.agents import ToolTTLConfig
 from kvstore.service.auth import KeyFile, Principal, storage_key
 from kvstore.service.control import ControlPlane, TenantSessions, error_response, msgpack_response
+from kvstore.service.http import Application, HttpServer, Limits, Request, Response, Route, bounded
 from kvstore.service.intake import BodyIntake
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
@@ -40,14 +41,8 @@ from kvstore.writer import WriteAcks
 from kvstore.wire import BATCH_CONTENT_TYPE, WireError, batch_header, check_keys, unpack_control
 
 log = logging.getLogger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _ARENA_WAIT_S = 1.0  # longest a body waits for arena memory before it takes fresh memory
-_SEND_SLICE = 256 << 10  # GET responses are written in slices of this size (see Daemon.get)
-# aiohttp buffers up to twice this per connection before it pauses the socket: enough that it
-# does not pause every 64 KiB (its default), little enough that 64 uploads hold 32 MiB at most.
-_READ_CHUNK = 256 << 10
-_OPEN = {"/healthz", "/readyz", "/openapi.json"}
-_timeout = getattr(asyncio, "timeout", None)
+_SMALL_BODY = 65536  # a PUT body below this goes into its own bytearray, not the arena
 
 
 @dataclass
@@ -133,29 +128,14 @@ def _release(exc: BaseException) -> None:
     traceback.clear_frames(exc.__traceback__)
 
 
-async def _next_chunk(content: Any) -> bytes:
-    """The next piece of a body as aiohttp received it (b"" at its end). ``readany`` joins
-    every piece waiting into a new bytes object, a copy of what is about to be copied into the
-    receive buffer anyway; ``readchunk`` hands them over one at a time."""
-    while True:
-        data, end_of_http_chunk = await content.readchunk()
-        if data or not end_of_http_chunk:  # (b"", True): the end of a chunked-encoding piece
-            return data
-
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
+def _internal_error(request: Request, exc: BaseException) -> Response:
     """A bug: logged with its traceback, answered 500; the daemon keeps serving."""
     log.exception("unhandled error on %s", request.path)
     _release(exc)
     return error_response(500, "internal error (logged)")
 
 
-class Daemon(ControlPlane):
+class Daemon(ControlPlane, Application):
     def __init__(self, config: ServeConfig, keys: KeyFile | None = None) -> None:
         self.config = config
         self.keys = keys if keys is not None else KeyFile.load(config.key_file)
@@ -174,77 +154,60 @@ class Daemon(ControlPlane):
         self._local_only = not any(t.is_remote for t in self.store.tiers)
         self.ready = True
 
-    # ---- middleware ----------------------------------------------------------------------
+    # ---- what service.http asks of the application ------------------------------------
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        t0 = time.perf_counter()
-        status = 500
+    def admit(self, request: Request) -> Response | None:
+        """Who is asking, from the head alone: a wrong key is refused before its body is read."""
+        assert request.route is not None
+        if request.route.open:
+            return None
+        principal = self.keys.authenticate(request.headers.get("Authorization"))
+        if principal is None:
+            return error_response(401, "missing or invalid API key (Authorization: Bearer KEY)")
+        acting = request.headers.get(TENANT_HEADER)
+        if acting:  # an operator acting on one tenant's objects (kvstore admin --tenant)
+            if not principal.admin:
+                return error_response(403, f"{TENANT_HEADER} needs an admin key")
+            principal = dataclasses.replace(principal, tenant=acting)
+        request.principal = principal
+        return None
+
+    async def handle(self, request: Request) -> Response:
+        assert request.route is not None
         try:
-            # An unknown path or method is a 404/405 for anyone; only real routes need a key.
-            if request.path not in _OPEN and request.match_info.http_exception is None:
-                principal = self.keys.authenticate(request.headers.get("Authorization"))
-                if principal is None:
-                    status = 401
-                    return error_response(401, "missing or invalid API key (Authorization: Bearer KEY)")
-                acting = request.headers.get(TENANT_HEADER)
-                if acting:  # an operator acting on one tenant's objects (kvstore admin --tenant)
-                    if not principal.admin:
-                        status = 403
-                        return error_response(403, f"{TENANT_HEADER} needs an admin key")
-                    principal = dataclasses.replace(principal, tenant=acting)
-                request["principal"] = principal
-            if _timeout is not None:  # Python >= 3.11: no task per request, as wait_for makes
-                async with _timeout(self.config.request_timeout_s):
-                    resp = await handler(request)
-            else:
-                resp = await asyncio.wait_for(handler(request), self.config.request_timeout_s)
-            status = resp.status
-            return resp
-        except web.HTTPException as exc:
-            status = exc.status
-            if exc.status == 413:
-                return error_response(413, f"request body exceeds the limit of {self.config.max_body_bytes} bytes")
+            return await bounded(request.route.handler(request), self.config.request_timeout_s)
+        except asyncio.CancelledError:
             raise
-        except (WireError, InvalidInputError) as exc:
-            status = 403 if isinstance(exc, QuotaExceededError) else 400
+        except BaseException as exc:  # noqa: BLE001 - every error is an answer
+            return self.failed(request, exc)
+
+    def failed(self, request: Request, exc: BaseException) -> Response:
+        if isinstance(exc, (WireError, InvalidInputError)):
             _release(exc)
-            return error_response(status, str(exc))
-        except ConnectionError as exc:
-            # The client went away mid-body or mid-response (aiohttp says ConnectionResetError
-            # while reading, a plain ConnectionError("Connection lost") while draining a write):
-            # not ours. Any other connection error is a bug, below.
-            if not isinstance(exc, ConnectionResetError) and not _client_gone(request):
-                status = 500
-                return _internal_error(request, exc)
-            status = 499  # nginx's "client closed request": counted, not logged as an error
-            _release(exc)
-            return error_response(499, "client closed the connection")
-        except asyncio.TimeoutError as exc:
-            status = 503
+            return error_response(403 if isinstance(exc, QuotaExceededError) else 400, str(exc))
+        if isinstance(exc, asyncio.TimeoutError):
             _release(exc)
             return error_response(503, f"request took longer than {self.config.request_timeout_s}s")
-        except PinLimitError as exc:  # the tier's pinned-bytes cap: a conflict, nothing was pinned
-            status = 409
+        if isinstance(exc, PinLimitError):  # the tier's pinned-bytes cap: a conflict, nothing was pinned
             return error_response(409, str(exc))
-        except KVStoreError as exc:
-            status = 400
+        if isinstance(exc, KVStoreError):
             _release(exc)
             return error_response(400, str(exc))
-        except Exception as exc:  # a bug: log it, answer 500, keep serving
-            return _internal_error(request, exc)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        return _internal_error(request, exc)  # a bug: log it, answer 500, keep serving
+
+    def finished(self, request: Request | None, status: int) -> None:
+        route = request.route.name if request is not None and request.route is not None else "unmatched"
+        self.metrics.requests.labels(route, str(status)).inc()
+        if request is not None:
+            self.metrics.latency.labels(route).observe(time.perf_counter() - request.started)
 
     # ---- helpers -------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def _control(self, request: web.Request) -> dict[str, Any]:
-        return unpack_control(await request.read())
+    def _control(self, request: Request) -> dict[str, Any]:
+        return unpack_control(request.body)
 
     def _keys(self, body: dict[str, Any], principal: Principal) -> tuple[list[bytes], list[bytes]]:
         keys = check_keys(body.get("keys"), self.config.max_batch)
@@ -259,80 +222,46 @@ class Daemon(ControlPlane):
             return self.store.exists(skeys)
         return await self._run(self.store.exists, skeys)
 
-    async def exists(self, request: web.Request) -> web.Response:
-        _keys, skeys = self._keys(await self._control(request), request["principal"])
+    async def exists(self, request: Request) -> Response:
+        _keys, skeys = self._keys(self._control(request), request.principal)
         return msgpack_response({"present": await self._exists(skeys)})
 
-    async def lookup(self, request: web.Request) -> web.Response:
-        _keys, skeys = self._keys(await self._control(request), request["principal"])
+    async def lookup(self, request: Request) -> Response:
+        _keys, skeys = self._keys(self._control(request), request.principal)
         present = await self._exists(skeys)
         hits = next((i for i, p in enumerate(present) if not p), len(present))
         return msgpack_response({"hits": hits})
 
-    async def get(self, request: web.Request) -> web.StreamResponse:
-        keys, skeys = self._keys(await self._control(request), request["principal"])
+    async def get(self, request: Request) -> Response:
+        keys, skeys = self._keys(self._control(request), request.principal)
         # All in process memory: no I/O, so no thread hop (it costs 0.1-0.2 ms, a tenth of a
         # 2 MiB request).
-        local = self._local_only and self.store.in_memory(skeys)
-        if local:
+        if self._local_only and self.store.in_memory(skeys):
             blobs = self.store.get(skeys, keys)
         else:
             deadline = time.monotonic() + self.config.request_timeout_s
 
             def abandoned() -> bool:  # asked from the pool thread between disk reads
-                transport = request.transport
-                return transport is None or transport.is_closing() or time.monotonic() > deadline
+                return request.gone() or time.monotonic() > deadline
             blobs = await self._run(self.store.get, skeys, keys, None, abandoned)
         sizes = [-1 if b is None else memoryview(b).nbytes for b in blobs]
-        resp = web.StreamResponse(headers={"Content-Type": BATCH_CONTENT_TYPE})
-        resp.content_length = len(batch_header(keys, sizes)) + sum(s for s in sizes if s > 0)
-        await resp.prepare(request)
-        await resp.write(batch_header(keys, sizes))
-        for blob in blobs:  # streamed object by object: no response-sized buffer
-            if blob is not None:
-                view = memoryview(blob).cast("B")
-                # In slices: what the socket does not take at once is copied into the transport's
-                # buffer (Python 3.11), so a whole 2 MiB write to a slow reader would hold a second
-                # copy of the object outside the memory budget; each slice waits for the last.
-                for at in range(0, view.nbytes, _SEND_SLICE):
-                    await resp.write(view[at:at + _SEND_SLICE])
-                self.metrics.bytes_out.inc(view.nbytes)
-                self.metrics.object_bytes.labels("get").observe(view.nbytes)
-        await resp.write_eof()
-        return resp
+        found = [b for b in blobs if b is not None]
+        for blob in found:
+            self.metrics.object_bytes.labels("get").observe(memoryview(blob).nbytes)
+        self.metrics.bytes_out.inc(sum(s for s in sizes if s > 0))
+        # Streamed object by object from where the tiers hold them: no response-sized buffer.
+        return Response(body=batch_header(keys, sizes), content_type=BATCH_CONTENT_TYPE, parts=found)
 
-    async def _intake(self, request: web.Request) -> BodyIntake:
-        """The body, checked as it arrives (service.intake). A large one goes straight into one
-        buffer of its Content-Length from the memory tier's arena (unzeroed memory when it has
-        no free region): aiohttp's ``read()`` grows a bytearray chunk by chunk and then copies
-        it into bytes."""
-        length = request.content_length
-        if length is None or length < 65536:
-            intake = BodyIntake(memoryview(await request.read()), self.config.max_batch)
-            intake.feed(intake.buf.nbytes)
-            return intake
-        if length > self.config.max_body_bytes:
-            raise web.HTTPRequestEntityTooLarge(max_size=self.config.max_body_bytes, actual_size=length)
-        # Memory only once the body starts: a connection that announces a length and sends
-        # nothing holds none.
-        chunk = await _next_chunk(request.content)
-        if not chunk:
-            raise WireError(f"request body ended before its first byte (Content-Length {length})")
-        buf = await self._receive_buffer(length)
-        raise_limit = getattr(request.content, "set_read_chunk_size", None)
-        if raise_limit is not None:  # aiohttp >= 3.13: else the socket pauses every 64 KiB
-            raise_limit(min(length, _READ_CHUNK))
-        intake = BodyIntake(buf, self.config.max_batch)
-        got = 0
-        while True:
-            if not chunk or got + len(chunk) > length:
-                raise WireError(f"request body does not match its Content-Length {length} ({got + len(chunk)} bytes)")
-            buf[got:got + len(chunk)] = chunk
-            got += len(chunk)
-            intake.feed(got)
-            if got == length:
-                return intake
-            chunk = await _next_chunk(request.content)
+    def _put_sink(self, _request: Request, length: int) -> BodyIntake | Awaitable[BodyIntake]:
+        """Where a PUT body is received, checked as it arrives (service.intake): a large one
+        straight into a region of the memory tier's arena, which the put then keeps without a
+        copy (unzeroed memory when the arena has no free region)."""
+        if length < _SMALL_BODY:
+            return BodyIntake(memoryview(bytearray(length)), self.config.max_batch)
+        return self._large_put_sink(length)
+
+    async def _large_put_sink(self, length: int) -> BodyIntake:
+        return BodyIntake(await self._receive_buffer(length), self.config.max_batch)
 
     async def _receive_buffer(self, length: int) -> memoryview:
         """A region of the memory tier's arena for a body. When every free byte is taken by
@@ -363,9 +292,10 @@ class Daemon(ControlPlane):
             return self.store.allocate(length, fresh=fresh)
         return await self._run(functools.partial(self.store.allocate, length, fresh=fresh))
 
-    async def put(self, request: web.Request) -> web.Response:
-        principal: Principal = request["principal"]
-        intake = await self._intake(request)
+    async def put(self, request: Request) -> Response:
+        principal: Principal = request.principal
+        intake = request.sink
+        assert isinstance(intake, BodyIntake)
         self.metrics.bytes_in.inc(intake.buf.nbytes)
         objects = []
         for key, data, meta in intake.finish():  # data: a view of the body, which nothing else writes to
@@ -390,81 +320,107 @@ class Daemon(ControlPlane):
 
     # ---- control plane -------------------------------------------------------------------
 
-    async def healthz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+    async def healthz(self, _request: Request) -> Response:
+        return Response(body=b"ok")
 
-    async def readyz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ready") if self.ready else web.Response(text="shutting down", status=503)
+    async def readyz(self, _request: Request) -> Response:
+        return Response(body=b"ready") if self.ready else Response(503, b"shutting down")
 
-    async def metrics_view(self, request: web.Request) -> web.Response:
+    async def metrics_view(self, request: Request) -> Response:
         """The operator's view (every tenant's usage): an admin key on the main port, or none on
         the ``--metrics-port`` listener, which binds to loopback unless told otherwise."""
-        principal = request.get("principal")
+        principal = request.principal
         if principal is not None and not principal.admin:
             return error_response(403, "/metrics needs an admin key (or scrape the --metrics-port listener)")
-        resp = web.Response(body=generate_latest(self.metrics.registry))
-        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        return resp
+        return Response(body=generate_latest(self.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
-    async def openapi_view(self, _request: web.Request) -> web.Response:
-        return web.json_response(openapi(), dumps=lambda d: json.dumps(d, indent=1))
+    async def openapi_view(self, _request: Request) -> Response:
+        return Response(body=json.dumps(openapi(), indent=1).encode(), content_type="application/json")
 
-    # ---- app -----------------------------------------------------------------------------
+    # ---- serving -------------------------------------------------------------------------
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.middleware], client_max_size=self.config.max_body_bytes)
-        r = app.router
+    def _routes(self) -> dict[str, dict[str, Route]]:
+        routes: dict[str, dict[str, Route]] = {}
         for path, handler in (("/v1/exists", self.exists), ("/v1/lookup", self.lookup), ("/v1/get", self.get),
                               ("/v1/put", self.put), ("/v1/pin", self.pin), ("/v1/unpin", self.unpin),
                               ("/v1/delete", self.delete), ("/v1/clear", self.clear),
                               ("/v1/tool/started", self.tool_started), ("/v1/tool/finished", self.tool_finished)):
-            r.add_post(path, handler)
-        r.add_get("/v1/stats", self.stats)
-        r.add_get("/healthz", self.healthz)
-        r.add_get("/readyz", self.readyz)
-        r.add_get("/metrics", self.metrics_view)
-        r.add_get("/openapi.json", self.openapi_view)
-        app.on_startup.append(self._on_startup)
-        app.on_shutdown.append(self._on_shutdown)
-        app.on_cleanup.append(self._on_cleanup)
-        return app
+            routes[path] = {"POST": Route(handler, path, sink=self._put_sink if path == "/v1/put" else None)}
+        routes["/v1/stats"] = {"GET": Route(self.stats, "/v1/stats")}
+        routes["/metrics"] = {"GET": Route(self.metrics_view, "/metrics")}
+        for path, handler in (("/healthz", self.healthz), ("/readyz", self.readyz),
+                              ("/openapi.json", self.openapi_view)):
+            routes[path] = {"GET": Route(handler, path, open=True)}
+        return routes
 
-    async def _on_startup(self, _app: web.Application) -> None:
-        if self.config.lmcache_port is not None:
-            from kvstore.service.lmcache_server import LMCacheListener
+    def limits(self) -> Limits:
+        return Limits(max_body_bytes=self.config.max_body_bytes, request_timeout_s=self.config.request_timeout_s)
 
-            self.lmcache = LMCacheListener(self.store, self.config.lmcache_tenant, self.config.max_body_bytes,
-                                           self.keys.quotas.get(self.config.lmcache_tenant), self.metrics)
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain: stop accepting, let requests in progress
+        finish (30 s at most), flush queued disk writes. Raises ConfigError for an address it
+        cannot listen on."""
+        self.routes = self._routes()
+        self.http = HttpServer(self, self.limits())
+        metrics = None
+        try:
             try:
-                self.lmcache.start(self.config.lmcache_host, self.config.lmcache_port)
-            except OSError as exc:
-                raise _bind_error(self.config.lmcache_host, self.config.lmcache_port, exc, "--lmcache-port") from None
-        if self.config.metrics_port is not None:
-            metrics_app = web.Application()
-            metrics_app.router.add_get("/metrics", self.metrics_view)
-            self._metrics_runner = web.AppRunner(metrics_app, access_log=None)
-            await self._metrics_runner.setup()
-            try:
-                await web.TCPSite(self._metrics_runner, self.config.metrics_host, self.config.metrics_port).start()
-            except OSError as exc:
-                raise _bind_error(self.config.metrics_host, self.config.metrics_port, exc, "--metrics-port") from None
+                await self.http.listen(self.config.host, self.config.port, startup.tls_context(self.config))
+            except OSError as exc:  # a port in use, an address this host does not have
+                raise _bind_error(self.config.host, self.config.port, exc, "--port") from None
+            if self.config.lmcache_port is not None:
+                from kvstore.service.lmcache_server import LMCacheListener
 
-    async def _on_shutdown(self, _app: web.Application) -> None:
-        self.ready = False
-        if getattr(self, "lmcache", None) is not None:
-            self.lmcache.stop()
-        if getattr(self, "_metrics_runner", None) is not None:
-            await self._metrics_runner.cleanup()
-
-    async def _on_cleanup(self, _app: web.Application) -> None:
-        # In-flight requests are done; flush queued disk writes so a restart serves them again.
-        await self._run(self.store.close)
+                self.lmcache = LMCacheListener(self.store, self.config.lmcache_tenant, self.config.max_body_bytes,
+                                               self.keys.quotas.get(self.config.lmcache_tenant), self.metrics)
+                try:
+                    self.lmcache.start(self.config.lmcache_host, self.config.lmcache_port)
+                except OSError as exc:
+                    raise _bind_error(self.config.lmcache_host, self.config.lmcache_port, exc, "--lmcache-port") from None
+            if self.config.metrics_port is not None:
+                metrics = HttpServer(_MetricsOnly(self), self.limits())
+                try:
+                    await metrics.listen(self.config.metrics_host, self.config.metrics_port)
+                except OSError as exc:
+                    raise _bind_error(self.config.metrics_host, self.config.metrics_port, exc, "--metrics-port") from None
+            self.listening = True
+            log.info("%s", startup.started_line(self.config, self.keys))
+            await stop.wait()
+        finally:
+            self.ready = False
+            if getattr(self, "lmcache", None) is not None:
+                self.lmcache.stop()
+            for server in (metrics, self.http):
+                if server is not None:
+                    await server.shutdown(30)
+            # In-flight requests are done; flush queued disk writes so a restart serves them again.
+            await self._run(self.store.close)
         if not self.listening:
             return
         served = sum(int(s.value) for m in self.metrics.requests.collect() for s in m.samples
                      if s.name.endswith("_total"))
         log.info("kvstore daemon stopped after %.0f s and %d requests; queued writes flushed",
                  time.monotonic() - self.started, served)
+
+
+class _MetricsOnly(Application):
+    """The ``--metrics-port`` listener: /metrics and nothing else, without a key."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.routes = {"/metrics": {"GET": Route(daemon.metrics_view, "/metrics", open=True)}}
+
+    def admit(self, request: Request) -> Response | None:
+        return None
+
+    async def handle(self, request: Request) -> Response:
+        return await self.daemon.handle(request)
+
+    def failed(self, request: Request, exc: BaseException) -> Response:
+        return self.daemon.failed(request, exc)
+
+    def finished(self, request: Request | None, status: int) -> None:
+        pass
 
 
 def serve(config: ServeConfig) -> None:
@@ -475,15 +431,14 @@ def serve(config: ServeConfig) -> None:
     startup.limit_malloc_arenas()
     daemon = Daemon(config, keys)
 
-    def listening(_aiohttp_banner: str) -> None:  # called once the port is bound
-        daemon.listening = True
-        log.info("%s", startup.started_line(config, keys))
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await daemon.run(stop)
 
-    try:
-        web.run_app(daemon.app(), host=config.host, port=config.port, shutdown_timeout=30, print=listening,
-                    access_log=None, ssl_context=startup.tls_context(config))
-    except OSError as exc:  # the bind: a port in use, an address this host does not have
-        raise _bind_error(config.host, config.port, exc, "--port") from None
+    asyncio.run(main())
 
 
 def _bind_error(host: str, port: int, exc: OSError, flag: str) -> ConfigError:

@@ -1,0 +1,217 @@
+"""The daemon's own HTTP/1.1 server (kvstore.service.http) as a misbehaving client meets it, on
+raw sockets against a real daemon: pipelining, keep-alive, refusals before and after a body,
+framing it does not accept, stalled and abandoned bodies. After each, the connection or the
+daemon goes on serving, and what it stores is exactly what was sent."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import msgpack
+import pytest
+import torch
+
+from conftest import Daemon
+from kvstore import KVSpec
+from kvstore.client import DaemonClient, ServiceError
+from kvstore.objects import encode_object, join_parts, meta_for
+from kvstore.wire import BATCH_CONTENT_TYPE, pack_batch
+
+SPEC = KVSpec(model_id="test/http", num_layers=2, num_kv_heads=2, head_size=8)
+
+
+def obj(key: bytes, tokens: int) -> bytes:
+    kv = torch.randn(SPEC.chunk_shape(tokens)).half()
+    return join_parts(encode_object(meta_for(key, SPEC.fingerprint, kv, tokens < 16), kv))
+
+
+def put_request(key: bytes, blob: bytes, auth: str = "", extra: str = "") -> bytes:
+    body = b"".join(pack_batch([(key, blob)]))
+    head = (f"POST /v1/put HTTP/1.1\r\nHost: x\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
+            f"Content-Length: {len(body)}\r\n{auth}{extra}\r\n")
+    return head.encode() + body
+
+
+def control(path: str, payload: dict, auth: str = "") -> bytes:
+    body = msgpack.packb(payload)
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{auth}\r\n").encode() + body
+
+
+class Conn:
+    """A raw connection that reads answers one at a time (pipelined ones too)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def answer(self) -> tuple[int, dict[str, str], bytes]:
+        status_line = self.file.readline()
+        if not status_line:
+            raise ConnectionError("closed")
+        status = int(status_line.split()[1])
+        headers = {}
+        while (line := self.file.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = self.file.read(int(headers.get("content-length", 0)))
+        return status, headers, body
+
+    def closed(self) -> bool:
+        self.sock.settimeout(5)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def keyed(tmp_path):
+    kf = tmp_path / "keys.yaml"
+    kf.write_text("keys:\n  ka: {tenant: a}\n")
+    d = Daemon(tmp_path, "--request-timeout-s", "3", "--max-body-bytes", "8MiB", key_file=kf)
+    yield d
+    d.stop()
+
+
+AUTH = "Authorization: Bearer ka\r\n"
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(keyed):
+    small, large = b"\x01" * 16, b"\x02" * 16
+    blobs = {small: obj(small, 16), large: obj(large, 2048)}  # 64 KiB and up take the arena path
+    c = Conn(keyed.port)
+    try:
+        c.send(put_request(small, blobs[small], AUTH) + put_request(large, blobs[large], AUTH)
+               + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + control("/v1/exists", {"keys": [small, large]}, AUTH))
+        answers = [c.answer() for _ in range(4)]
+        assert [a[0] for a in answers] == [200, 200, 200, 200]
+        assert msgpack.unpackb(answers[0][2]) == {"stored": 1} and msgpack.unpackb(answers[1][2]) == {"stored": 1}
+        assert answers[2][2] == b"ok" and msgpack.unpackb(answers[3][2]) == {"present": [True, True]}
+    finally:
+        c.close()
+    got = DaemonClient(keyed.url, api_key="ka").get([small, large])
+    assert [bytes(g) for g in got] == [blobs[small], blobs[large]]
+
+
+def test_refusals_before_the_body_leave_the_connection_usable(keyed):
+    key = b"\x03" * 16
+    blob = obj(key, 2048)
+    c = Conn(keyed.port)
+    try:
+        c.send(put_request(key, blob, "Authorization: Bearer wrong\r\n"))  # the whole body, then the answer
+        status, _, body = c.answer()
+        assert status == 401 and b"API key" in body
+        c.send(b"POST /v1/nothing HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+        assert c.answer()[0] == 404
+        c.send(b"GET /v1/put HTTP/1.1\r\n\r\n")
+        status, headers, _ = c.answer()
+        assert status == 405 and headers["allow"] == "POST"
+        c.send(b"POST /v1/put HTTP/1.1\r\nContent-Length: 9000000\r\n" + AUTH.encode() + b"\r\n" + b"z" * 9_000_000)
+        status, _, body = c.answer()
+        assert status == 413 and b"8388608" in body
+        c.send(put_request(key, blob, AUTH))  # the same connection, in step after every refusal
+        assert c.answer()[0] == 200
+    finally:
+        c.close()
+    assert bytes(DaemonClient(keyed.url, api_key="ka").get([key])[0]) == blob
+
+
+def test_expect_100_continue(keyed):
+    key = b"\x04" * 16
+    blob = obj(key, 2048)
+    request = put_request(key, blob, AUTH, "Expect: 100-continue\r\n")
+    head, body = request.split(b"\r\n\r\n", 1)
+    c = Conn(keyed.port)
+    try:
+        c.send(head + b"\r\n\r\n")
+        assert c.file.readline().startswith(b"HTTP/1.1 100 ") and c.file.readline() == b"\r\n"
+        c.send(body)
+        assert c.answer()[0] == 200
+        c.send(put_request(key, blob, "Authorization: Bearer wrong\r\n", "Expect: 100-continue\r\n").split(b"\r\n\r\n")[0]
+               + b"\r\n\r\n")
+        assert c.answer()[0] == 401  # the final answer instead of 100: the client need not send the body
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"POST /v1/put HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411),
+    (b"GET /healthz HTTP/2.0\r\n\r\n", 505),
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\n folded: header\r\n\r\n", 400),
+    (b"POST /v1/exists HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+    (b"POST /v1/exists HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
+])
+def test_framing_it_does_not_accept_is_named_and_the_connection_closed(keyed, raw, status):
+    c = Conn(keyed.port)
+    try:
+        c.send(raw)
+        got, headers, body = c.answer()
+        assert got == status and json.loads(body)["error"] and headers.get("connection") == "close"
+        assert c.closed()
+    finally:
+        c.close()
+    assert DaemonClient(keyed.url, api_key="ka").healthy()
+
+
+def test_a_stalled_body_is_cut_at_the_request_timeout_and_nothing_is_stored(keyed):
+    key = b"\x05" * 16
+    blob = obj(key, 2048)
+    request = put_request(key, blob, AUTH)
+    c = Conn(keyed.port)
+    try:
+        c.send(request[:len(request) // 2])
+        t0 = time.monotonic()
+        status, _, body = c.answer()
+        assert status == 408 and b"not received within 3.0s" in body and time.monotonic() - t0 < 10
+        assert c.closed()
+    finally:
+        c.close()
+    client = DaemonClient(keyed.url, api_key="ka")
+    assert client.exists([key]) == [False]
+    assert client.put([(key, blob)]) == 1 and bytes(client.get([key])[0]) == blob
+
+
+def test_a_client_gone_mid_body_leaves_nothing_half_stored(keyed):
+    key = b"\x06" * 16
+    blob = obj(key, 4096)
+    request = put_request(key, blob, AUTH)
+    for cut in (len(request) // 3, len(request) - 1):
+        c = Conn(keyed.port)
+        c.send(request[:cut])
+        c.close()
+    client = DaemonClient(keyed.url, api_key="ka")
+    time.sleep(0.2)
+    assert client.exists([key]) == [False]
+    assert client.put([(key, blob)]) == 1 and bytes(client.get([key])[0]) == blob
+    with pytest.raises(ServiceError) as err:  # a body that does not match its own batch header
+        bad = bytearray(put_request(key, blob, AUTH))
+        bad[-5] ^= 0xFF
+        c = Conn(keyed.port)
+        try:
+            c.send(bytes(bad))
+            status, _, body = c.answer()
+            raise ServiceError(status, body.decode())
+        finally:
+            c.close()
+    assert err.value.status == 400 and "checksum" in err.value.message
+    assert bytes(client.get([key])[0]) == blob
+
+
+def test_http_10_closes_after_the_answer_and_idle_head_is_cut(keyed):
+    c = Conn(keyed.port)
+    try:
+        c.send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert c.answer()[:1] == (200,) and c.closed()
+    finally:
+        c.close()
