@@ -121,6 +121,7 @@ class Request:
     sink: Sink | None = None  # the body as received (set before the handler runs)
     principal: Any = None  # who is asking (set by Application.admit)
     started: float = field(default_factory=time.perf_counter)
+    notes: dict[str, Any] = field(default_factory=dict)  # the application's own, e.g. memory it reserved
 
     @property
     def body(self) -> memoryview:
@@ -152,8 +153,8 @@ class Application(ABC):
 
     @abstractmethod
     def finished(self, request: Request | None, status: int) -> None:
-        """A request was answered with ``status`` (499: the client left first); ``request`` is
-        None for one too malformed to route."""
+        """A request is over: answered with ``status``, or 499 when the client left first (also
+        mid-body); called once per request. ``request`` is None for one too malformed to route."""
 
 
 @dataclass
@@ -270,6 +271,7 @@ class Connection(asyncio.BufferedProtocol):
         self._arm(self.limits.keepalive_s)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        receiving = self.request if self.state == _BODY else None
         self.state = _CLOSED
         self.server.connections.discard(self)
         self._disarm()
@@ -277,6 +279,8 @@ class Connection(asyncio.BufferedProtocol):
             self._drained.set_exception(ConnectionResetError("client closed the connection"))
         if self._sink_task is not None:
             self._sink_task.cancel()  # waiting for memory for a body that will not come
+        if receiving is not None:  # gone mid-body: counted, and what it reserved released
+            self.app.finished(receiving, 499)
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -568,6 +572,7 @@ class Connection(asyncio.BufferedProtocol):
                                    f"({got} of {request.content_length} bytes)")
             self._write(_head(408, response.content_type, response.length, True) + bytes(response.body))
             self.app.finished(request, 408)
+            self.request = None
         self._close()
 
     def _close(self) -> None:

@@ -100,6 +100,8 @@ class Metrics:
                                       registry=self.registry, buckets=SIZE_BUCKETS)
         self.arena_waits = Counter("kvstore_arena_waits", "request bodies that waited for memory-tier space "
                                    "(back-pressure: objects in flight filled the arena)", registry=self.registry)
+        self.body_waits = Counter("kvstore_body_waits", "request bodies that waited because bodies being "
+                                  "received held an eighth of the memory tier", registry=self.registry)
         self.bytes_in = Counter("kvstore_received_bytes", "object bytes received", registry=self.registry)
         self.bytes_out = Counter("kvstore_sent_bytes", "object bytes sent", registry=self.registry)
         self.lmcache = Counter("kvstore_lmcache_requests", "LMCache protocol requests and rejections", ["what"],

@@ -12,6 +12,7 @@ cannot (memory hits, puts with room in the queues) runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import json
@@ -54,7 +55,7 @@ class ServeConfig:
     key_file: str | None = None  # YAML of API keys -> tenants and quotas (none: open, one admin tenant)
     max_body_bytes: int = 2 * 1024**3  # largest request body
     max_batch: int = 4096  # most keys per request
-    request_timeout_s: float = 120.0  # a request running longer is answered 503
+    request_timeout_s: float = 120.0  # a body not in within it is answered 408, a request running longer 503
     lmcache_port: int | None = None  # also speak LMCache's lm:// protocol on this port (off by default)
     lmcache_host: str = "127.0.0.1"  # bind address of the lm:// listener
     lmcache_tenant: str = "lmcache"  # tenant that lm:// objects belong to
@@ -153,6 +154,11 @@ class Daemon(ControlPlane, Application):
         self.listening = False
         self._local_only = not any(t.is_remote for t in self.store.tiers)
         self.ready = True
+        first = self.store.tiers[0] if self.store.tiers else None
+        budget = first.config.capacity if first is not None and not first.is_remote else None
+        self._receiving_cap = (budget or 8 << 30) // 8
+        self._receiving = 0  # bytes of PUT bodies being received (see _large_put_sink)
+        self._room: collections.deque[asyncio.Future] = collections.deque()
 
     # ---- what service.http asks of the application ------------------------------------
 
@@ -196,6 +202,8 @@ class Daemon(ControlPlane, Application):
         return _internal_error(request, exc)  # a bug: log it, answer 500, keep serving
 
     def finished(self, request: Request | None, status: int) -> None:
+        if request is not None and "receiving" in request.notes:
+            self._received(request)
         route = request.route.name if request is not None and request.route is not None else "unmatched"
         self.metrics.requests.labels(route, str(status)).inc()
         if request is not None:
@@ -252,16 +260,40 @@ class Daemon(ControlPlane, Application):
         # Streamed object by object from where the tiers hold them: no response-sized buffer.
         return Response(body=batch_header(keys, sizes), content_type=BATCH_CONTENT_TYPE, parts=found)
 
-    def _put_sink(self, _request: Request, length: int) -> BodyIntake | Awaitable[BodyIntake]:
+    def _put_sink(self, request: Request, length: int) -> BodyIntake | Awaitable[BodyIntake]:
         """Where a PUT body is received, checked as it arrives (service.intake): a large one
         straight into a region of the memory tier's arena, which the put then keeps without a
         copy (unzeroed memory when the arena has no free region)."""
         if length < _SMALL_BODY:
             return BodyIntake(memoryview(bytearray(length)), self.config.max_batch)
-        return self._large_put_sink(length)
+        return self._large_put_sink(request, length)
 
-    async def _large_put_sink(self, length: int) -> BodyIntake:
-        return BodyIntake(await self._receive_buffer(length), self.config.max_batch)
+    async def _large_put_sink(self, request: Request, length: int) -> BodyIntake:
+        """Bodies being received may hold at most an eighth of the memory tier (one body always
+        may), so uploads that stall mid-body, until the request timeout cuts them, evict little
+        of the cache: the regions they take need contiguous room, which costs up to twice their
+        size in evicted objects. A body beyond it waits in the kernel, its client slowed."""
+        if self._receiving and self._receiving + length > self._receiving_cap:
+            self.metrics.body_waits.inc()
+            while self._receiving and self._receiving + length > self._receiving_cap:
+                room = asyncio.get_running_loop().create_future()
+                self._room.append(room)
+                await room
+        self._receiving += length
+        request.notes["receiving"] = length
+        try:
+            return BodyIntake(await self._receive_buffer(length), self.config.max_batch)
+        except BaseException:
+            self._received(request)
+            raise
+
+    def _received(self, request: Request) -> None:
+        """The body's memory is stored or dropped: wake the bodies waiting for room."""
+        self._receiving -= request.notes.pop("receiving", 0)
+        while self._room:
+            room = self._room.popleft()
+            if not room.done():
+                room.set_result(None)
 
     async def _receive_buffer(self, length: int) -> memoryview:
         """A region of the memory tier's arena for a body. When every free byte is taken by

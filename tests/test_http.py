@@ -215,3 +215,38 @@ def test_http_10_closes_after_the_answer_and_idle_head_is_cut(keyed):
         assert c.answer()[:1] == (200,) and c.closed()
     finally:
         c.close()
+
+
+def test_stalled_uploads_cannot_evict_much_of_the_cache(tmp_path):
+    """20 clients each announce a 4 MiB body, send half and stall (80 MiB, more than the whole
+    64 MiB memory tier). Bodies in flight may hold an eighth of the tier, so most of the 24
+    objects (48 MiB) stored before stay cached; a real put waits for room and lands once the
+    request timeout has cut the stalled ones."""
+    d = Daemon(tmp_path, "--no-disk", "--cpu-capacity", "64MiB", "--request-timeout-s", "4")
+    try:
+        client = DaemonClient(d.url)
+        blobs = {bytes([i]) * 16: obj(bytes([i]) * 16, 16384) for i in range(1, 25)}  # 2 MiB each
+        assert sum(client.put([item]) for item in blobs.items()) == 24  # a region each
+        stalled = []
+        for i in range(20):
+            key = bytes([100 + i]) * 16
+            request = put_request(key, obj(key, 32768))  # 4 MiB
+            c = Conn(d.port)
+            c.send(request[:len(request) // 2])
+            stalled.append(c)
+        time.sleep(1.0)
+        assert sum(client.exists(list(blobs))) >= 18
+        late = b"\x77" * 16
+        late_blob = obj(late, 16384)
+        assert client.put([(late, late_blob)]) == 1  # waited for room, then stored
+        assert bytes(client.get([late])[0]) == late_blob
+        for got, blob in zip(client.get(list(blobs)), blobs.values()):
+            assert got is None or bytes(got) == blob
+        assert [c.answer()[0] for c in stalled] == [408] * 20
+        text = bytes(client.request("GET", "/metrics")[2]).decode()
+        waits = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("kvstore_body_waits_total"))
+        assert waits >= 18 and 'code="408",route="/v1/put"} 20.0' in text  # all but the first or two waited
+        for c in stalled:
+            c.close()
+    finally:
+        d.stop()
