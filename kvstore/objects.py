@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
 import xxhash
@@ -106,15 +106,40 @@ def parse_header(buf: bytes | bytearray | memoryview, total_len: int) -> Header:
         raise CorruptObjectError("header checksum mismatch")
     try:
         h = msgpack.unpackb(hbytes, raw=False)
-        meta = ObjectMeta(key=bytes(h["key"]), fingerprint=bytes(h["fp"]), shape=tuple(h["shape"]),
-                          dtype=h["dtype"], num_tokens=int(h["ntok"]), partial=bool(h["partial"]),
-                          codec=h["codec"])
-        plen, psum = int(h["plen"]), int(h["psum"])
-    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
+    except (ValueError, msgpack.UnpackException) as exc:
         raise CorruptObjectError(f"malformed object header: {exc}") from exc
+    meta, plen, psum = _header_fields(h)
     if total_len - end != plen:
         raise CorruptObjectError(f"payload is {total_len - end} bytes, header says {plen} (torn write?)")
     return Header(meta, end, plen, psum)
+
+
+_MAX_DIMS = 8
+_MAX_DIM = 1 << 40
+
+
+def _header_fields(h: Any) -> tuple[ObjectMeta, int, int]:
+    """The header's fields, each of the type and range encode writes: a header is checksummed,
+    not signed, so anyone can send one, and a value of another type must be a clear error, not
+    an exception from deep inside (``bytes(2**63)``) or an allocation it sizes (``[0] * 10**9``)."""
+    if not isinstance(h, dict):
+        raise CorruptObjectError("malformed object header: not a map")
+
+    def field(name: str, kind: type | tuple[type, ...], ok: Callable[[Any], bool] = lambda v: True) -> Any:
+        if name not in h:
+            raise CorruptObjectError(f"malformed object header: no {name!r}")
+        value = h[name]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is int or not ok(value):
+            raise CorruptObjectError(f"malformed object header: bad {name!r}")
+        return value
+
+    shape = field("shape", (list, tuple), lambda v: len(v) <= _MAX_DIMS and all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in v))
+    meta = ObjectMeta(key=field("key", bytes, lambda v: 0 < len(v) <= 64),
+                      fingerprint=field("fp", bytes, lambda v: len(v) <= 64), shape=tuple(shape),
+                      dtype=field("dtype", str, lambda v: len(v) <= 32), num_tokens=field("ntok", int, lambda v: v >= 0),
+                      partial=field("partial", bool), codec=field("codec", str, lambda v: len(v) <= 32))
+    return meta, field("plen", int, lambda v: v >= 0), field("psum", int, lambda v: 0 <= v < 1 << 64)
 
 
 class NeedMore(Exception):

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 32 << 10
 """Largest request line plus headers (aiohttp allowed 8 KiB per line)."""
 MAX_HEADERS = 100
-_HEAD_ROOM = 64 << 10  # the head buffer: a head plus the first bytes of its body or of the next request
+_HEAD_START = 4 << 10  # a connection's head buffer to begin with (most heads are a few hundred bytes) ...
+_HEAD_ROOM = 64 << 10  # ... grown up to this for a long head (MAX_HEAD and its end) or pipelined requests
 _SEND_SLICE = 256 << 10  # response parts are written in slices of this size (see Connection._send)
 _DISCARD = 256 << 10
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -127,6 +128,8 @@ class Request:
     def body(self) -> memoryview:
         return self.sink.buf if self.sink is not None else memoryview(b"")
 
+    head_only: bool = False  # a HEAD request, answered as its GET without the body
+
     def gone(self) -> bool:
         """The client closed the connection (asked by long handlers between steps)."""
         return self.transport.is_closing()
@@ -164,6 +167,7 @@ class Limits:
     keepalive_s: float = 75.0  # an idle kept-alive connection is closed after this
     head_timeout_s: float = 30.0  # a started head must be complete within this
     linger_s: float = 10.0  # a refused body is read and dropped for this long, then the connection closed
+    max_connections: int = 10000  # more are closed at once (each holds a file descriptor and a few KiB)
 
 
 class _HeadError(Exception):
@@ -209,18 +213,20 @@ def parse_head(data: bytes, transport: asyncio.BaseTransport) -> Request:
         raise _HeadError(411, "chunked request bodies are not accepted: send Content-Length")
     length = headers.get("content-length")
     if length is not None:
-        if not length.isdigit() or len(length) > 18:
+        if not (length.isascii() and length.isdigit()) or len(length) > 18:
             raise _HeadError(400, f"invalid Content-Length {length!r}")
         request.content_length = int(length)
     return request
 
 
 def _head(status: int, content_type: str, length: int, close: bool,
-          extra: Mapping[str, str] | None = None) -> bytes:
+          extra: Mapping[str, str] | None = None, http10: bool = False) -> bytes:
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}", "Server: kvstore",
              f"Content-Type: {content_type}", f"Content-Length: {length}"]
     if close:
         lines.append("Connection: close")
+    elif http10:  # HTTP/1.0 closes unless told otherwise
+        lines.append("Connection: keep-alive")
     if extra:
         lines.extend(f"{k}: {v}" for k, v in extra.items())
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -246,13 +252,15 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.app = server.app
         self.limits = server.limits
-        self.head = bytearray(_HEAD_ROOM)
+        self.head = bytearray(_HEAD_START)
         self.n = 0  # bytes held in self.head
         self.state = _IDLE
         self.request: Request | None = None
         self.got = 0  # body bytes in the sink
         self.left = 0  # body bytes still to drop (discard)
         self.keep_alive = True
+        self.expecting = False  # the request asked for 100 Continue and has not had it
+        self.progress = 0.0  # when body bytes last arrived
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None  # the handler, or a refusal being sent
@@ -266,6 +274,11 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if len(self.server.connections) >= self.limits.max_connections:
+            self.server.refused_connection()
+            self.state = _CLOSED
+            transport.abort()
+            return
         transport.set_write_buffer_limits(high=_SEND_SLICE)
         self.server.connections.add(self)
         self._arm(self.limits.keepalive_s)
@@ -301,8 +314,16 @@ class Connection(asyncio.BufferedProtocol):
         return memoryview(self.head)[self.n:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._received(nbytes)
+        except Exception:  # a bug (ours or the application's sink): never the event loop's problem
+            log.exception("error while receiving a request; closing the connection")
+            self._refuse_malformed(500, "internal error (logged)")
+
+    def _received(self, nbytes: int) -> None:
         if self.state == _BODY and self.request is not None and self.request.sink is not None:
             self.got += nbytes
+            self.progress = time.monotonic()
             self.request.sink.feed(self.got)
             if self.got == self.request.content_length:
                 self._body_done()
@@ -328,15 +349,22 @@ class Connection(asyncio.BufferedProtocol):
             self._pause()  # a pipelined request waits in the kernel until this one is answered
 
     def _read_head(self) -> None:
-        while self.n >= 2 and self.head[:2] == b"\r\n":  # blank lines before a request are allowed
-            self._consume(2)
+        if self.n and self.head[0] in b"\r\n":  # blank lines before a request are allowed
+            self._consume(self.n - len(self.head[:self.n].lstrip(b"\r\n")))
         end = self.head.find(b"\r\n\r\n", 0, min(self.n, MAX_HEAD + 4))
         if end < 0:
-            if self.n > MAX_HEAD:
+            if self.head.find(b"\n\n", 0, min(self.n, MAX_HEAD + 2)) >= 0:
+                self._refuse_malformed(400, "header lines must end with CRLF")
+            elif self.n >= MAX_HEAD + 4:
                 self._refuse_malformed(431, f"request head exceeds {MAX_HEAD} bytes")
-            elif self.n and self.state == _IDLE:
-                self.state = _HEAD
-                self._arm(self.limits.head_timeout_s)
+            else:
+                if self.n == len(self.head):  # a new buffer: asyncio still holds a view of this one
+                    grown = bytearray(_HEAD_ROOM)
+                    grown[:self.n] = self.head
+                    self.head = grown
+                if self.n and self.state == _IDLE:
+                    self.state = _HEAD
+                    self._arm(self.limits.head_timeout_s)
             return
         try:
             request = parse_head(bytes(self.head[:end]), self.transport)
@@ -354,11 +382,14 @@ class Connection(asyncio.BufferedProtocol):
             self._refuse(404, f"no such path {request.path}")
             return
         route = methods.get(request.method)
+        if route is None and request.method == "HEAD" and "GET" in methods:
+            route, request.head_only = methods["GET"], True
         if route is None:
-            self._refuse(405, f"{request.path} takes {', '.join(sorted(methods))}",
-                         {"Allow": ", ".join(sorted(methods))})
+            allowed = ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])}))
+            self._refuse(405, f"{request.path} takes {allowed}", {"Allow": allowed})
             return
         request.route = route
+        self.expecting = request.headers.get("expect", "").lower() == "100-continue" and request.content_length > 0
         answer = self.app.admit(request)
         if answer is not None:
             self._refuse_with(answer)
@@ -370,7 +401,8 @@ class Connection(asyncio.BufferedProtocol):
         if request.content_length == 0:
             self._start_body()
             return
-        if request.headers.get("expect", "").lower() == "100-continue":
+        if self.expecting:
+            self.expecting = False
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.n:
             self._start_body()
@@ -465,6 +497,8 @@ class Connection(asyncio.BufferedProtocol):
         request = self.request
         assert request is not None
         self.state = _BUSY
+        if self.expecting:  # refused before its 100 Continue: the client may or may not send the body
+            self.keep_alive = False
         self._task = asyncio.ensure_future(self._refusal(request, response))
 
     async def _refusal(self, request: Request, response: Response) -> None:
@@ -474,6 +508,9 @@ class Connection(asyncio.BufferedProtocol):
         self.app.finished(request, status)
         request.sink = None
         if self.state == _CLOSED:
+            return
+        if self.expecting or self.server.stopping:
+            self._close()
             return
         staged = min(self.n, left)
         self._consume(staged)
@@ -493,7 +530,8 @@ class Connection(asyncio.BufferedProtocol):
         self._disarm()
         response = _error(status, message)
         self._write(_head(status, response.content_type, response.length, True) + bytes(response.body))
-        self.app.finished(None, status)
+        self.app.finished(self.request, status)  # None when no request was parsed
+        self.request = None
         self._close()
 
     # ---- I/O helpers ------------------------------------------------------------------
@@ -502,8 +540,12 @@ class Connection(asyncio.BufferedProtocol):
         """Write the answer; its status, or 499 if the client left first."""
         if self.state == _CLOSED:
             return 499
-        body = response.body
-        head = _head(response.status, response.content_type, response.length, close, response.headers)
+        request = self.request
+        head_only = request is not None and request.head_only
+        body = b"" if head_only else response.body
+        parts = () if head_only else response.parts
+        head = _head(response.status, response.content_type, response.length, close, response.headers,
+                     request is not None and request.version == "HTTP/1.0")
         self.keep_alive = self.keep_alive and not close
         try:
             if memoryview(body).nbytes <= _SEND_SLICE:
@@ -511,7 +553,7 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 self._write(head)
                 await self._write_slices(body)
-            for part in response.parts:
+            for part in parts:
                 await self._write_slices(part)
             if self._paused_writing:
                 await self._drain()
@@ -565,22 +607,43 @@ class Connection(asyncio.BufferedProtocol):
 
     def _expired(self) -> None:
         self._timer = None
+        if self.state == _BUSY:  # the client does not read its answer: cut, and the answer's memory freed
+            self._abort()
+            return
+        response = None
         if self.state == _BODY and self.request is not None:
             request, self.keep_alive = self.request, False
             got = self.got if request.sink is not None else 0
             response = _error(408, f"request body not received within {self.limits.request_timeout_s}s "
                                    f"({got} of {request.content_length} bytes)")
-            self._write(_head(408, response.content_type, response.length, True) + bytes(response.body))
             self.app.finished(request, 408)
             self.request = None
+        elif self.state == _HEAD:
+            response = _error(408, f"request head not received within {self.limits.head_timeout_s}s")
+            self.app.finished(None, 408)
+        if response is not None:
+            self._write(_head(408, response.content_type, response.length, True) + bytes(response.body))
         self._close()
 
     def _close(self) -> None:
-        if self.transport is not None:
+        """Close once what is written has gone; cut if that takes longer than linger_s (a client
+        that reads nothing would otherwise hold the connection, and what it was sent, forever)."""
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+            asyncio.get_running_loop().call_later(self.limits.linger_s, self._abort)
+
+    def _abort(self) -> None:
+        if self.state != _CLOSED and self.transport is not None:
+            self.transport.abort()
 
     def idle(self) -> bool:
-        return self.state in (_IDLE, _HEAD, _CLOSED) and self._task is None and self._sink_task is None
+        """Whether shutdown may close it now: no request in progress, or a body that has not
+        started or has stalled for a second (it would hold the drain to its full timeout)."""
+        if self._task is not None:
+            return False
+        if self.state == _BODY and self.request is not None and self.request.sink is not None:
+            return time.monotonic() - self.progress > 1.0
+        return True
 
 
 class HttpServer:
@@ -593,13 +656,20 @@ class HttpServer:
         self.connections: set[Connection] = set()
         self.stopping = False
         self._servers: list[asyncio.AbstractServer] = []
+        self._refused_at = 0.0
 
     async def listen(self, host: str, port: int, ssl: Any = None) -> None:
         """Raises OSError when the address cannot be bound."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: Connection(self), host, port, ssl=ssl, reuse_address=True,
-                                          backlog=1024)
+        server = await loop.create_server(lambda: Connection(self), host, port, ssl=ssl, reuse_address=True)
         self._servers.append(server)
+
+    def refused_connection(self) -> None:
+        now = time.monotonic()
+        if now - self._refused_at > 60:  # said once a minute, not once per connection
+            self._refused_at = now
+            log.warning("%d connections open (max_connections): closing new ones until some close",
+                        len(self.connections))
 
     async def shutdown(self, timeout_s: float) -> None:
         self.stopping = True

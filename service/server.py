@@ -264,6 +264,11 @@ class Daemon(ControlPlane, Application):
         """Where a PUT body is received, checked as it arrives (service.intake): a large one
         straight into a region of the memory tier's arena, which the put then keeps without a
         copy (unzeroed memory when the arena has no free region)."""
+        tenant = request.principal.tenant
+        quota = self.keys.quotas.get(tenant)
+        if quota is not None and length > quota + _SMALL_BODY:  # the objects alone exceed it
+            raise QuotaExceededError(f"tenant {tenant!r} quota exceeded: this put's body is {length} bytes, the "
+                                     f"quota is {quota}")
         if length < _SMALL_BODY:
             return BodyIntake(memoryview(bytearray(length)), self.config.max_batch)
         return self._large_put_sink(request, length)
@@ -386,11 +391,13 @@ class Daemon(ControlPlane, Application):
         return routes
 
     def limits(self) -> Limits:
-        return Limits(max_body_bytes=self.config.max_body_bytes, request_timeout_s=self.config.request_timeout_s)
+        return Limits(max_body_bytes=self.config.max_body_bytes, request_timeout_s=self.config.request_timeout_s,
+                      max_connections=startup.connection_limit())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain: stop accepting, let requests in progress
-        finish (30 s at most), flush queued disk writes. Raises ConfigError for an address it
+        finish (20 s at most, so that queued disk writes are flushed within the 30 s an
+        orchestrator usually allows), flush queued disk writes. Raises ConfigError for an address it
         cannot listen on."""
         self.routes = self._routes()
         self.http = HttpServer(self, self.limits())
@@ -424,7 +431,7 @@ class Daemon(ControlPlane, Application):
                 self.lmcache.stop()
             for server in (metrics, self.http):
                 if server is not None:
-                    await server.shutdown(30)
+                    await server.shutdown(20)
             # In-flight requests are done; flush queued disk writes so a restart serves them again.
             await self._run(self.store.close)
         if not self.listening:

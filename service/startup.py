@@ -41,6 +41,27 @@ def limit_malloc_arenas() -> None:
         pass
 
 
+def connection_limit(reserve: int = 256) -> int:
+    """How many client connections the daemon may hold: the open-file limit, raised to its hard
+    limit as servers do, less ``reserve`` for the disk tier's files, Redis and the listeners.
+    Past it new connections are closed at once; without it, running out of descriptors made
+    asyncio's accept loop log a traceback per attempt, thousands a second."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+    except ImportError:  # not POSIX
+        return 10000
+    return max(16, min(soft, 1 << 20) - reserve)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

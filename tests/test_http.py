@@ -76,7 +76,7 @@ class Conn:
 @pytest.fixture
 def keyed(tmp_path):
     kf = tmp_path / "keys.yaml"
-    kf.write_text("keys:\n  ka: {tenant: a}\n")
+    kf.write_text("keys:\n  ka: {tenant: a}\n  kadmin: {tenant: ops, admin: true}\n")
     d = Daemon(tmp_path, "--request-timeout-s", "3", "--max-body-bytes", "8MiB", key_file=kf)
     yield d
     d.stop()
@@ -151,6 +151,8 @@ def test_expect_100_continue(keyed):
     (b"POST /v1/exists HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
     (b"POST /v1/exists HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
     (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
+    (b"GET /healthz HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400),  # '\xb2'.isdigit() is True
+    (b"GET /healthz HTTP/1.1\nHost: x\n\n", 400),  # bare LF line ends
 ])
 def test_framing_it_does_not_accept_is_named_and_the_connection_closed(keyed, raw, status):
     c = Conn(keyed.port)
@@ -250,3 +252,135 @@ def test_stalled_uploads_cannot_evict_much_of_the_cache(tmp_path):
             c.close()
     finally:
         d.stop()
+
+
+def test_head_http10_keepalive_and_a_flood_of_blank_lines(keyed):
+    c = Conn(keyed.port)
+    try:
+        c.send(b"HEAD /healthz HTTP/1.1\r\n\r\n")
+        status_line = c.file.readline()
+        headers = {}
+        while (line := c.file.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        assert b" 200 " in status_line and headers["content-length"] == "2"  # the GET's length, no body
+        c.send(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, body = c.answer()
+        assert (status, body, headers.get("connection")) == (200, b"ok", "keep-alive")
+        c.send(b"\r\n" * 500_000 + b"GET /readyz HTTP/1.1\r\n\r\n")  # 1 MB of blank lines, then a request
+        assert c.answer()[2] == b"ready"
+    finally:
+        c.close()
+
+
+def test_a_refused_expect_100_continue_closes_rather_than_waiting_for_a_body(keyed):
+    c = Conn(keyed.port)
+    try:
+        c.send(b"POST /v1/put HTTP/1.1\r\nExpect: 100-continue\r\nAuthorization: Bearer bad\r\n"
+               b"Content-Length: 1048761\r\n\r\n")
+        status, headers, _ = c.answer()
+        assert status == 401 and headers.get("connection") == "close" and c.closed()
+    finally:
+        c.close()
+
+
+def test_a_client_that_never_reads_its_answer_is_cut_at_the_request_timeout(keyed):
+    client = DaemonClient(keyed.url, api_key="ka")
+    keys = [b"\x08" * 16, b"\x09" * 16]
+    for key in keys:
+        client.put([(key, obj(key, 32768))])  # 4 MiB each, more than the socket buffers hold
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", keyed.port))
+    try:
+        s.sendall(control("/v1/get", {"keys": keys}, AUTH))
+        deadline = time.monotonic() + 20
+        text = ""
+        while 'code="499",route="/v1/get"} 1.0' not in text and time.monotonic() < deadline:
+            time.sleep(0.5)
+            text = bytes(DaemonClient(keyed.url, api_key="kadmin").request("GET", "/metrics")[2]).decode()
+        assert 'code="499",route="/v1/get"} 1.0' in text  # cut (3 s timeout), the answer's memory freed
+    finally:
+        s.close()
+    assert all(got is not None for got in client.get(keys))
+
+
+def test_a_body_past_the_tenants_quota_is_refused_before_it_takes_memory(tmp_path):
+    kf = tmp_path / "keys.yaml"
+    kf.write_text("keys:\n  ka: {tenant: a}\n  kb: {tenant: b}\ntenants:\n  a: {quota: 1MiB}\n")
+    d = Daemon(tmp_path, "--no-disk", "--cpu-capacity", "64MiB", key_file=kf)
+    try:
+        b = DaemonClient(d.url, api_key="kb")
+        blobs = {bytes([i]) * 16: obj(bytes([i]) * 16, 65536) for i in range(1, 8)}  # 7 x 8 MiB
+        assert sum(b.put([item]) for item in blobs.items()) == 7
+        c = Conn(d.port)
+        try:
+            c.send(b"POST /v1/put HTTP/1.1\r\nAuthorization: Bearer ka\r\nContent-Length: 33554432\r\n\r\nx")
+            status, _, body = c.answer()
+            assert status == 403 and b"quota" in body
+        finally:
+            c.close()
+        assert [bytes(g) for g in b.get(list(blobs))] == list(blobs.values())
+    finally:
+        d.stop()
+
+
+def test_sigterm_does_not_wait_for_a_body_that_never_comes(tmp_path):
+    d = Daemon(tmp_path)
+    c = Conn(d.port)
+    c.send(b"POST /v1/put HTTP/1.1\r\nContent-Length: 100000\r\n\r\nx")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    try:
+        assert d.stop() == 0 and time.monotonic() - t0 < 10  # it had waited its whole 30 s drain
+    finally:
+        c.close()
+    assert "kvstore daemon stopped" in (tmp_path / "daemon.log").read_text()
+
+
+def test_past_the_descriptor_limit_connections_are_closed_with_one_warning(tmp_path):
+    """With 300 file descriptors (hard limit) the daemon holds 300 - 256 = 44 connections and
+    closes the rest at once, saying so once; it never runs out of descriptors (asyncio's accept
+    loop then logged a traceback per attempt, thousands a second) and serves again after."""
+    import resource
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--port", str(port), "--no-disk"],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)))
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(80)]
+        time.sleep(1.0)
+        closed = 0
+        for c in conns:
+            c.setblocking(False)
+            try:
+                closed += c.recv(1) == b""
+            except BlockingIOError:  # open, waiting for a request
+                pass
+            except ConnectionResetError:
+                closed += 1
+        assert closed >= 30
+        for c in conns:
+            c.close()
+        time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            assert r.read() == b"ok"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    text = (tmp_path / "daemon.log").read_text()
+    assert text.count("connections open (max_connections)") == 1 and "Traceback" not in text

@@ -72,3 +72,26 @@ def test_random_bytes_never_decode(data):
         except CorruptObjectError:
             continue
         assert candidate == blob  # only the genuine object may decode
+
+
+@pytest.mark.parametrize("field, value", [("key", 2**63), ("fp", 2**62), ("dtype", [1]), ("shape", ["a", "b"]),
+                                          ("shape", [[0], 20_000_000]), ("shape", [1] * 9), ("ntok", -1),
+                                          ("partial", 1), ("plen", "64"), ("codec", None), ("key", b"")])
+def test_a_header_field_of_the_wrong_type_is_a_corrupt_object(field, value):
+    """The header is checksummed, not signed: anyone can send a valid checksum over any fields.
+    A field of another type or range is a CorruptObjectError naming it, never an exception from
+    deep inside (bytes(2**63)) nor an allocation it sizes ([0] * 20_000_000)."""
+    import msgpack
+    import struct
+    import xxhash
+
+    from kvstore.objects import parse_header
+
+    payload = b"\0" * 64
+    h = dict(codec="raw", dtype="float16", fp=b"\1" * 16, shape=[32], key=b"\2" * 16, ntok=1, partial=False,
+             plen=64, psum=xxhash.xxh3_64_intdigest(payload))
+    h[field] = value
+    hb = msgpack.packb(h)
+    blob = struct.pack("<4sHIQ", b"KVSO", 1, len(hb), xxhash.xxh3_64_intdigest(hb)) + hb + payload
+    with pytest.raises(CorruptObjectError, match=f"bad {field!r}"):
+        parse_header(blob, len(blob))
