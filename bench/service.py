@@ -160,6 +160,9 @@ def load(args: argparse.Namespace) -> None:
     try:
         res = run_load(url, proc.pid, budget, clients=args.load_clients, seconds=args.load_seconds)
         cpu = DaemonClient(url).stats()["tiers"]["cpu"]
+        metrics = bytes(DaemonClient(url).request("GET", "/metrics")[2]).decode()
+        waits = {name: next((float(line.split()[1]) for line in metrics.splitlines() if line.startswith(name)), 0.0)
+                 for name in ("kvstore_body_waits_total", "kvstore_arena_waits_total")}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -176,7 +179,8 @@ def load(args: argparse.Namespace) -> None:
     print(f"errors {res['errors']} (goal 0){': ' + res['error_text'] if res['errors'] else ''}; wrong bytes "
           f"{res['wrong']} (goal 0); get misses {res['misses']}")
     print(f"memory tier: {cpu['objects']} objects, {format_size(cpu['bytes'])}; {int(cpu['evictions'])} evictions, "
-          f"{int(cpu['promotions'])} promotions, {int(cpu['arena_misses'])} arena misses, {int(cpu['rejected'])} refused")
+          f"{int(cpu['promotions'])} promotions, {int(cpu['arena_misses'])} arena misses, {int(cpu['rejected'])} refused; puts that waited: "
+          f"{int(waits['kvstore_body_waits_total'])} for bodies in flight, {int(waits['kvstore_arena_waits_total'])} for memory")
     print(f"daemon RSS: peak {format_size(res['peak_rss'])} = process base {format_size(base)} (an idle daemon, "
           f"same run) + {format_size(over)} = {over / budget:.2f}x the {format_size(budget)} memory budget "
           f"(goal <= 1.10x){' with --cpu-prealloc' if args.load_prealloc else ''}")
