@@ -13,7 +13,8 @@ through ``ssl=``. A chunked request body is refused with 411 (every kvstore clie
 file and aiohttp with bytes all send a length). Requests are processed one at a time per
 connection; the head is limited to :data:`MAX_HEAD` bytes; a body refused before it was read
 (401, 404, 413, ...) is read and dropped for up to ``linger_s`` so that the client, which sends
-its whole body before it reads, sees the answer. The application (:class:`Application`) never
+its whole body before it reads, sees the answer, and a connection is closed the lingering way
+(FIN, then what the client still sends is dropped) for the same reason. The application (:class:`Application`) never
 sees a malformed request, and its handlers never write to the socket: they return a
 :class:`Response`, which the connection sends with back-pressure.
 """
@@ -107,6 +108,7 @@ class Route:
     name: str  # its label in metrics
     open: bool = False  # answered without an API key
     sink: SinkFactory | None = None  # where its body goes (PlainSink when None); may be async
+    max_body: int | None = None  # its largest body (Limits.max_body_bytes when None)
 
 
 @dataclass(eq=False)
@@ -236,7 +238,7 @@ def _error(status: int, message: str) -> Response:
     return json_response({"error": message}, status)
 
 
-_IDLE, _HEAD, _BODY, _BUSY, _DISCARD_BODY, _CLOSED = range(6)
+_IDLE, _HEAD, _BODY, _BUSY, _DISCARD_BODY, _CLOSING, _CLOSED = range(7)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -263,6 +265,7 @@ class Connection(asyncio.BufferedProtocol):
         self.progress = 0.0  # when body bytes last arrived
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None  # cuts a close that does not finish
         self._task: asyncio.Task | None = None  # the handler, or a refusal being sent
         self._sink_task: asyncio.Task | None = None  # waiting for the memory a body goes into
         self._paused_reading = False
@@ -288,6 +291,9 @@ class Connection(asyncio.BufferedProtocol):
         self.state = _CLOSED
         self.server.connections.discard(self)
         self._disarm()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(ConnectionResetError("client closed the connection"))
         if self._sink_task is not None:
@@ -300,6 +306,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        self.progress = time.monotonic()
+        if self.state == _BUSY and self._timer is not None:  # the client reads: its send deadline restarts
+            self._arm(self.limits.request_timeout_s)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -311,6 +320,8 @@ class Connection(asyncio.BufferedProtocol):
             return self.request.sink.buf[self.got:]
         if self.state == _DISCARD_BODY:
             return memoryview(self.head)[:min(_DISCARD, self.left, len(self.head))]
+        if self.state == _CLOSING:  # what the client still sends is dropped
+            return memoryview(self.head)
         return memoryview(self.head)[self.n:]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -332,6 +343,8 @@ class Connection(asyncio.BufferedProtocol):
             self.left -= nbytes
             if self.left == 0:
                 self._next()
+            return
+        if self.state == _CLOSING:
             return
         self.n += nbytes
         self._step()
@@ -394,8 +407,9 @@ class Connection(asyncio.BufferedProtocol):
         if answer is not None:
             self._refuse_with(answer)
             return
-        if request.content_length > self.limits.max_body_bytes:
-            self._refuse(413, f"request body exceeds the limit of {self.limits.max_body_bytes} bytes")
+        limit = self.limits.max_body_bytes if route.max_body is None else min(route.max_body, self.limits.max_body_bytes)
+        if request.content_length > limit:
+            self._refuse(413, f"request body exceeds the limit of {limit} bytes")
             return
         self.state = _BODY
         if request.content_length == 0:
@@ -433,11 +447,11 @@ class Connection(asyncio.BufferedProtocol):
             return
         except Exception as exc:  # noqa: BLE001
             self._sink_task = None
-            if self.state != _CLOSED:
+            if not self._gone():
                 self._refuse_with(self.app.failed(request, exc))
             return
         self._sink_task = None
-        if self.state == _CLOSED:
+        if self._gone():
             return
         self._receive_into(sink)
         self._resume()
@@ -473,7 +487,7 @@ class Connection(asyncio.BufferedProtocol):
     def _next(self) -> None:
         """The request is answered: close, or go on with the next one."""
         self.request = None
-        if self.state == _CLOSED:
+        if self._gone():
             return
         if not self.keep_alive or self.server.stopping:
             self._close()
@@ -507,7 +521,7 @@ class Connection(asyncio.BufferedProtocol):
         self._task = None
         self.app.finished(request, status)
         request.sink = None
-        if self.state == _CLOSED:
+        if self._gone():
             return
         if self.expecting or self.server.stopping:
             self._close()
@@ -538,7 +552,7 @@ class Connection(asyncio.BufferedProtocol):
 
     async def _send(self, response: Response, close: bool) -> int:
         """Write the answer; its status, or 499 if the client left first."""
-        if self.state == _CLOSED:
+        if self._gone():
             return 499
         request = self.request
         head_only = request is not None and request.head_only
@@ -559,14 +573,14 @@ class Connection(asyncio.BufferedProtocol):
                 await self._drain()
         except ConnectionError:
             return 499
-        return 499 if self.state == _CLOSED else response.status
+        return 499 if self._gone() else response.status
 
     async def _write_slices(self, data: Any) -> None:
         view = memoryview(data).cast("B")
         for at in range(0, view.nbytes, _SEND_SLICE):
             if self._paused_writing:
                 await self._drain()
-            if self.state == _CLOSED:
+            if self._gone():
                 raise ConnectionResetError("client closed the connection")
             self._write(view[at:at + _SEND_SLICE])
 
@@ -577,8 +591,12 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             self._drained = None
 
+    def _gone(self) -> bool:
+        """Closed or closing: nothing more is written, and a request in progress is abandoned."""
+        return self.state in (_CLOSING, _CLOSED)
+
     def _write(self, data: bytes | memoryview) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and not self._gone():
             self.transport.write(data)
 
     def _consume(self, nbytes: int) -> None:
@@ -618,6 +636,9 @@ class Connection(asyncio.BufferedProtocol):
                                    f"({got} of {request.content_length} bytes)")
             self.app.finished(request, 408)
             self.request = None
+            if self._sink_task is not None:  # waiting for memory or room: no longer wanted
+                self._sink_task.cancel()
+                self._sink_task = None
         elif self.state == _HEAD:
             response = _error(408, f"request head not received within {self.limits.head_timeout_s}s")
             self.app.finished(None, 408)
@@ -626,11 +647,26 @@ class Connection(asyncio.BufferedProtocol):
         self._close()
 
     def _close(self) -> None:
-        """Close once what is written has gone; cut if that takes longer than linger_s (a client
-        that reads nothing would otherwise hold the connection, and what it was sent, forever)."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-            asyncio.get_running_loop().call_later(self.limits.linger_s, self._abort)
+        """A lingering close: send what is written and a FIN, then read and drop what the client
+        still sends until it closes too. Closing with unread bytes would make the kernel answer
+        with a reset, and a client still sending its body would lose the answer written before
+        it. Cut after linger_s (a client that reads nothing would otherwise hold the connection,
+        and what it was sent, forever)."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.state in (_CLOSING, _CLOSED):
+            return
+        idle = self.state == _IDLE and not self.n
+        self.state = _CLOSING
+        self._disarm()
+        self.request = None
+        self._linger = asyncio.get_running_loop().call_later(self.limits.linger_s, self._abort)
+        if idle:  # nothing unread: a plain close
+            transport.close()
+        elif transport.can_write_eof():
+            transport.write_eof()
+            self._resume()
+        else:  # TLS: close_notify, then asyncio waits for the client's
+            transport.close()
 
     def _abort(self) -> None:
         if self.state != _CLOSED and self.transport is not None:
@@ -639,8 +675,8 @@ class Connection(asyncio.BufferedProtocol):
     def idle(self) -> bool:
         """Whether shutdown may close it now: no request in progress, or a body that has not
         started or has stalled for a second (it would hold the drain to its full timeout)."""
-        if self._task is not None:
-            return False
+        if self._task is not None:  # answering: idle only if the client has stopped reading
+            return self._paused_writing and time.monotonic() - self.progress > 1.0
         if self.state == _BODY and self.request is not None and self.request.sink is not None:
             return time.monotonic() - self.progress > 1.0
         return True

@@ -55,7 +55,9 @@ class BodyIntake:
                 if not self._layout():
                     return
             except WireError as exc:
-                self._error = exc
+                # Kept without its traceback: its frames hold this intake, whose buffer is an
+                # arena region, in a cycle that only the garbage collector would break.
+                self._error = exc.with_traceback(None)
                 return
         assert self._objects is not None
         while self._at < len(self._objects):
@@ -107,7 +109,8 @@ class BodyIntake:
         """(key, object view, meta) per object, all checked; the body must be complete."""
         self.feed(self.got)
         if self._error is not None:
-            raise self._error
+            error, self._error = self._error, None  # not kept: the raise gives it a traceback
+            raise error
         if self._objects is None or self._at < len(self._objects):
             raise WireError(f"request body ended at {self.got} of {self.buf.nbytes} bytes")
         out = []

@@ -157,8 +157,12 @@ class Daemon(ControlPlane, Application):
         first = self.store.tiers[0] if self.store.tiers else None
         budget = first.config.capacity if first is not None and not first.is_remote else None
         self._receiving_cap = (budget or 8 << 30) // 8
-        self._receiving = 0  # bytes of PUT bodies being received (see _large_put_sink)
+        self._receiving = 0  # bytes of PUT bodies being received (see _may_receive) ...
+        self._receiving_by: dict[str, int] = {}  # ... and per tenant
         self._room: collections.deque[asyncio.Future] = collections.deque()
+        # A control body is a msgpack map of at most max_batch keys (16 bytes, a few more framed)
+        # and a few small fields: bounded, so no one makes the daemon zero a 2 GiB buffer for one.
+        self._control_limit = 65536 + 64 * config.max_batch
 
     # ---- what service.http asks of the application ------------------------------------
 
@@ -176,6 +180,12 @@ class Daemon(ControlPlane, Application):
                 return error_response(403, f"{TENANT_HEADER} needs an admin key")
             principal = dataclasses.replace(principal, tenant=acting)
         request.principal = principal
+        quota = self.keys.quotas.get(principal.tenant)
+        if (request.route.sink is not None and quota is not None and quota + _SMALL_BODY < request.content_length
+                <= self.config.max_body_bytes):  # (past the body limit: the 413 comes first)
+            # The objects alone would exceed the tenant's whole quota: refused before they take memory.
+            return error_response(403, f"tenant {principal.tenant!r} quota exceeded: this put's body is "
+                                       f"{request.content_length} bytes, the quota is {quota}")
         return None
 
     async def handle(self, request: Request) -> Response:
@@ -202,7 +212,8 @@ class Daemon(ControlPlane, Application):
         return _internal_error(request, exc)  # a bug: log it, answer 500, keep serving
 
     def finished(self, request: Request | None, status: int) -> None:
-        if request is not None and "receiving" in request.notes:
+        if request is not None:
+            request.notes["finished"] = True
             self._received(request)
         route = request.route.name if request is not None and request.route is not None else "unmatched"
         self.metrics.requests.labels(route, str(status)).inc()
@@ -263,38 +274,56 @@ class Daemon(ControlPlane, Application):
     def _put_sink(self, request: Request, length: int) -> BodyIntake | Awaitable[BodyIntake]:
         """Where a PUT body is received, checked as it arrives (service.intake): a large one
         straight into a region of the memory tier's arena, which the put then keeps without a
-        copy (unzeroed memory when the arena has no free region)."""
-        tenant = request.principal.tenant
-        quota = self.keys.quotas.get(tenant)
-        if quota is not None and length > quota + _SMALL_BODY:  # the objects alone exceed it
-            raise QuotaExceededError(f"tenant {tenant!r} quota exceeded: this put's body is {length} bytes, the "
-                                     f"quota is {quota}")
-        if length < _SMALL_BODY:
-            return BodyIntake(memoryview(bytearray(length)), self.config.max_batch)
-        return self._large_put_sink(request, length)
+        copy (unzeroed memory when the arena has no free region), a small one into its own
+        bytearray. Either waits while bodies in flight hold their share (``_may_receive``)."""
+        if self._may_receive(request.principal.tenant, length):
+            self._reserve(request, length)
+            if length < _SMALL_BODY:
+                return BodyIntake(memoryview(bytearray(length)), self.config.max_batch)
+        return self._put_sink_later(request, length)
 
-    async def _large_put_sink(self, request: Request, length: int) -> BodyIntake:
-        """Bodies being received may hold at most an eighth of the memory tier (one body always
-        may), so uploads that stall mid-body, until the request timeout cuts them, evict little
-        of the cache: the regions they take need contiguous room, which costs up to twice their
-        size in evicted objects. A body beyond it waits in the kernel, its client slowed."""
-        if self._receiving and self._receiving + length > self._receiving_cap:
+    def _may_receive(self, tenant: str, length: int) -> bool:
+        """Bodies being received may hold at most an eighth of the memory tier, so uploads that
+        stall mid-body, until the request timeout cuts them, evict little of the cache (the
+        regions they take need contiguous room, up to twice their size in evicted objects).
+        Each tenant may always receive one body, so one tenant's stalled uploads cannot hold
+        back another's puts. A body beyond it waits in the kernel, its client slowed."""
+        return not self._receiving_by.get(tenant) or self._receiving + length <= self._receiving_cap
+
+    def _reserve(self, request: Request, length: int) -> None:
+        tenant = request.principal.tenant
+        self._receiving += length
+        self._receiving_by[tenant] = self._receiving_by.get(tenant, 0) + length
+        request.notes["receiving"] = length
+
+    async def _put_sink_later(self, request: Request, length: int) -> BodyIntake:
+        tenant = request.principal.tenant
+        if "receiving" not in request.notes:
             self.metrics.body_waits.inc()
-            while self._receiving and self._receiving + length > self._receiving_cap:
+            while not self._may_receive(tenant, length):
                 room = asyncio.get_running_loop().create_future()
                 self._room.append(room)
                 await room
-        self._receiving += length
-        request.notes["receiving"] = length
+            self._reserve(request, length)
         try:
-            return BodyIntake(await self._receive_buffer(length), self.config.max_batch)
+            buf = memoryview(bytearray(length)) if length < _SMALL_BODY else await self._receive_buffer(length)
+            if "finished" in request.notes:  # the connection's 408 came first: nobody will release it
+                raise asyncio.CancelledError
+            return BodyIntake(buf, self.config.max_batch)
         except BaseException:
             self._received(request)
             raise
 
     def _received(self, request: Request) -> None:
         """The body's memory is stored or dropped: wake the bodies waiting for room."""
-        self._receiving -= request.notes.pop("receiving", 0)
+        length = request.notes.pop("receiving", 0)
+        if not length:
+            return
+        tenant = request.principal.tenant
+        self._receiving -= length
+        left = self._receiving_by.pop(tenant, 0) - length
+        if left:
+            self._receiving_by[tenant] = left
         while self._room:
             room = self._room.popleft()
             if not room.done():
@@ -382,7 +411,9 @@ class Daemon(ControlPlane, Application):
                               ("/v1/put", self.put), ("/v1/pin", self.pin), ("/v1/unpin", self.unpin),
                               ("/v1/delete", self.delete), ("/v1/clear", self.clear),
                               ("/v1/tool/started", self.tool_started), ("/v1/tool/finished", self.tool_finished)):
-            routes[path] = {"POST": Route(handler, path, sink=self._put_sink if path == "/v1/put" else None)}
+            put = path == "/v1/put"
+            routes[path] = {"POST": Route(handler, path, sink=self._put_sink if put else None,
+                                          max_body=None if put else self._control_limit)}
         routes["/v1/stats"] = {"GET": Route(self.stats, "/v1/stats")}
         routes["/metrics"] = {"GET": Route(self.metrics_view, "/metrics")}
         for path, handler in (("/healthz", self.healthz), ("/readyz", self.readyz),

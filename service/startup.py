@@ -41,9 +41,10 @@ def limit_malloc_arenas() -> None:
         pass
 
 
-def connection_limit(reserve: int = 256) -> int:
+def connection_limit(reserve: int = 256, most: int = 10000) -> int:
     """How many client connections the daemon may hold: the open-file limit, raised to its hard
-    limit as servers do, less ``reserve`` for the disk tier's files, Redis and the listeners.
+    limit as servers do, less ``reserve`` for the disk tier's files, Redis and the listeners, and
+    at most ``most`` (Redis's maxclients default; each connection holds a few KiB).
     Past it new connections are closed at once; without it, running out of descriptors made
     asyncio's accept loop log a traceback per attempt, thousands a second."""
     try:
@@ -59,7 +60,7 @@ def connection_limit(reserve: int = 256) -> int:
                 pass
     except ImportError:  # not POSIX
         return 10000
-    return max(16, min(soft, 1 << 20) - reserve)
+    return max(16, min(soft - reserve, most))
 
 
 def is_loopback(host: str) -> bool:

@@ -384,3 +384,145 @@ def test_past_the_descriptor_limit_connections_are_closed_with_one_warning(tmp_p
         log.close()
     text = (tmp_path / "daemon.log").read_text()
     assert text.count("connections open (max_connections)") == 1 and "Traceback" not in text
+
+
+@pytest.fixture
+def tenants(tmp_path):
+    kf = tmp_path / "keys.yaml"
+    kf.write_text("keys:\n  ka: {tenant: a}\n  kb: {tenant: b}\n  kadmin: {tenant: ops, admin: true}\n"
+                  "tenants:\n  a: {quota: 16MiB}\n")
+    d = Daemon(tmp_path, "--no-disk", "--cpu-capacity", "64MiB", "--request-timeout-s", "3", key_file=kf)
+    yield d
+    d.stop()
+
+
+def metric(d: Daemon, name: str) -> float:
+    text = bytes(DaemonClient(d.url, api_key="kadmin").request("GET", "/metrics")[2]).decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def announce(length: int, key: str = "kb", extra: str = "") -> bytes:
+    return f"POST /v1/put HTTP/1.1\r\nContent-Length: {length}\r\nAuthorization: Bearer {key}\r\n{extra}\r\n".encode()
+
+
+def test_uploads_cut_while_waiting_for_room_leave_no_reservation_behind(tenants):
+    """One stalled body holds 6 of the 8 MiB that bodies in flight may take, eight more wait
+    for room and stall too; all are cut at the timeout. A later 6 MiB put goes through at once:
+    nothing they reserved was left behind (a wake-up racing the 408 once leaked it for good)."""
+    socks = [socket.create_connection(("127.0.0.1", tenants.port)) for _ in range(9)]
+    socks[0].sendall(announce(6 << 20) + b"\0")
+    for s in socks[1:]:
+        s.sendall(announce(1 << 20) + b"\0")
+    time.sleep(4)
+    for s in socks:
+        s.close()
+    time.sleep(0.5)
+    waits = metric(tenants, "kvstore_body_waits_total")
+    key = b"\x07" * 16
+    blob = obj(key, 49152)  # 6 MiB
+    client = DaemonClient(tenants.url, api_key="kb", retries=0)
+    assert client.put([(key, blob)]) == 1 and bytes(client.get([key])[0]) == blob
+    assert metric(tenants, "kvstore_body_waits_total") == waits  # it did not wait
+    assert "Task exception was never retrieved" not in (tenants.workdir / "daemon.log").read_text()
+
+
+def test_bodies_with_a_bad_batch_header_give_their_memory_back(tenants):
+    client = DaemonClient(tenants.url, api_key="kb")
+    blobs = {bytes([i]) * 16: obj(bytes([i]) * 16, 16384) for i in range(1, 25)}  # 24 x 2 MiB of 64 MiB
+    assert sum(client.put([item]) for item in blobs.items()) == 24
+    c = Conn(tenants.port)
+    try:
+        for _ in range(20):  # 80 MiB of bodies, each refused once it has all arrived
+            c.send(announce(4 << 20) + b"\xc1" * (4 << 20))
+            status, _, body = c.answer()
+            assert status == 400 and b"batch header" in body
+    finally:
+        c.close()
+    assert client.exists(list(blobs)) == [True] * 24  # their regions were reused, not the cache's
+
+
+def test_control_bodies_are_bounded_and_one_tenants_stall_does_not_hold_back_another(tenants):
+    c = Conn(tenants.port)
+    try:
+        c.send(b"POST /v1/exists HTTP/1.1\r\nAuthorization: Bearer kb\r\nContent-Length: 1000000000\r\n\r\n{")
+        status, _, body = c.answer()
+        assert status == 413 and b"limit of 327680 bytes" in body  # 64 KiB + 64 B x 4096 keys
+    finally:
+        c.close()
+    stalled = socket.create_connection(("127.0.0.1", tenants.port))
+    try:
+        stalled.sendall(announce(8 << 20, "ka") + b"\0")  # tenant a holds all that bodies in flight may
+        time.sleep(0.3)
+        key = b"\x0b" * 16
+        blob = obj(key, 8192)  # 1 MiB
+        assert DaemonClient(tenants.url, api_key="kb").put([(key, blob)]) == 1
+        assert metric(tenants, "kvstore_body_waits_total") == 0  # b's body did not wait for a's
+    finally:
+        stalled.close()
+
+
+def test_a_body_past_the_quota_is_refused_before_100_continue(tenants):
+    c = Conn(tenants.port)
+    try:
+        c.send(announce(40 << 20, "ka", "Expect: 100-continue\r\n"))
+        status, headers, body = c.answer()
+        assert status == 403 and b"quota" in body and headers.get("connection") == "close"
+    finally:
+        c.close()
+
+
+def test_a_refusal_reaches_a_client_that_sent_its_body_anyway(tenants):
+    """The daemon closes after refusing an Expect: 100-continue request; the client had sent the
+    body at once, and a GET behind it. Closing with those bytes unread would make the kernel
+    send a reset, which can destroy the answer before the client reads it: it must read 401."""
+    body = b"\0" * 262144
+    c = Conn(tenants.port)
+    try:
+        c.send(announce(len(body), "wrong", "Expect: 100-continue\r\n") + body + b"GET /healthz HTTP/1.1\r\n\r\n")
+        time.sleep(0.5)
+        assert c.answer()[0] == 401
+    finally:
+        c.close()
+
+
+def test_a_slow_but_steady_reader_gets_its_whole_answer(tenants):
+    """The request timeout (3 s) is for a client that stops reading, not for a long answer."""
+    client = DaemonClient(tenants.url, api_key="kb")
+    keys = [bytes([40 + i]) * 16 for i in range(8)]
+    for key in keys:
+        client.put([(key, obj(key, 16384))])  # 8 x 2 MiB
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.connect(("127.0.0.1", tenants.port))
+    try:
+        s.sendall(control("/v1/get", {"keys": keys}, "Authorization: Bearer kb\r\n"))
+        got, t0 = 0, time.monotonic()
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            got += len(data)
+            if got >= 16 * 2**20:
+                break
+            time.sleep(0.015)  # about 4 MiB/s: the whole answer takes 4-5 s
+        assert got >= 16 * 2**20 and time.monotonic() - t0 > 3
+    finally:
+        s.close()
+
+
+def test_sigterm_does_not_wait_for_a_client_that_stopped_reading(tmp_path):
+    d = Daemon(tmp_path, "--no-disk")
+    client = DaemonClient(d.url)
+    keys = [bytes([60 + i]) * 16 for i in range(8)]
+    for key in keys:
+        client.put([(key, obj(key, 16384))])
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", d.port))
+    try:
+        s.sendall(control("/v1/get", {"keys": keys}))
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        assert d.stop() == 0 and time.monotonic() - t0 < 8  # it had waited its whole 20 s drain
+    finally:
+        s.close()
