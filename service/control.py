@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from kvstore.agents import AgentSessions, AgentStats, ToolTTLConfig, check_age, check_name
 from kvstore.client import TENANT_HEADER
 from kvstore.service.auth import Principal, storage_key
-from kvstore.service.http import Request, Response, json_response
+from kvstore.service.http_messages import Request, Response, json_response
 from kvstore.wire import MSGPACK_CONTENT_TYPE, WireError, pack_control
 
 if TYPE_CHECKING:

@@ -33,7 +33,8 @@ from kvstore.service import startup
 from kvstore.agents import ToolTTLConfig
 from kvstore.service.auth import KeyFile, Principal, storage_key
 from kvstore.service.control import ControlPlane, TenantSessions, error_response, msgpack_response
-from kvstore.service.http import Application, HttpServer, Limits, Request, Response, Route, bounded
+from kvstore.service.http import HttpServer
+from kvstore.service.http_messages import Application, Limits, Request, Response, Route, bounded
 from kvstore.service.intake import BodyIntake
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
