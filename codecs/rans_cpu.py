@@ -277,10 +277,10 @@ def _quantize(v, skip, mu, inv, qmax, allow_delta, sym, mode, ctx, hist):  # pra
     """Cachegen's symbols: ``round((v - mu) * inv)`` direct (0 on skipped tokens: as if they
     held the mean), closed-loop delta ones (as ``cachegen._delta_quantize``), the lane's mode
     (delta where its symbols are smaller in sum and none clamps), the chosen symbols offset by
-    ``qmax``, the lane's table (``row * 2 + mode``) and the tables' histograms. Per row one pass over its ``[T, C]`` values with the
-    channels innermost (so the compiler vectorizes across lanes) keeps both candidates in small
-    buffers, and a second pass over those picks, instead of the dozen passes over every value
-    the same steps take as tensor operations."""
+    ``qmax``, the lane's table (``row * 2 + mode``) and the tables' histograms. Per row one pass
+    over its ``[T, C]`` values with the channels innermost (so the compiler vectorizes across
+    lanes) keeps both candidates in small buffers, and a second pass over those picks, instead
+    of the dozen passes over every value the same steps take as tensor operations."""
     rows, steps, channels = v.shape
     alphabet = 2 * int(qmax) + 1
     total = np.empty(channels, np.float32)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from kvstore.agents import AgentSessions, AgentStats, ToolTTLConfig, check_age, check_name
 from kvstore.client import TENANT_HEADER
 from kvstore.service.auth import Principal, storage_key
-from kvstore.service.http_messages import Request, Response, json_response
+from kvstore.service.http_messages import Request, Response, error_response, json_response
 from kvstore.wire import MSGPACK_CONTENT_TYPE, WireError, pack_control
 
 if TYPE_CHECKING:
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 def msgpack_response(data: dict[str, Any]) -> Response:
     return Response(body=pack_control(data), content_type=MSGPACK_CONTENT_TYPE)
-
-
-def error_response(status: int, message: str) -> Response:
-    return json_response({"error": message}, status)
 
 
 class TenantSessions:
@@ -100,7 +96,7 @@ class ControlPlane:
         if not request.principal.admin:
             return error_response(403, "clear needs an admin key")
         # With an acting tenant (X-Kvstore-Tenant) a clear is that tenant's, never everyone's.
-        tenant = (self._control(request)).get("tenant") or request.headers.get(TENANT_HEADER)
+        tenant = self._control(request).get("tenant") or request.headers.get(TENANT_HEADER)
         if tenant is None:
             await self._run(self.store.clear)
             return msgpack_response({"cleared": True})

@@ -8,15 +8,15 @@ kernel writes into the arena and nothing copies it again: with 8 clients a 2 MiB
 1.7-2.2x raw redis-py where the aiohttp daemon ran at 0.84-0.98x (same run, same client).
 
 What it speaks: HTTP/1.1 and 1.0 with keep-alive and pipelining (one request at a time per
-connection, answered in order), ``Content-Length`` bodies, ``Expect: 100-continue``, TLS
+connection, answered in order), HEAD, ``Content-Length`` bodies, ``Expect: 100-continue``, TLS
 through ``ssl=``. A chunked request body is refused with 411 (every kvstore client, curl with a
-file and aiohttp with bytes all send a length). Requests are processed one at a time per
-connection; the head is limited to :data:`MAX_HEAD` bytes; a body refused before it was read
-(401, 404, 413, ...) is read and dropped for up to ``linger_s`` so that the client, which sends
-its whole body before it reads, sees the answer, and a connection is closed the lingering way
-(FIN, then what the client still sends is dropped) for the same reason. The application (:class:`Application`) never
-sees a malformed request, and its handlers never write to the socket: they return a
-:class:`Response`, which the connection sends with back-pressure.
+file and aiohttp with bytes all send a length). The head is limited to :data:`MAX_HEAD` bytes;
+a body refused before it was read (401, 404, 413, ...) is read and dropped for up to
+``linger_s`` so that the client, which sends its whole body before it reads, sees the answer,
+and a connection is closed the lingering way (FIN, then what the client still sends is dropped)
+for the same reason. The application (:class:`Application`) never sees a malformed request, and
+its handlers never write to the socket: they return a :class:`Response`, which the connection
+sends with back-pressure.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ import time
 from typing import Any, Awaitable, Mapping
 
 from kvstore.service.http_messages import (MAX_HEAD, Application, HeadError, Limits, PlainSink, Request, Response,
-                                           Sink, error_json, parse_head, response_head)
+                                           Sink, error_response, parse_head, response_head)
 
 log = logging.getLogger(__name__)
 
 _HEAD_START = 4 << 10  # a connection's head buffer to begin with (most heads are a few hundred bytes) ...
 _HEAD_ROOM = 64 << 10  # ... grown up to this for a long head (MAX_HEAD and its end) or pipelined requests
 _SEND_SLICE = 256 << 10  # response parts are written in slices of this size (see Connection._send)
-_DISCARD = 256 << 10
 
 
 _IDLE, _HEAD, _BODY, _BUSY, _DISCARD_BODY, _CLOSING, _CLOSED = range(7)
@@ -119,7 +118,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.state == _BODY and self.request is not None and self.request.sink is not None:
             return self.request.sink.buf[self.got:]
         if self.state == _DISCARD_BODY:
-            return memoryview(self.head)[:min(_DISCARD, self.left, len(self.head))]
+            return memoryview(self.head)[:min(self.left, len(self.head))]
         if self.state == _CLOSING:  # what the client still sends is dropped
             return memoryview(self.head)
         return memoryview(self.head)[self.n:]
@@ -301,7 +300,7 @@ class Connection(asyncio.BufferedProtocol):
     # ---- refusals ---------------------------------------------------------------------
 
     def _refuse(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        response = error_json(status, message)
+        response = error_response(status, message)
         response.headers = headers
         self._refuse_with(response)
 
@@ -341,9 +340,7 @@ class Connection(asyncio.BufferedProtocol):
         self.keep_alive = False
         self.state = _BUSY
         self.n = 0
-        self._disarm()
-        response = error_json(status, message)
-        self._write(response_head(status, response.content_type, response.length, True) + bytes(response.body))
+        self._say(error_response(status, message))
         self.app.finished(self.request, status)  # None when no request was parsed
         self.request = None
         self._close()
@@ -395,6 +392,10 @@ class Connection(asyncio.BufferedProtocol):
         """Closed or closing: nothing more is written, and a request in progress is abandoned."""
         return self.state in (_CLOSING, _CLOSED)
 
+    def _say(self, response: Response) -> None:
+        """A small answer written at once, the connection to be closed after it."""
+        self._write(response_head(response.status, response.content_type, response.length, True) + bytes(response.body))
+
     def _write(self, data: bytes | memoryview) -> None:
         if self.transport is not None and not self.transport.is_closing() and not self._gone():
             self.transport.write(data)
@@ -432,7 +433,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.state == _BODY and self.request is not None:
             request, self.keep_alive = self.request, False
             got = self.got if request.sink is not None else 0
-            response = error_json(408, f"request body not received within {self.limits.request_timeout_s}s "
+            response = error_response(408, f"request body not received within {self.limits.request_timeout_s}s "
                                    f"({got} of {request.content_length} bytes)")
             self.app.finished(request, 408)
             self.request = None
@@ -440,10 +441,10 @@ class Connection(asyncio.BufferedProtocol):
                 self._sink_task.cancel()
                 self._sink_task = None
         elif self.state == _HEAD:
-            response = error_json(408, f"request head not received within {self.limits.head_timeout_s}s")
+            response = error_response(408, f"request head not received within {self.limits.head_timeout_s}s")
             self.app.finished(None, 408)
         if response is not None:
-            self._write(response_head(408, response.content_type, response.length, True) + bytes(response.body))
+            self._say(response)
         self._close()
 
     def _close(self) -> None:
@@ -453,7 +454,7 @@ class Connection(asyncio.BufferedProtocol):
         it. Cut after linger_s (a client that reads nothing would otherwise hold the connection,
         and what it was sent, forever)."""
         transport = self.transport
-        if transport is None or transport.is_closing() or self.state in (_CLOSING, _CLOSED):
+        if transport is None or transport.is_closing() or self._gone():
             return
         idle = self.state == _IDLE and not self.n
         self.state = _CLOSING
@@ -528,7 +529,6 @@ class HttpServer:
         while self.connections and time.monotonic() < grace:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn._abort()
         for server in self._servers:
             await server.wait_closed()

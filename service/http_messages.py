@@ -100,12 +100,11 @@ class Request:
     principal: Any = None  # who is asking (set by Application.admit)
     started: float = field(default_factory=time.perf_counter)
     notes: dict[str, Any] = field(default_factory=dict)  # the application's own, e.g. memory it reserved
+    head_only: bool = False  # a HEAD request, answered as its GET without the body
 
     @property
     def body(self) -> memoryview:
         return self.sink.buf if self.sink is not None else memoryview(b"")
-
-    head_only: bool = False  # a HEAD request, answered as its GET without the body
 
     def gone(self) -> bool:
         """The client closed the connection (asked by long handlers between steps)."""
@@ -197,7 +196,7 @@ def parse_head(data: bytes, transport: asyncio.BaseTransport) -> Request:
 
 
 def response_head(status: int, content_type: str, length: int, close: bool,
-          extra: Mapping[str, str] | None = None, http10: bool = False) -> bytes:
+                  extra: Mapping[str, str] | None = None, http10: bool = False) -> bytes:
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}", "Server: kvstore",
              f"Content-Type: {content_type}", f"Content-Length: {length}"]
     if close:
@@ -209,7 +208,8 @@ def response_head(status: int, content_type: str, length: int, close: bool,
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def error_json(status: int, message: str) -> Response:
+def error_response(status: int, message: str) -> Response:
+    """An error answer: ``{"error": message}`` as JSON, what every client reads the message from."""
     return json_response({"error": message}, status)
 
 

@@ -32,9 +32,9 @@ from kvstore.errors import ConfigError, InvalidInputError, KVStoreError, PinLimi
 from kvstore.service import startup
 from kvstore.agents import ToolTTLConfig
 from kvstore.service.auth import KeyFile, Principal, storage_key
-from kvstore.service.control import ControlPlane, TenantSessions, error_response, msgpack_response
+from kvstore.service.control import ControlPlane, TenantSessions, msgpack_response
 from kvstore.service.http import HttpServer
-from kvstore.service.http_messages import Application, Limits, Request, Response, Route, bounded
+from kvstore.service.http_messages import Application, Limits, Request, Response, Route, bounded, error_response
 from kvstore.service.intake import BodyIntake
 from kvstore.service.metrics import Metrics
 from kvstore.service.openapi import openapi
@@ -213,13 +213,14 @@ class Daemon(ControlPlane, Application):
         return _internal_error(request, exc)  # a bug: log it, answer 500, keep serving
 
     def finished(self, request: Request | None, status: int) -> None:
-        if request is not None:
-            request.notes["finished"] = True
-            self._received(request)
-        route = request.route.name if request is not None and request.route is not None else "unmatched"
+        if request is None:  # too malformed to route
+            self.metrics.requests.labels("unmatched", str(status)).inc()
+            return
+        request.notes["finished"] = True
+        self._received(request)
+        route = request.route.name if request.route is not None else "unmatched"
         self.metrics.requests.labels(route, str(status)).inc()
-        if request is not None:
-            self.metrics.latency.labels(route).observe(time.perf_counter() - request.started)
+        self.metrics.latency.labels(route).observe(time.perf_counter() - request.started)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -432,7 +433,8 @@ class Daemon(ControlPlane, Application):
         orchestrator usually allows), flush queued disk writes. Raises ConfigError for an address it
         cannot listen on."""
         self.routes = self._routes()
-        self.http = HttpServer(self, self.limits())
+        limits = self.limits()
+        self.http = HttpServer(self, limits)
         metrics = None
         try:
             try:
@@ -449,7 +451,7 @@ class Daemon(ControlPlane, Application):
                 except OSError as exc:
                     raise _bind_error(self.config.lmcache_host, self.config.lmcache_port, exc, "--lmcache-port") from None
             if self.config.metrics_port is not None:
-                metrics = HttpServer(_MetricsOnly(self), self.limits())
+                metrics = HttpServer(_MetricsOnly(self), limits)
                 try:
                     await metrics.listen(self.config.metrics_host, self.config.metrics_port)
                 except OSError as exc:

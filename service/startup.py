@@ -59,7 +59,7 @@ def connection_limit(reserve: int = 256, most: int = 10000) -> int:
             except (ValueError, OSError):
                 pass
     except ImportError:  # not POSIX
-        return 10000
+        return most
     return max(16, min(soft - reserve, most))
 
 
